@@ -73,6 +73,7 @@ class CouplingResult:
         solve_ms: Wall time of the assignment solver, ms.
         method: The coupling method used.
         metric: The distance used for the costs.
+
     """
 
     noise: Tensor
@@ -108,6 +109,7 @@ def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: b
 
     Raises:
         CouplingInputError: With a message that says what is wrong and how to fix it.
+
     """
     if method not in METHODS:
         raise CouplingInputError(f"Unknown method {method!r}; choose one of {METHODS}.", "invalid")
@@ -187,6 +189,7 @@ def cost_matrix(x: Tensor, noise: Tensor, metric: str = "l2", precision: str = "
 
     Returns:
         ``(b, B)`` fp32 tensor on ``x``'s device: ``C[i, j] = metric(x[i], noise[j])``.
+
     """
     if metric not in METRICS:
         raise ValueError(f"Unknown metric {metric!r}; choose one of {METRICS}.")
@@ -210,6 +213,7 @@ def paired_distance(x: Tensor, noise: Tensor, metric: str = "l2") -> Tensor:
 
     Returns:
         ``(B,)`` fp32 distances.
+
     """
     diff = (x.float() - noise.float()).reshape(x.shape[0], -1)
     if metric == "l1":
@@ -283,6 +287,7 @@ def couple(
 
     Raises:
         CouplingInputError: For NaN/Inf, non-float tensors or mismatched shapes.
+
     """
     check_inputs(x0, noise, method, check_finite)
     b = x0.shape[0]

@@ -36,6 +36,7 @@ def find_data_tensor(batch: Any) -> Tensor:
 
     Raises:
         CouplingInputError: If the batch holds no floating-point tensor.
+
     """
     found = _search(batch)
     if found is None:
@@ -122,6 +123,7 @@ class ImmiscibleMixin:
             prepared it for this batch and its shape matches ``x0``; otherwise (no callback,
             validation, sampling, another shape) fresh ``torch.randn_like(x0)``. Coupled noise is
             handed out for one batch only, never carried over to a later one.
+
         """
         prepared: Tensor | None = self.__dict__.get("_immiscible_noise")
         if prepared is None or not getattr(self, "training", True):

@@ -1,0 +1,326 @@
+"""The process-group side of the coupling: rank groups, shared noise pools, gathered cost rows.
+
+Per training step, for a coupling group of W ranks with local batches ``b_r`` (sum ``B``):
+
+1. every rank exchanges a small header (its ``b_r``, item shape, and whether its input is valid),
+   so a bad input on one rank fails the step on all of them instead of hanging a collective;
+2. every rank draws the *same* pool of ``B`` noise vectors from a generator seeded by
+   ``(seed, group, draw)``: no noise crosses the network;
+3. rank ``r`` computes its ``b_r x B`` rows of the cost matrix, the rows are all-gathered
+   (padded to the largest ``b_r`` and trimmed: uneven batches work) into the ``B x B`` matrix;
+4. every rank solves the same assignment and takes the pool rows assigned to its own items.
+
+Works without a process group (single process, or ``scope="local"``): then no collective is called.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_immiscible.coupling import (
+    INPUT_ERROR_REASONS,
+    CouplingInputError,
+    CouplingResult,
+    check_inputs,
+    cost_matrix,
+    couple,
+    paired_distance,
+)
+from lightning_immiscible.solvers import solve
+
+_MAX_DIMS = 6  # item dims sent in the header; shapes with more dims are compared by numel only
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """The ranks that pool their batches for one assignment.
+
+    Attributes:
+        index: Group number (``0..num_groups-1``); seeds the group's noise pool.
+        ranks: Global ranks in the group, ascending.
+        process_group: The ``torch.distributed`` group, or ``None`` for a one-rank group
+            (no collective is ever called then).
+
+    """
+
+    index: int
+    ranks: tuple[int, ...]
+    process_group: Any = None
+
+    @property
+    def size(self) -> int:
+        """Number of ranks in the group."""
+        return len(self.ranks)
+
+
+def partition_ranks(scope: str | int, world_size: int, ranks_per_node: int) -> list[tuple[int, ...]]:
+    """Splits ``range(world_size)`` into coupling groups.
+
+    Args:
+        scope: ``"global"`` (one group), ``"local"`` (one group per rank), ``"node"`` (groups of
+            ``ranks_per_node`` consecutive ranks) or an int (groups of that many consecutive ranks).
+        world_size: Number of processes.
+        ranks_per_node: Processes per node (Lightning: ``trainer.num_devices``).
+
+    Returns:
+        The groups as tuples of global ranks.
+
+    Raises:
+        ValueError: If the scope is unknown or does not divide the world size.
+
+    """
+    if scope == "global":
+        size = world_size
+    elif scope == "local":
+        size = 1
+    elif scope == "node":
+        size = ranks_per_node
+    elif isinstance(scope, int) and not isinstance(scope, bool) and scope >= 1:
+        size = scope
+    else:
+        raise ValueError(f"Unknown scope {scope!r}: use 'global', 'local', 'node' or a positive int.")
+    size = min(size, world_size)
+    if world_size % size:
+        raise ValueError(
+            f"scope={scope!r} means groups of {size} ranks, which does not divide the world size "
+            f"{world_size}. Choose a group size that divides it (or 'global' / 'local')."
+        )
+    return [tuple(range(start, start + size)) for start in range(0, world_size, size)]
+
+
+def build_rank_group(scope: str | int, ranks_per_node: int = 1, timeout_s: float | None = None) -> RankGroup:
+    """Creates this rank's :class:`RankGroup` (a collective call when subgroups are needed).
+
+    Every rank must call it, in the same order, since ``torch.distributed.new_group`` is collective.
+
+    Args:
+        scope: See :func:`partition_ranks`.
+        ranks_per_node: Processes per node.
+        timeout_s: Timeout for the subgroup's collectives (``None``: the backend's default).
+
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return RankGroup(0, (0,), None)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = partition_ranks(scope, world, ranks_per_node)
+    mine = next(i for i, g in enumerate(groups) if rank in g)
+    if len(groups[mine]) == 1:
+        return RankGroup(mine, groups[mine], None)
+    if len(groups) == 1 and timeout_s is None:
+        return RankGroup(0, groups[0], dist.group.WORLD)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    handles = [dist.new_group(list(g), **kwargs) for g in groups]  # collective: all ranks, all groups
+    return RankGroup(mine, groups[mine], handles[mine])
+
+
+def pool_generator_seed(seed: int, group_index: int, draw_index: int, stream: int = 0) -> int:
+    """Derives a 63-bit generator seed from ``(seed, group, draw, stream)`` (NumPy SeedSequence)."""
+    words = np.random.SeedSequence([seed, stream, group_index, draw_index]).generate_state(2)
+    return int(((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1))
+
+
+def draw_pool(
+    shape: Sequence[int],
+    seed: int,
+    group_index: int,
+    draw_index: int,
+    device: torch.device | str = "cpu",
+    stream: int = 0,
+) -> Tensor:
+    """Draws the group's noise pool: identical on every rank of the group, different per draw.
+
+    Args:
+        shape: ``(B, *dims)`` pool shape.
+        seed: Run seed shared by all ranks.
+        group_index: The group's number (different groups draw different pools).
+        draw_index: Counter of coupled micro-batches (different per step and micro-batch).
+        device: Where to draw.
+        stream: Separates independent uses of the same (seed, group, draw) (e.g. knn candidates).
+
+    Returns:
+        ``shape`` fp32 standard normal noise.
+
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(pool_generator_seed(seed, group_index, draw_index, stream))
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+
+
+def _comm_device(group: RankGroup, fallback: torch.device) -> torch.device:
+    backend = dist.get_backend(group.process_group)
+    return fallback if backend == "nccl" else torch.device("cpu")
+
+
+def _header(x: Tensor | None, error: BaseException | None) -> Tensor:
+    """``[b, status, ndim, numel, dims...]`` int64; status 0 = ok, else 1 + reason index."""
+    head = torch.zeros(4 + _MAX_DIMS, dtype=torch.int64)
+    if error is not None or x is None:
+        reason = getattr(error, "reason", "invalid")
+        head[1] = 1 + (INPUT_ERROR_REASONS.index(reason) if reason in INPUT_ERROR_REASONS else 0)
+        return head
+    dims = tuple(x.shape[1:])
+    head[0], head[2], head[3] = x.shape[0], len(dims), int(np.prod(dims, dtype=np.int64))
+    head[4 : 4 + min(len(dims), _MAX_DIMS)] = torch.tensor(dims[:_MAX_DIMS], dtype=torch.int64)
+    return head
+
+
+def _exchange_headers(group: RankGroup, head: Tensor, device: torch.device) -> Tensor:
+    """All-gathers the headers of the group's ranks: ``(W, 4 + _MAX_DIMS)``."""
+    if group.process_group is None:
+        return head[None]
+    head = head.to(_comm_device(group, device))
+    out = [torch.empty_like(head) for _ in group.ranks]
+    dist.all_gather(out, head, group=group.process_group)
+    return torch.stack(out).cpu()
+
+
+def _agree_or_raise(group: RankGroup, heads: Tensor, error: BaseException | None) -> None:
+    """Raises the same failure on every rank when any rank's input was invalid."""
+    bad = [i for i in range(heads.shape[0]) if heads[i, 1] != 0]
+    if bad:
+        if error is not None:
+            raise error
+        first = bad[0]
+        reason = INPUT_ERROR_REASONS[int(heads[first, 1]) - 1]
+        raise CouplingInputError(
+            f"Immiscible coupling aborted on all ranks of group {group.index}: rank "
+            f"{group.ranks[first]} got invalid input ({reason}); that rank's error says why.",
+            reason,
+        )
+    items = heads[:, 2:]
+    nonempty = items[heads[:, 0] > 0]
+    if nonempty.shape[0] and not bool((nonempty == nonempty[0]).all()):
+        raise CouplingInputError(
+            f"Ranks of coupling group {group.index} have different item shapes "
+            f"(ndim, numel, dims per rank: {nonempty.tolist()}); all ranks must couple tensors "
+            "of the same shape (B_r, *dims).",
+            "shape",
+        )
+
+
+def _gather_rows(group: RankGroup, rows: Tensor, sizes: list[int]) -> Tensor:
+    """All-gathers uneven ``(b_r, B)`` cost rows into the ``(B, B)`` matrix (pad, gather, trim)."""
+    if group.process_group is None:
+        return rows
+    comm = _comm_device(group, rows.device)
+    padded = rows.new_zeros((max(sizes), rows.shape[1]), device=comm)
+    padded[: rows.shape[0]] = rows.to(comm)
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded, group=group.process_group)
+    return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)]).cpu()
+
+
+def _group_mean(group: RankGroup, values: list[Tensor], device: torch.device) -> list[float]:
+    """Group-wide means of per-item tensors (one tiny all-reduce of the sums and the count)."""
+    sums = torch.tensor([float(v.sum()) for v in values] + [float(values[0].numel())], dtype=torch.float64)
+    if group.process_group is not None:
+        sums = sums.to(_comm_device(group, device))
+        dist.all_reduce(sums, group=group.process_group)
+        sums = sums.cpu()
+    count = float(sums[-1])
+    return [float(s) / count if count else 0.0 for s in sums[:-1]]
+
+
+@dataclass(frozen=True)
+class GroupCouplingConfig:
+    """What :func:`couple_in_group` needs besides the data (the callback's settings)."""
+
+    method: str = "lsa"
+    metric: str = "l2"
+    precision: str = "auto"
+    solver: str = "auto"
+    k: int = 4
+    check_finite: bool = True
+
+
+def _validate_local(
+    x: Tensor | None, error: BaseException | None, cfg: GroupCouplingConfig
+) -> BaseException | None:
+    if error is not None or x is None:
+        return error or CouplingInputError("No data tensor to couple.", "no_tensor")
+    try:
+        check_inputs(x, x, "lsa", cfg.check_finite)  # x0 against itself: dtype, ndim, NaN/Inf
+    except CouplingInputError as exc:
+        return exc
+    return None
+
+
+def couple_in_group(
+    x: Tensor | None,
+    group: RankGroup,
+    seed: int,
+    draw_index: int,
+    cfg: GroupCouplingConfig,
+    error: BaseException | None = None,
+) -> CouplingResult:
+    """Couples this rank's ``x`` with noise from its group's shared pool (DESIGN §4).
+
+    Every rank of ``group`` must call it for the same ``draw_index``. Bad input on any rank (passed
+    as ``error`` or found here) raises on every rank of the group after one header exchange.
+
+    Args:
+        x: ``(b_r, *dims)`` this rank's data (``None`` when ``error`` is given).
+        group: This rank's :class:`RankGroup`.
+        seed: Run seed, equal on all ranks.
+        draw_index: Counter of coupled micro-batches, equal on all ranks.
+        cfg: Method, metric, precision, solver, knn ``k``.
+        error: An exception this rank hit while preparing ``x`` (shared with the group, re-raised).
+
+    Returns:
+        The local :class:`CouplingResult`: ``noise`` ``(b_r, *dims)``; ``index`` ``(b_r,)`` into the
+        group pool (for ``knn``: the chosen candidate); costs are group-wide means.
+
+    """
+    error = _validate_local(x, error, cfg)
+    device = x.device if x is not None else torch.device("cpu")
+    heads = _exchange_headers(group, _header(x, error), device)
+    _agree_or_raise(group, heads, error)
+    assert x is not None
+    sizes = [int(s) for s in heads[:, 0]]
+    if cfg.method == "knn":
+        return _knn_local(x, seed, draw_index, cfg)
+    offset, total = sum(sizes[: group.ranks.index(_rank())]), sum(sizes)
+    pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
+    mine = torch.arange(offset, offset + x.shape[0], device=device)
+    index, cost_ms, solve_ms = mine, 0.0, 0.0
+    if cfg.method != "none" and total > 1:
+        index, cost_ms, solve_ms = _assign(x, pool, group, sizes, offset, cfg)
+    noise = pool[index].to(x.dtype)
+    before, after = _group_mean(
+        group, [paired_distance(x, pool[mine], cfg.metric), paired_distance(x, noise, cfg.metric)], device
+    )
+    return CouplingResult(noise, index, before, after, cost_ms, solve_ms, cfg.method, cfg.metric)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _assign(
+    x: Tensor, pool: Tensor, group: RankGroup, sizes: list[int], offset: int, cfg: GroupCouplingConfig
+) -> tuple[Tensor, float, float]:
+    """Cost rows, gather, solve: returns this rank's pool indices and the two timings (ms)."""
+    start = time.perf_counter()
+    rows = cost_matrix(x, -pool if cfg.method == "flip" else pool, cfg.metric, cfg.precision)
+    full = _gather_rows(group, rows.cpu(), sizes)
+    mid = time.perf_counter()
+    col = solve(full.double().numpy(), cfg.solver)
+    end = time.perf_counter()
+    index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
+    return index, (mid - start) * 1e3, (end - mid) * 1e3
+
+
+def _knn_local(x: Tensor, seed: int, draw_index: int, cfg: GroupCouplingConfig) -> CouplingResult:
+    """Knn needs no cross-item matching: each rank draws its own candidates, no collective."""
+    # a per-rank stream, whatever the scope
+    cand = draw_pool((x.shape[0], cfg.k, *x.shape[1:]), seed, _rank(), draw_index, x.device, stream=1)
+    return couple(x, cand.to(x.dtype), method="knn", metric=cfg.metric, check_finite=False)
