@@ -1,0 +1,88 @@
+"""Tiny modules and data shared by the callback and DDP tests (module level: picklable)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_immiscible import ImmiscibleMixin
+
+DIM = 12
+
+
+class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
+    """A tiny epsilon-prediction model that records what it saw per training batch."""
+
+    def __init__(self, batch_format: str = "tuple", sizes: tuple[int, ...] = (32,), batch_size: int = 8):
+        super().__init__()
+        self.net = nn.Linear(DIM, DIM)
+        self.batch_format = batch_format
+        self.sizes = sizes
+        self.batch_size = batch_size
+        self.records: list[dict[str, torch.Tensor]] = []
+        self.val_noise_was_coupled: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        x0 = self.immiscible_data(batch)
+        noise = self.noise_like(x0)
+        x_t = 0.8 * x0 + 0.6 * noise
+        self.records.append({"x0": x0.detach().clone(), "noise": noise.detach().clone()})
+        return nn.functional.mse_loss(self.net(x_t), noise)
+
+    def validation_step(self, batch, batch_idx):
+        x0 = self.immiscible_data(batch)
+        self.val_noise_was_coupled.append(self.immiscible_noise_ready)
+        return nn.functional.mse_loss(self.net(x0 + self.noise_like(x0)), x0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def _dataset(self) -> Dataset:
+        rank = self.global_rank if self._trainer is not None else 0
+        n = self.sizes[rank % len(self.sizes)]
+        gen = torch.Generator().manual_seed(100 + rank)
+        data = torch.rand(n, DIM, generator=gen) * 2 - 1
+        labels = torch.arange(n)
+        if self.batch_format == "dict":
+            return DictDataset(data, labels)
+        return TensorDataset(data, labels)
+
+    def train_dataloader(self):
+        collate = _as_list if self.batch_format == "list" else None
+        return DataLoader(self._dataset(), batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+
+    def val_dataloader(self):
+        return DataLoader(self._dataset(), batch_size=self.batch_size)
+
+
+class DictDataset(Dataset):
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor):
+        self.data, self.labels = data, labels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"label": self.labels[i], "image": self.data[i]}
+
+
+def _as_list(items):
+    data = torch.stack([d for d, _ in items])
+    return [torch.stack([lab for _, lab in items]), data]
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

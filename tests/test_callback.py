@@ -1,0 +1,179 @@
+"""ImmiscibleCoupling in single-process fits: pairing, batch formats, logging, resume, warnings."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_immiscible import ImmiscibleCoupling, couple
+from lightning_immiscible.distributed import draw_pool
+from tests.helpers import ToyDiffusion, trainer
+
+
+def _fit(module, callback, **kwargs):
+    t = trainer(callbacks=[callback], **kwargs)
+    t.fit(module)
+    return t
+
+
+def test_training_step_gets_the_coupled_pool_noise():
+    module, cb = ToyDiffusion(), ImmiscibleCoupling(method="lsa", seed=7)
+    _fit(module, cb, max_steps=4)
+    assert len(module.records) == 4 and cb.draws == 4
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, seed=7, group_index=0, draw_index=draw)
+        expected = couple(rec["x0"], pool, method="lsa")
+        assert torch.equal(rec["noise"], expected.noise)
+    # different draws use different noise
+    assert not torch.equal(module.records[0]["noise"], module.records[1]["noise"])
+
+
+@pytest.mark.parametrize("batch_format", ["tuple", "list", "dict"])
+def test_batch_formats_and_logged_metrics(batch_format):
+    module, cb = ToyDiffusion(batch_format=batch_format), ImmiscibleCoupling(seed=1)
+    t = _fit(module, cb, max_steps=2)
+    metrics = t.callback_metrics
+    for key in ("cost_before", "cost_after", "reduction_pct", "assign_ms"):
+        assert f"immiscible/{key}" in metrics
+    assert float(metrics["immiscible/reduction_pct"]) > 0
+    assert metrics["immiscible/cost_after"] < metrics["immiscible/cost_before"]
+
+
+def test_baseline_method_none_keeps_the_drawn_noise_and_logs_zero_reduction():
+    module, cb = ToyDiffusion(), ImmiscibleCoupling(method="none", seed=2)
+    t = _fit(module, cb, max_steps=1)
+    pool = draw_pool(module.records[0]["x0"].shape, 2, 0, 0)
+    assert torch.equal(module.records[0]["noise"], pool)
+    assert float(t.callback_metrics["immiscible/reduction_pct"]) == 0.0
+
+
+def test_validation_never_sees_coupled_noise():
+    module, cb = ToyDiffusion(), ImmiscibleCoupling(seed=3)
+    _fit(module, cb, max_steps=4, limit_val_batches=2, val_check_interval=2)
+    assert module.val_noise_was_coupled and not any(module.val_noise_was_coupled)
+
+
+def test_gradient_accumulation_draws_fresh_noise_per_micro_batch():
+    module, cb = ToyDiffusion(sizes=(32,)), ImmiscibleCoupling(seed=4)
+    _fit(module, cb, max_steps=2, accumulate_grad_batches=2)
+    assert cb.draws == 4
+    noises = [r["noise"] for r in module.records]
+    assert all(not torch.equal(a, b) for i, a in enumerate(noises) for b in noises[i + 1 :])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision(precision):
+    module, cb = ToyDiffusion(), ImmiscibleCoupling(seed=5)
+    _fit(module, cb, max_steps=2, precision=precision)
+    rec = module.records[0]
+    assert rec["noise"].dtype == rec["x0"].dtype == torch.float32
+    assert cb.last_result is not None and cb.last_result.reduction_pct > 0
+
+
+def test_resume_draws_the_same_noise_stream(tmp_path):
+    first = ToyDiffusion(sizes=(48,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    cb = ImmiscibleCoupling(seed=None)  # a random seed, shared and checkpointed
+    trainer(callbacks=[cb, ckpt], max_steps=3, enable_checkpointing=True).fit(first)
+    resumed = ToyDiffusion(sizes=(48,))
+    cb2 = ImmiscibleCoupling(seed=12345)  # the checkpoint's seed and draw counter win
+    path = next(tmp_path.glob("*step=3*.ckpt"))
+    resume = trainer(callbacks=[cb2], max_steps=6, enable_checkpointing=False)
+    resume.fit(resumed, ckpt_path=path)
+    assert cb2.seed == cb.seed and cb2.draws == 6
+    uninterrupted = ToyDiffusion(sizes=(48,))
+    _fit(uninterrupted, ImmiscibleCoupling(seed=cb.seed), max_steps=6)
+    interrupted = first.records + resumed.records
+    assert len(interrupted) == len(uninterrupted.records) == 6
+    for draw, (a, b) in enumerate(zip(interrupted, uninterrupted.records, strict=True)):
+        # Lightning may replay the epoch's data after a mid-epoch resume; the noise pool of each
+        # draw must be the same, and equal data must get equal noise.
+        pool = draw_pool(a["x0"].shape, cb.seed, 0, draw)
+        assert torch.equal(a["noise"], couple(a["x0"], pool).noise)
+        assert torch.equal(b["noise"], couple(b["x0"], pool).noise)
+        if torch.equal(a["x0"], b["x0"]):
+            assert torch.equal(a["noise"], b["noise"])
+
+
+def test_state_dict_round_trip():
+    cb = ImmiscibleCoupling(seed=9)
+    cb.draws = 17
+    other = ImmiscibleCoupling()
+    other.load_state_dict(cb.state_dict())
+    assert (other.seed, other.draws) == (9, 17)
+
+
+def test_single_item_batches_warn_once_and_keep_noise():
+    module, cb = ToyDiffusion(sizes=(3,), batch_size=1), ImmiscibleCoupling(seed=6)
+    with pytest.warns(UserWarning, match="batch of 1 item"):
+        _fit(module, cb, max_steps=3)
+    assert torch.equal(module.records[0]["noise"], draw_pool((1, 12), 6, 0, 0))
+
+
+def test_overhead_and_large_pool_warnings(monkeypatch):
+    monkeypatch.setattr("lightning_immiscible.callback.LARGE_POOL", 8)
+    module, cb = ToyDiffusion(sizes=(64,)), ImmiscibleCoupling(seed=7, max_step_fraction=0.0)
+    with pytest.warns(UserWarning) as record:
+        _fit(module, cb, max_steps=6)
+    messages = " ".join(str(w.message) for w in record)
+    assert "about cubic in the pool" in messages
+    assert "max_step_fraction=0.0" in messages
+
+
+def test_bad_data_raises_clear_error_during_fit():
+    class NaNModule(ToyDiffusion):
+        def immiscible_data(self, batch):
+            x = batch[0].clone()
+            x[0, 0] = float("nan")
+            return x
+
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        _fit(NaNModule(), ImmiscibleCoupling(seed=1), max_steps=1)
+
+
+def test_module_without_mixin_is_rejected_at_setup():
+    class NoMixin(L.LightningModule):
+        training_step = ToyDiffusion.training_step
+        configure_optimizers = ToyDiffusion.configure_optimizers
+        train_dataloader = ToyDiffusion.train_dataloader
+
+    t = trainer(callbacks=[ImmiscibleCoupling()], max_steps=1)
+    with pytest.raises(TypeError, match="mixes in ImmiscibleMixin"):
+        t.fit(NoMixin())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "ot"}, "unknown method"),
+        ({"metric": "cos"}, "unknown metric"),
+        ({"scope": "cluster"}, "Unknown scope"),
+        ({"solver": "magic"}, "Unknown solver"),
+        ({"k": 0}, "k must be >= 1"),
+    ],
+)
+def test_constructor_validates_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ImmiscibleCoupling(**kwargs)
+
+
+def test_configurable_from_lightning_cli_yaml(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_immiscible.ImmiscibleCoupling\n"
+        "      init_args: {method: flip, metric: sqeuclidean, scope: 2, seed: 11, log_every_n_steps: 5}\n"
+    )
+    cli = LightningCLI(ToyDiffusion, run=False, args=["--config", str(config), "--trainer.logger=false"])
+    cbs = [c for c in cli.trainer.callbacks if isinstance(c, ImmiscibleCoupling)]
+    assert len(cbs) == 1
+    cb = cbs[0]
+    assert (cb.config.method, cb.config.metric, cb.scope, cb.seed, cb.log_every_n_steps) == (
+        "flip",
+        "sqeuclidean",
+        2,
+        11,
+        5,
+    )
