@@ -23,6 +23,7 @@ from lightning_immiscible.distributed import (
     partition_ranks,
 )
 from lightning_immiscible.mixin import ImmiscibleMixin
+from lightning_immiscible.sizing import choose_group_size
 from lightning_immiscible.solvers import resolve_solver
 
 #: Pools at least this large get an up-front warning: LSA is about cubic in the pool size.
@@ -50,8 +51,11 @@ class ImmiscibleCoupling(Callback):
             non-OT ablation) or ``"none"`` (baseline: same code path and logs, no re-pairing).
         metric: ``"l2"`` (the paper's), ``"sqeuclidean"`` or ``"l1"``.
         scope: Which ranks pool their batches for one assignment: ``"global"`` (all), ``"local"``
-            (each rank alone, no communication), ``"node"`` (the ranks of one node) or an int
-            (consecutive groups of that many ranks).
+            (each rank alone, no communication), ``"node"`` (the ranks of one node), an int
+            (consecutive groups of that many ranks) or ``"auto"`` (couple locally for the first
+            batches, measure the step time, then use the largest group whose measured assignment
+            time is within ``max_step_fraction`` of the step; the decision is logged and
+            checkpointed).
         precision: Cost-matrix matmul precision: ``"auto"`` (fp16 on CUDA, fp32 on CPU),
             ``"fp32"``, ``"bf16"``, ``"fp16"``.
         solver: Assignment solver, ``"auto"`` = fastest installed exact one (see
@@ -60,8 +64,9 @@ class ImmiscibleCoupling(Callback):
         seed: Seed of the noise stream; ``None`` draws one on rank 0 and shares it with all ranks.
         log_every_n_steps: Log the coupling metrics every this many coupled batches (0: never).
         prog_bar: Also show ``reduction_pct`` and ``assign_ms`` in the progress bar.
-        max_step_fraction: Warn once when the assignment takes more than this fraction of the
-            training step (measured over the first batches).
+        max_step_fraction: Share of the training step the assignment may take: above it the
+            callback warns once (measured over the first batches); ``scope="auto"`` sizes groups
+            to stay within it.
         collective_timeout_s: Timeout of the coupling group's collectives (``None``: the process
             group's default). Only applies to sub-groups (``scope`` other than ``"global"``).
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
@@ -98,7 +103,8 @@ class ImmiscibleCoupling(Callback):
         _check_choice("method", method, METHODS)
         _check_choice("metric", metric, METRICS)
         _check_choice("precision", precision, PRECISIONS)
-        partition_ranks(scope, 1, 1)  # validates the scope's spelling now, not at fit time
+        if scope != "auto":
+            partition_ranks(scope, 1, 1)  # validates the scope's spelling now, not at fit time
         resolve_solver(solver)
         if k < 1:
             raise ValueError(f"k must be >= 1 (candidates per item for knn), got {k}.")
@@ -110,8 +116,11 @@ class ImmiscibleCoupling(Callback):
         self.max_step_fraction = max_step_fraction
         self.collective_timeout_s = collective_timeout_s
         self.draws = 0
+        self.auto_group_size: int | None = None
         self.last_result: CouplingResult | None = None
         self._group = RankGroup(0, (0,), None)
+        self._group_scope: str | int | None = None
+        self._world_size = 1
         self._batch_start = 0.0
         self._overhead: list[tuple[float, float]] = []
         self._warned: set[str] = set()
@@ -131,19 +140,35 @@ class ImmiscibleCoupling(Callback):
                 f"(class {type(pl_module).__name__}(ImmiscibleMixin, L.LightningModule)) and calls "
                 "self.noise_like(x0) instead of torch.randn_like(x0) in training_step."
             )
-        scope = "local" if self.config.method == "knn" else self.scope
-        self._group = build_rank_group(scope, max(trainer.num_devices, 1), self.collective_timeout_s)
+        self._world_size = trainer.world_size
         if self.seed is None:
             self.seed = int(trainer.strategy.broadcast(secrets.randbits(62), src=0))
         rank_zero_info(
-            f"ImmiscibleCoupling: method={self.config.method}, scope={scope!r} "
-            f"({len(self._group.ranks)} rank(s) per group), seed={self.seed}"
+            f"ImmiscibleCoupling: method={self.config.method}, scope={self.scope!r}, "
+            f"world size {trainer.world_size}, seed={self.seed}"
         )
+
+    def effective_scope(self) -> str | int:
+        """The scope used now: ``knn`` is always local; ``auto`` is local until its probe decides."""
+        if self.config.method == "knn":
+            return "local"
+        if self.scope == "auto":
+            return self.auto_group_size or "local"
+        return self.scope
+
+    def _ensure_group(self, trainer: pl.Trainer) -> None:
+        """(Re)builds the rank group when the effective scope changed (same batch on all ranks)."""
+        scope = self.effective_scope()
+        if scope != self._group_scope:
+            per_node = max(trainer.num_devices, 1)
+            self._group = build_rank_group(scope, per_node, self.collective_timeout_s)
+            self._group_scope = scope
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._ensure_group(trainer)
         self._batch_start = time.perf_counter()
         draw, self.draws = self.draws, self.draws + 1
         x0, error = self._data(pl_module, batch)
@@ -152,6 +177,7 @@ class ImmiscibleCoupling(Callback):
         assert x0 is not None
         pl_module._immiscible_set(batch, x0, result.noise)  # type: ignore[attr-defined]
         self.last_result = result
+        self._last_batch_shape, self._last_device = tuple(x0.shape), x0.device
         self._warn_small_batch(x0, result)
         if self.should_log(draw):
             self._log(pl_module, result, x0.shape[0])
@@ -165,6 +191,8 @@ class ImmiscibleCoupling(Callback):
             step_ms = (time.perf_counter() - self._batch_start) * 1e3
             self._overhead.append((self.last_result.assign_ms, step_ms))
             self._check_overhead()
+        if self.scope == "auto" and self.auto_group_size is None and len(self._overhead) > _WARMUP_BATCHES:
+            self._decide_group_size(trainer, pl_module)
 
     @override
     def on_exception(
@@ -173,18 +201,51 @@ class ImmiscibleCoupling(Callback):
         if isinstance(pl_module, ImmiscibleMixin):
             pl_module._immiscible_clear()
 
+    def _decide_group_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``scope="auto"``: rank 0 measures candidate pools, every rank adopts its choice."""
+        size = 1
+        if trainer.is_global_zero:
+            step_ms = statistics.median(max(s - a, 0.0) for a, s in self._overhead[1:])
+            decision = choose_group_size(
+                trainer.world_size,
+                self._last_batch_shape[0],
+                self._last_batch_shape[1:],
+                step_ms,
+                self.max_step_fraction,
+                metric=self.config.metric,
+                precision=self.config.precision,
+                solver=self.config.solver,
+                device=self._last_device,
+            )
+            size = decision.size
+            rank_zero_info(f"ImmiscibleCoupling: {decision.describe()}")
+        self.auto_group_size = int(trainer.strategy.broadcast(size, src=0))
+
     def should_log(self, draw: int) -> bool:
         """Whether to log the metrics of coupled batch number ``draw`` (override for other policies)."""
         return self.log_every_n_steps > 0 and draw % self.log_every_n_steps == 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "draws": self.draws}
+        return {
+            "seed": self.seed,
+            "draws": self.draws,
+            "auto_group_size": self.auto_group_size,
+            "world_size": self._world_size,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
         self.draws = int(state_dict["draws"])
+        saved_world = state_dict.get("world_size", self._world_size)
+        if saved_world != self._world_size:
+            rank_zero_info(
+                f"ImmiscibleCoupling: resuming a world of {saved_world} rank(s) on {self._world_size}; "
+                f"the noise stream continues at draw {self.draws}, with pools of the new group sizes."
+            )
+        else:
+            self.auto_group_size = state_dict.get("auto_group_size")
 
     def _data(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor | None, BaseException | None]:
         """Gets ``x0``; an error is returned, not raised, so the group can fail together."""
@@ -195,6 +256,7 @@ class ImmiscibleCoupling(Callback):
 
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
         values = {
+            "group_size": float(self._group.size),
             "cost_before": result.cost_before,
             "cost_after": result.cost_after,
             "reduction_pct": result.reduction_pct,

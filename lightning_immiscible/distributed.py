@@ -16,7 +16,8 @@ Works without a process group (single process, or ``scope="local"``): then no co
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -117,9 +118,25 @@ def build_rank_group(scope: str | int, ranks_per_node: int = 1, timeout_s: float
         return RankGroup(mine, groups[mine], None)
     if len(groups) == 1 and timeout_s is None:
         return RankGroup(0, groups[0], dist.group.WORLD)
+    # A dedicated group per coupling group (also for the whole world when a timeout is asked for).
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    handles = [dist.new_group(list(g), **kwargs) for g in groups]  # collective: all ranks, all groups
+    with _collective(RankGroup(mine, groups[mine]), "new_group"):
+        handles = [dist.new_group(list(g), **kwargs) for g in groups]  # collective: all ranks, all groups
     return RankGroup(mine, groups[mine], handles[mine])
+
+
+@contextmanager
+def _collective(group: RankGroup, what: str) -> Iterator[None]:
+    """Turns a failed or timed-out collective into an error that says what to check."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"ImmiscibleCoupling: the {what} collective of coupling group {group.index} (ranks "
+            f"{list(group.ranks)}) failed: {exc}. Another rank of the group did not reach the coupling "
+            "(it crashed, or ranks run different numbers of training batches: use the same number of "
+            "batches per rank, e.g. Lightning's DistributedSampler). `collective_timeout_s` bounds the wait."
+        ) from exc
 
 
 def pool_generator_seed(seed: int, group_index: int, draw_index: int, stream: int = 0) -> int:
@@ -179,7 +196,8 @@ def _exchange_headers(group: RankGroup, head: Tensor, device: torch.device) -> T
         return head[None]
     head = head.to(_comm_device(group, device))
     out = [torch.empty_like(head) for _ in group.ranks]
-    dist.all_gather(out, head, group=group.process_group)
+    with _collective(group, "header all_gather"):
+        dist.all_gather(out, head, group=group.process_group)
     return torch.stack(out).cpu()
 
 
@@ -215,7 +233,8 @@ def _gather_rows(group: RankGroup, rows: Tensor, sizes: list[int]) -> Tensor:
     padded = rows.new_zeros((max(sizes), rows.shape[1]), device=comm)
     padded[: rows.shape[0]] = rows.to(comm)
     out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded, group=group.process_group)
+    with _collective(group, "cost-row all_gather"):
+        dist.all_gather(out, padded, group=group.process_group)
     return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)]).cpu()
 
 
@@ -224,7 +243,8 @@ def _group_mean(group: RankGroup, values: list[Tensor], device: torch.device) ->
     sums = torch.tensor([float(v.sum()) for v in values] + [float(values[0].numel())], dtype=torch.float64)
     if group.process_group is not None:
         sums = sums.to(_comm_device(group, device))
-        dist.all_reduce(sums, group=group.process_group)
+        with _collective(group, "statistics all_reduce"):
+            dist.all_reduce(sums, group=group.process_group)
         sums = sums.cpu()
     count = float(sums[-1])
     return [float(s) / count if count else 0.0 for s in sums[:-1]]

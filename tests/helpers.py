@@ -15,9 +15,12 @@ DIM = 12
 class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
     """A tiny epsilon-prediction model that records what it saw per training batch."""
 
-    def __init__(self, batch_format: str = "tuple", sizes: tuple[int, ...] = (32,), batch_size: int = 8):
+    def __init__(
+        self, batch_format: str = "tuple", sizes: tuple[int, ...] = (32,), batch_size: int = 8, dim: int = DIM
+    ):
         super().__init__()
-        self.net = nn.Linear(DIM, DIM)
+        self.dim = dim
+        self.net = nn.Linear(dim, dim)
         self.batch_format = batch_format
         self.sizes = sizes
         self.batch_size = batch_size
@@ -43,7 +46,7 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         n = self.sizes[rank % len(self.sizes)]
         gen = torch.Generator().manual_seed(100 + rank)
-        data = torch.rand(n, DIM, generator=gen) * 2 - 1
+        data = torch.rand(n, self.dim, generator=gen) * 2 - 1
         labels = torch.arange(n)
         if self.batch_format == "dict":
             return DictDataset(data, labels)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as torch_dist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_immiscible.distributed as li_dist
 from lightning_immiscible import ImmiscibleCoupling, couple
@@ -28,6 +30,7 @@ class Dump(Callback):
                 "seed": self.coupling.seed,
                 "error": error,
                 "calls": dict(getattr(li_dist.dist, "calls", {})),
+                "bytes": dict(getattr(li_dist.dist, "bytes", {})),
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
@@ -59,6 +62,7 @@ class CountingDist:
 
     def __init__(self):
         self.calls: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
 
     def __getattr__(self, name):
         target = getattr(torch_dist, name)
@@ -67,6 +71,9 @@ class CountingDist:
 
         def counted(*args, **kwargs):
             self.calls[name] = self.calls.get(name, 0) + 1
+            sent = args[1] if name == "all_gather" else args[0] if args else None
+            if isinstance(sent, torch.Tensor):
+                self.bytes[name] = self.bytes.get(name, 0) + sent.numel() * sent.element_size()
             return target(*args, **kwargs)
 
         return counted
@@ -118,12 +125,78 @@ def test_local_scope_and_knn_make_no_collective_call(tmp_path, monkeypatch, scop
     assert not torch.equal(ranks[0]["records"][0]["noise"], ranks[1]["records"][0]["noise"])
 
 
-def test_global_scope_counts_only_header_rows_and_stats_collectives(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dim", [12, 3072])
+def test_only_distance_rows_cross_the_network_never_noise_or_data(tmp_path, monkeypatch, dim):
     monkeypatch.setattr(li_dist, "dist", CountingDist())
     coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=5)
-    ranks = _run(tmp_path, ToyDiffusion(sizes=(16, 16), batch_size=8), coupling, max_steps=2)
+    module = ToyDiffusion(sizes=(16, 12), batch_size=8, dim=dim)  # steps: (8, 8) then (8, 4) items
+    ranks = _run(tmp_path, module, coupling, max_steps=2)
     # per step: one header all_gather, one cost-row all_gather, one stats all_reduce
-    assert ranks[0]["calls"] == {"all_gather": 4, "all_reduce": 2}
+    assert ranks[0]["calls"] == ranks[1]["calls"] == {"all_gather": 4, "all_reduce": 2}
+    header = 2 * (4 + li_dist._MAX_DIMS) * 8  # int64 header, once per step
+    rows = (8 * 16 + 8 * 12) * 4  # each rank sends max(b_r) x B fp32 rows: B=16, then B=12
+    stats = 2 * 3 * 8  # sums before / after and the count, float64
+    expected = {"all_gather": header + rows, "all_reduce": stats}
+    assert ranks[0]["bytes"] == ranks[1]["bytes"] == expected  # O(B^2), independent of dim
+
+
+def test_collective_timeout_names_the_group_instead_of_hanging(tmp_path):
+    class LateRankOne(RecordingCoupling):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 1:
+                time.sleep(6)
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    coupling = LateRankOne(tmp_path, method="lsa", scope="global", seed=1, collective_timeout_s=2)
+    t = trainer(callbacks=[coupling], devices=2, strategy="ddp_fork", max_steps=1)
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
+        t.fit(ToyDiffusion(sizes=(16,), batch_size=8))
+    error = torch.load(tmp_path / "error0.pt")["error"]
+    assert "collective of coupling group 0 (ranks [0, 1]) failed" in error
+    assert "collective_timeout_s" in error
+
+
+def test_resume_on_a_different_world_size_continues_the_draw_counter(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=8)
+    t = trainer(
+        callbacks=[coupling, ckpt], devices=2, strategy="ddp_fork", max_steps=2, enable_checkpointing=True
+    )
+    t.fit(ToyDiffusion(sizes=(32,), batch_size=8))
+    path = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
+    resumed, again = ToyDiffusion(sizes=(32,), batch_size=8), ImmiscibleCoupling(method="lsa", seed=0)
+    trainer(callbacks=[again], max_steps=4).fit(resumed, ckpt_path=path)  # one process now
+    assert again.seed == 8 and again.draws == 4
+    for draw, rec in zip((2, 3), resumed.records, strict=True):  # draws 0-1 ran on two ranks
+        pool = draw_pool(rec["x0"].shape, 8, group_index=0, draw_index=draw)
+        assert torch.equal(rec["noise"], couple(rec["x0"], pool).noise)
+
+
+def test_auto_scope_probes_locally_then_adopts_the_largest_group_that_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(li_dist, "dist", CountingDist())
+    coupling = ImmiscibleCoupling(method="lsa", scope="auto", seed=4, max_step_fraction=1e6)
+    ranks = _run(tmp_path, ToyDiffusion(sizes=(64, 64), batch_size=8), coupling, max_steps=7)
+    assert coupling.auto_group_size is None  # the parent process never trained; the ranks decided
+    r0, r1 = ranks[0]["records"], ranks[1]["records"]
+    probe = 4  # local coupling while measuring (warm-up batches + 1)
+    for draw in range(probe):
+        for r, recs in enumerate((r0, r1)):
+            pool = draw_pool(recs[draw]["x0"].shape, 4, group_index=r, draw_index=draw)
+            assert torch.equal(recs[draw]["noise"], couple(recs[draw]["x0"], pool).noise)
+    for draw in range(probe, 7):  # then one group of both ranks
+        x_all = torch.cat([r0[draw]["x0"], r1[draw]["x0"]])
+        pool = draw_pool(x_all.shape, 4, group_index=0, draw_index=draw)
+        assert torch.equal(torch.cat([r0[draw]["noise"], r1[draw]["noise"]]), couple(x_all, pool).noise)
+
+
+def test_choose_group_size_respects_the_budget():
+    from lightning_immiscible.sizing import candidate_sizes, choose_group_size
+
+    assert candidate_sizes(8) == [1, 2, 4, 8] and candidate_sizes(6) == [1, 2, 3, 6]
+    roomy = choose_group_size(8, 16, (3, 8, 8), step_ms=1e6, fraction=0.5)
+    assert roomy.size == 8 and set(roomy.timings_ms) == {1, 2, 4, 8}
+    tight = choose_group_size(8, 16, (3, 8, 8), step_ms=1e-6, fraction=0.5)
+    assert tight.size == 1 and "chose groups of 1 rank" in tight.describe()
 
 
 class NaNOnRankOne(ToyDiffusion):
