@@ -1,0 +1,330 @@
+"""Assignment speed: our couple() against the reference implementations, side by side in one run.
+
+Compares, per batch size B and data dimension D, on natural-image-like data (1/f random fields)
+against Gaussian noise:
+  paper      the published approach re-implemented from its description: fp16 broadcast
+             difference [B, B, D] + vector_norm, scipy linear_sum_assignment on float64
+             (only where B*B*D*2 bytes fits --paper-mem-gb);
+  cdist      the community port: fp32 torch.cdist + scipy on the raw cost;
+  torchcfm   OTPlanSampler(method="exact") if torchcfm is installed;
+  ours:*     couple(method="lsa", solver=...) for every registered solver, and knn (k=4).
+Reports cost-matrix, solver and total time (median after warm-up), peak memory (CPU: sampled RSS
+increase; CUDA: max_memory_allocated), the distance reduction and the share of the exact optimum's
+reduction each one achieves, plus the time ratio against `cdist`. Prints a table, writes JSON.
+
+Examples:
+  python benchmarks/assignment.py --quick
+  python benchmarks/assignment.py --out benchmarks/results/assignment_cpu.json
+  python benchmarks/assignment.py --device cuda --out gpu/assignment_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_immiscible import couple
+from lightning_immiscible.solvers import SOLVERS, available_solvers, resolve_solver
+from lightning_immiscible.workers import CouplingCollate, split_coupled_batch
+
+SHAPES = {3072: (3, 32, 32), 4096: (4, 32, 32), 12288: (3, 64, 64)}
+
+
+def natural_images(b: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """(b, *SHAPES[d]) 1/f random fields: images in [-1, 1] (D=3072/12288), unit-std latents (4096)."""
+    c, h, w = SHAPES.get(d, (1, 1, d))
+    fy, fx = torch.fft.fftfreq(h), torch.fft.fftfreq(w)
+    radius = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt().clamp_min(1.0 / max(h, w))
+    z = torch.complex(torch.randn(b, c, h, w, generator=gen), torch.randn(b, c, h, w, generator=gen))
+    field = torch.fft.ifft2(z / radius).real
+    field = field / field.flatten(1).std(1).view(-1, 1, 1, 1)
+    if c == 4:  # latents: unit std, unclipped, per-channel offsets like SD-VAE latents
+        return field + 0.3 * torch.randn(b, c, 1, 1, generator=gen)
+    shift = 0.4 * torch.rand(b, 1, 1, 1, generator=gen) - 0.2
+    return (0.5 * field + shift).clamp(-1.0, 1.0)
+
+
+class PeakMemory:
+    """Peak memory increase of a block: CUDA max_memory_allocated, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _sample(self, base: int) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, (self._rss() - base) / 2**20)
+            time.sleep(0.0005)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._thread = threading.Thread(target=self._sample, args=(self._rss(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _scipy(cost: np.ndarray) -> np.ndarray:
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    col = np.empty(len(rows), dtype=np.int64)
+    col[rows] = cols
+    return col
+
+
+def paper_impl(x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """Published approach: fp16 [B, B, D] difference, vector_norm, scipy on float64."""
+    start = time.perf_counter()
+    x, n = x0.flatten(1).half(), noise.flatten(1).half()
+    dist = torch.linalg.vector_norm(x[:, None, :] - n[None, :, :], dim=2)
+    cost = dist.float().cpu().numpy().astype(np.float64)
+    mid = time.perf_counter()
+    return _scipy(cost), (mid - start) * 1e3, (time.perf_counter() - mid) * 1e3
+
+
+def cdist_impl(x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """Community port: fp32 torch.cdist + scipy on the raw cost."""
+    start = time.perf_counter()
+    cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float()).cpu().numpy()
+    mid = time.perf_counter()
+    return _scipy(cost), (mid - start) * 1e3, (time.perf_counter() - mid) * 1e3
+
+
+def torchcfm_impl(x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """torchcfm's exact OT plan (POT emd); the map's row argmax as the assignment."""
+    from torchcfm.optimal_transport import OTPlanSampler
+
+    start = time.perf_counter()
+    plan = OTPlanSampler(method="exact").get_map(x0, noise)
+    return np.asarray(plan).argmax(1).astype(np.int64), 0.0, (time.perf_counter() - start) * 1e3
+
+
+def ours_impl(solver: str, method: str = "lsa") -> Callable[..., tuple[np.ndarray, float, float]]:
+    def run(x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, float, float]:
+        if method == "knn":
+            noise = torch.stack([noise, noise.roll(1, 0), noise.roll(2, 0), noise.roll(3, 0)], 1)
+        res = couple(x0, noise, method=method, solver=solver, check_finite=False)
+        return res.index.cpu().numpy(), res.cost_ms, res.solve_ms
+
+    return run
+
+
+def timed(fn: Callable, x0: torch.Tensor, noise: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """Warm-up + `repeats` timed calls: medians of cost/solve/total ms and the peak memory."""
+    rows, peak, col = [], 0.0, None
+    for i in range(repeats + 1):
+        with PeakMemory(x0.device) as mem:
+            _sync(x0.device)
+            start = time.perf_counter()
+            col, cost_ms, solve_ms = fn(x0, noise)
+            _sync(x0.device)
+            total = (time.perf_counter() - start) * 1e3
+        peak = max(peak, mem.peak_mb)
+        if i:  # the first call is the warm-up
+            rows.append((cost_ms, solve_ms, total))
+    med = [statistics.median(r[j] for r in rows) for j in range(3)]
+    return {"cost_ms": med[0], "solve_ms": med[1], "total_ms": med[2], "peak_mb": peak, "col": col}
+
+
+def implementations(device: torch.device) -> dict[str, Callable]:
+    impls: dict[str, Callable] = {"paper": paper_impl, "cdist": cdist_impl}
+    try:
+        import torchcfm  # noqa: F401
+
+        impls["torchcfm"] = torchcfm_impl
+    except ImportError:
+        print("skipped torchcfm: not installed", flush=True)
+    for name in available_solvers():
+        impls[f"ours:{name}"] = ours_impl(name)
+    impls["ours:knn4"] = ours_impl("auto", "knn")
+    return impls
+
+
+def evaluate(x0: torch.Tensor, noise: torch.Tensor, col: np.ndarray, knn: bool) -> float:
+    """Mean L2 distance of the returned pairs, in float64."""
+    x = x0.flatten(1).double().cpu()
+    if knn:
+        cands = torch.stack([noise, noise.roll(1, 0), noise.roll(2, 0), noise.roll(3, 0)], 1)
+        paired = cands.flatten(2).double().cpu()[torch.arange(len(col)), torch.from_numpy(col)]
+    else:
+        paired = noise.flatten(1).double().cpu()[torch.from_numpy(col)]
+    return float((x - paired).norm(dim=1).mean())
+
+
+def run_case(b: int, d: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(1000 * b + d)
+    x0 = natural_images(b, d, gen).to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    before = evaluate(x0, noise, np.arange(b), knn=False)
+    results = []
+    for name, fn in implementations(device).items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        if name == "paper" and b * b * d * 2 / 2**30 > args.paper_mem_gb:
+            print(f"skipped paper at B={b} D={d}: needs {b * b * d * 2 / 2**30:.1f} GB", flush=True)
+            results.append({"impl": name, "B": b, "D": d, "skipped": "broadcast exceeds --paper-mem-gb"})
+            continue
+        if name == "cdist" and b > args.max_scipy_raw:
+            results.append({"impl": name, "B": b, "D": d, "skipped": "B > --max-scipy-raw"})
+            continue
+        row = timed(fn, x0, noise, args.repeats if b < 2048 else max(1, args.repeats - 1))
+        after = evaluate(x0, noise, row.pop("col"), knn=name.endswith("knn4"))
+        results.append({"impl": name, "B": b, "D": d, "before": before, "after": after, **row})
+        print(f"  B={b:5d} D={d:5d} {name:12s} total {row['total_ms']:9.1f} ms", flush=True)
+    return _annotate(results, before)
+
+
+def _annotate(results: list[dict[str, Any]], before: float) -> list[dict[str, Any]]:
+    """Adds the reduction, the share of the exact reduction, the gap and the ratio vs `cdist`."""
+    names = {"cdist", *(f"ours:{n}" for n, s in SOLVERS.items() if s.exact)}
+    exact = [r["after"] for r in results if "after" in r and r["impl"] in names]
+    optimum = min(exact) if exact else min(r["after"] for r in results if "after" in r)
+    ref = next((r for r in results if r["impl"] == "cdist" and "total_ms" in r), None)
+    for r in results:
+        if "after" not in r:
+            continue
+        r["reduction_pct"] = 100 * (before - r["after"]) / before
+        r["share_of_exact_pct"] = 100 * (before - r["after"]) / (before - optimum)
+        r["rel_gap"] = (r["after"] - optimum) / optimum
+        if ref is not None:
+            r["ratio_vs_cdist"] = r["total_ms"] / ref["total_ms"]
+    return results
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    head = f"{'B':>5} {'D':>6} {'impl':12} {'cost ms':>9} {'solve ms':>9} {'total ms':>9} {'x cdist':>8}"
+    print(head + f" {'peak MB':>8} {'reduct %':>8} {'of exact':>8} {'rel gap':>9}")
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['B']:5d} {r['D']:6d} {r['impl']:12} skipped: {r['skipped']}")
+            continue
+        ratio = f"{r['ratio_vs_cdist']:8.3f}" if "ratio_vs_cdist" in r else f"{'-':>8}"
+        print(
+            f"{r['B']:5d} {r['D']:6d} {r['impl']:12} {r['cost_ms']:9.1f} {r['solve_ms']:9.1f} "
+            f"{r['total_ms']:9.1f} {ratio} {r['peak_mb']:8.0f} {r['reduction_pct']:8.3f} "
+            f"{r['share_of_exact_pct']:7.1f}% {r['rel_gap']:9.1e}"
+        )
+
+
+def _train_loop(loader: Any, device: torch.device, mode: str, steps: int) -> float:
+    """Mean ms per training step of a small conv denoiser, over `steps` after 2 warm-up steps."""
+    gen = torch.Generator(device).manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 3, 3, padding=1)
+    ).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    it, start = iter(loader), 0.0
+    for step in range(steps + 2):
+        if step == 2:
+            _sync(device)
+            start = time.perf_counter()
+        inner, noise = split_coupled_batch(next(it))
+        x0 = (inner[0] if isinstance(inner, list | tuple) else inner).to(device, non_blocking=True)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            if mode == "in-step":
+                noise = couple(x0, noise, method="lsa").noise
+        loss = torch.nn.functional.mse_loss(net(0.7 * x0 + 0.7 * noise.to(device)), noise.to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def step_time_section(device: torch.device, b: int = 1024, steps: int = 12) -> dict[str, float]:
+    """Training-step time without coupling, with coupling in the step, and in DataLoader workers."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(natural_images(b * (steps + 2), 3072, torch.Generator().manual_seed(7)))
+    out = {}
+    for mode in ("none", "in-step", "workers"):
+        collate = CouplingCollate("lsa", seed=0) if mode == "workers" else None
+        loader = DataLoader(data, batch_size=b, num_workers=1, collate_fn=collate, prefetch_factor=2,
+                            pin_memory=device.type == "cuda")  # fmt: skip
+        out[mode] = _train_loop(loader, device, mode, steps)
+        print(f"  step time B={b} D=3072 coupling {mode:8s}: {out[mode]:8.1f} ms/step", flush=True)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    p.add_argument("--dims", type=int, nargs="+", default=[3072, 4096, 12288])
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (B=2048: one fewer)")
+    p.add_argument("--quick", action="store_true", help="B in {128, 256, 512}, D=3072, 2 repeats")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--paper-mem-gb", type=float, default=None, help="CPU default 3, CUDA default 40")
+    p.add_argument("--max-scipy-raw", type=int, default=4096, help="largest B for the cdist+scipy reference")
+    p.add_argument("--only", nargs="*", default=None, help="substrings of implementation names to run")
+    p.add_argument("--step-time", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.dims, args.repeats = [128, 256, 512], [3072], 2
+    if args.paper_mem_gb is None:
+        args.paper_mem_gb = 40.0 if args.device.startswith("cuda") else 3.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {device} ({card}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"solvers {available_solvers()}; auto -> {resolve_solver('auto').name}; all: {sorted(SOLVERS)}")
+    results = []
+    for d in args.dims:
+        for b in args.sizes:
+            results.extend(run_case(b, d, args, device))
+    print_table(results)
+    out: dict[str, Any] = {"device": str(device), "card": card, "argv": sys.argv[1:], "results": results}
+    out["torch"], out["threads"] = torch.__version__, torch.get_num_threads()
+    if args.step_time:
+        out["step_time"] = step_time_section(device)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Coupling in DataLoader worker processes: takes the assignment off the training critical path.
+
+Where no collective is needed (``scope="local"``: every rank couples its own batch, or
+``method="knn"``: every item alone), the coupling depends only on the batch itself, so it can run
+while the model trains on the previous batch: :class:`CouplingCollate` wraps a ``collate_fn``,
+draws the noise in the worker from a per-worker generator and couples it there.
+
+Batch format (what the DataLoader yields, see :func:`split_coupled_batch`)::
+
+    {**batch,                      # when the inner collate returns a dict: its keys, unchanged
+     "batch": batch,               # otherwise (tensor, tuple, list, ...): the collated batch
+     "immiscible_noise": noise,    # (B, *dims) float32: noise[i] is coupled with x0[i]
+     "immiscible_index": index,    # (B,) int64: CouplingResult.index
+     "immiscible_stats": stats}    # (3,) float64: cost_before, cost_after, assign_ms
+
+Example::
+
+    from torch.utils.data import DataLoader
+    from lightning_immiscible.workers import CouplingCollate, split_coupled_batch
+
+    loader = DataLoader(ds, batch_size=256, num_workers=4, collate_fn=CouplingCollate("lsa", seed=0))
+    for batch in loader:
+        inner, noise = split_coupled_batch(batch)     # noise is coupled with x0 of `inner`
+
+Randomness: no global RNG is touched. Each batch's noise comes from a ``torch.Generator`` seeded
+from ``(seed, epoch, worker seed, worker id, batch counter)``; the worker seed is the one the
+DataLoader hands each worker per iterator (``get_worker_info().seed``), so epochs differ and a
+run is reproducible when the DataLoader's own seed is (``DataLoader(generator=...)`` or
+``torch.manual_seed``).
+
+Only valid when the module's ``immiscible_data(batch)`` is the collated data tensor itself (not,
+e.g., VAE latents or a GPU augmentation of it): the worker couples what it sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate, get_worker_info
+
+from lightning_immiscible.coupling import METHODS, couple
+
+#: Key of the coupled noise in a batch produced by :class:`CouplingCollate`.
+NOISE_KEY = "immiscible_noise"
+INDEX_KEY = "immiscible_index"
+STATS_KEY = "immiscible_stats"
+#: Key of the inner batch when the inner collate does not return a dict.
+BATCH_KEY = "batch"
+_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY)
+
+
+def _default_data(batch: Any) -> Tensor:
+    # Imported lazily: the mixin's finder is the one the callback uses, so both see the same x0.
+    from lightning_immiscible.mixin import find_data_tensor
+
+    return find_data_tensor(batch)
+
+
+class CouplingCollate:
+    """A picklable ``collate_fn`` that returns the batch together with its coupled noise.
+
+    Args:
+        method: ``lsa``, ``knn``, ``flip`` or ``none`` (see :func:`~lightning_immiscible.couple`).
+        k: Candidates per item for ``knn`` (ignored otherwise).
+        seed: Base seed of the noise stream.
+        collate_fn: Inner collate (``torch.utils.data.default_collate`` by default).
+        data_fn: Maps the collated batch to ``x0`` ``(B, *dims)``; by default the first floating
+            tensor (``ImmiscibleMixin``'s default ``immiscible_data``).
+        metric: Distance for the assignment (``l2``, ``sqeuclidean``, ``l1``).
+        solver: Assignment solver (``auto`` = fastest installed exact solver, ``greedy`` = approx).
+    """
+
+    def __init__(
+        self,
+        method: str = "lsa",
+        k: int = 4,
+        seed: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        data_fn: Callable[[Any], Tensor] | None = None,
+        metric: str = "l2",
+        solver: str = "auto",
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+        if method == "knn" and k < 1:
+            raise ValueError(f"knn needs k >= 1, got {k}.")
+        self.method, self.k, self.seed = method, int(k), int(seed)
+        self.collate_fn = collate_fn or default_collate
+        self.data_fn = data_fn or _default_data
+        self.metric, self.solver = metric, solver
+        self.epoch = 0
+        self._counter = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Mixes ``epoch`` into the seed (effective for non-persistent workers and ``num_workers=0``)."""
+        self.epoch = int(epoch)
+
+    def generator(self) -> torch.Generator:
+        """The generator for the next batch of this process (advances the batch counter)."""
+        info = get_worker_info()
+        wid, wseed = (info.id, info.seed) if info is not None else (-1, 0)
+        entropy = [self.seed, self.epoch, wseed % 2**63, wid + 1, self._counter]
+        self._counter += 1
+        state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+    def draw_noise(self, x0: Tensor, gen: torch.Generator) -> Tensor:
+        """Draws ``(B, *dims)`` (``knn``: ``(B, k, *dims)``) float32 Gaussian noise from ``gen``."""
+        shape = (x0.shape[0], self.k, *x0.shape[1:]) if self.method == "knn" else tuple(x0.shape)
+        return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+    def __call__(self, samples: list[Any]) -> dict[str, Any]:
+        """Collates ``samples``, couples noise with the batch's ``x0`` and returns both.
+
+        Args:
+            samples: The dataset items of one batch.
+
+        Returns:
+            The dict described in the module docstring.
+        """
+        batch = self.collate_fn(samples)
+        x0 = self.data_fn(batch)
+        res = couple(x0, self.draw_noise(x0, self.generator()), method=self.method, metric=self.metric,
+                     solver=self.solver)  # fmt: skip
+        stats = torch.tensor([res.cost_before, res.cost_after, res.assign_ms], dtype=torch.float64)
+        extra = {NOISE_KEY: res.noise, INDEX_KEY: res.index, STATS_KEY: stats}
+        if isinstance(batch, Mapping):
+            return {**batch, **extra}
+        return {BATCH_KEY: batch, **extra}
+
+
+def split_coupled_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """Splits a batch from :class:`CouplingCollate` into ``(inner_batch, noise)``.
+
+    Args:
+        batch: Any batch. One made by :class:`CouplingCollate` carries :data:`NOISE_KEY`.
+
+    Returns:
+        ``(inner, noise)``: the batch as the inner collate made it and the ``(B, *dims)`` coupled
+        noise; ``(batch, None)`` for a batch without coupled noise.
+    """
+    if not isinstance(batch, Mapping) or NOISE_KEY not in batch:
+        return batch, None
+    if set(batch) == {BATCH_KEY, *_KEYS}:
+        return batch[BATCH_KEY], batch[NOISE_KEY]
+    return {k: v for k, v in batch.items() if k not in _KEYS}, batch[NOISE_KEY]
