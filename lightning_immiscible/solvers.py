@@ -116,12 +116,21 @@ def _checked(backend: Callable[[np.ndarray], object]) -> SolverFn:
     return fn
 
 
+def _shift_rows(cost: np.ndarray) -> np.ndarray:
+    """Subtracts each row's minimum (same optimum).
+
+    ``lapjv`` compares costs with an absolute tolerance: with a large common offset (measured:
+    values 1e12 + [0, 1e3)) it returned a non-optimal assignment; shifted costs are solved exactly.
+    """
+    return cost - cost.min(axis=1, keepdims=True)
+
+
 def _register_optional() -> None:
     """Registers the optional exact backends that import (a missing package is not an error)."""
     try:
         import lapjv as _lapjv  # MIT; the fastest dense exact solver measured here
 
-        register_solver("lapjv", _checked(_lapjv.lapjv), exact=True, priority=10)
+        register_solver("lapjv", _checked(lambda c: _lapjv.lapjv(_shift_rows(c))), exact=True, priority=10)
     except ImportError:
         pass
     try:
