@@ -322,6 +322,38 @@ def step_time_section(device: torch.device, b: int = 1024, steps: int = 12) -> d
     return out
 
 
+def render_markdown(out: dict[str, Any]) -> str:
+    """A saved run as Markdown tables (one per D), the target checks and the step times."""
+    lines = [f"Device: {out['device']} ({out['card']}), torch {out['torch']}, {out['threads']} threads.", ""]
+    for d in sorted({r["D"] for r in out["results"]}):
+        lines += [f"**D = {d}** (times: median ms; x cdist = total / total of cdist+scipy)", ""]
+        head = [
+            "B",
+            "impl",
+            "cost ms",
+            "solve ms",
+            "total ms",
+            "x cdist",
+            "peak MB",
+            "reduction %",
+            "of exact",
+        ]
+        lines += ["| " + " | ".join([*head, "rel gap"]) + " |", "|---:|---|" + "---:|" * 8]
+        for r in (r for r in out["results"] if r["D"] == d):
+            if "skipped" in r:
+                lines.append(f"| {r['B']} | {r['impl']} | skipped: {r['skipped']} |||||||")
+                continue
+            cells = [r["B"], r["impl"], f"{r['cost_ms']:.1f}", f"{r['solve_ms']:.1f}", f"{r['total_ms']:.1f}"]
+            cells += [f"{r['ratio_vs_cdist']:.3f}" if "ratio_vs_cdist" in r else "-", f"{r['peak_mb']:.0f}"]
+            cells += [f"{r['reduction_pct']:.3f}", f"{r['share_of_exact_pct']:.1f} %", f"{r['rel_gap']:.1e}"]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("")
+    lines += [f"- {t}" for t in out.get("targets", [])]
+    for mode, ms in out.get("step_time", {}).items():
+        lines.append(f"- training step (B=1024, D=3072), coupling {mode}: {ms:.1f} ms/step")
+    return "\n".join(lines)
+
+
 def targets(results: list[dict[str, Any]]) -> list[str]:
     """The issue's targets, checked on this run's numbers."""
     auto, lines = f"ours:{resolve_solver('auto').name}", []
@@ -359,6 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", default=None, help="substrings of implementation names to run")
     p.add_argument("--step-time", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    p.add_argument("--render", type=Path, default=None, help="print a saved JSON as Markdown and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.dims, args.repeats = [128, 256, 512], [3072], 2
@@ -369,6 +402,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        print(render_markdown(json.loads(args.render.read_text())))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
