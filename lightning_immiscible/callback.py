@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_immiscible.coupling import METHODS, METRICS, PRECISIONS, CouplingResult
+from lightning_immiscible.coupling import METHODS, METRICS, PRECISIONS, CouplingInputError, CouplingResult
 from lightning_immiscible.distributed import (
     GroupCouplingConfig,
     RankGroup,
@@ -124,6 +124,7 @@ class ImmiscibleCoupling(Callback):
         self._batch_start = 0.0
         self._overhead: list[tuple[float, float]] = []
         self._warned: set[str] = set()
+        self._worker_ms = 0.0
 
     @property
     def state_key(self) -> str:
@@ -172,8 +173,12 @@ class ImmiscibleCoupling(Callback):
         self._batch_start = time.perf_counter()
         draw, self.draws = self.draws, self.draws + 1
         x0, error = self._data(pl_module, batch)
-        with _no_autocast(x0):
-            result = couple_in_group(x0, self._group, int(self.seed or 0), draw, self.config, error)
+        worker = pl_module.__dict__.pop("_immiscible_worker", None)
+        if worker is not None and x0 is not None:
+            result = self._from_worker(x0, *worker)
+        else:
+            with _no_autocast(x0):
+                result = couple_in_group(x0, self._group, int(self.seed or 0), draw, self.config, error)
         assert x0 is not None
         pl_module._immiscible_set(batch, x0, result.noise)  # type: ignore[attr-defined]
         self.last_result = result
@@ -254,6 +259,32 @@ class ImmiscibleCoupling(Callback):
         except Exception as exc:
             return None, exc
 
+    def _from_worker(self, x0: Tensor, noise: Tensor, stats: Tensor, index: Tensor) -> CouplingResult:
+        """Noise a :class:`~lightning_immiscible.workers.CouplingCollate` coupled in a DataLoader worker.
+
+        The training step pays nothing for it: ``assign_ms`` is 0 on the critical path and the
+        worker's time is logged as ``immiscible/worker_assign_ms``.
+        """
+        if noise.shape != x0.shape:
+            raise CouplingInputError(
+                f"The batch carries worker-coupled noise of shape {tuple(noise.shape)} but "
+                f"immiscible_data(batch) has shape {tuple(x0.shape)}: CouplingCollate couples the "
+                "collated data tensor, so use it only when immiscible_data returns that tensor.",
+                "shape",
+            )
+        if "worker" not in self._warned:
+            self._warned.add("worker")
+            rank_zero_info(
+                "ImmiscibleCoupling: batches carry noise coupled in DataLoader workers (CouplingCollate); "
+                "using it as is (the collate's method applies, this callback's method and scope do not)."
+            )
+        before, after, worker_ms = (float(v) for v in stats)
+        self._worker_ms = worker_ms
+        index = torch.arange(x0.shape[0], device=x0.device)
+        return CouplingResult(
+            noise.to(x0.dtype), index, before, after, 0.0, 0.0, "worker", self.config.metric
+        )
+
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
         values = {
             "group_size": float(self._group.size),
@@ -262,6 +293,8 @@ class ImmiscibleCoupling(Callback):
             "reduction_pct": result.reduction_pct,
             "assign_ms": result.assign_ms,
         }
+        if result.method == "worker":
+            values["worker_assign_ms"] = self._worker_ms
         for name, value in values.items():
             show = self.prog_bar and name in ("reduction_pct", "assign_ms")
             pl_module.log(

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_immiscible.coupling import CouplingInputError
+from lightning_immiscible.workers import INDEX_KEY, NOISE_KEY, STATS_KEY, split_coupled_batch
 
 #: Dict keys searched first (in this order) by the default :meth:`ImmiscibleMixin.immiscible_data`.
 DATA_KEYS: tuple[str, ...] = ("x0", "image", "images", "pixel_values", "latents", "input", "inputs", "x")
@@ -112,6 +113,18 @@ class ImmiscibleMixin:
         """
         return find_data_tensor(batch)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Unwraps batches from :class:`~lightning_immiscible.workers.CouplingCollate`.
+
+        Worker-coupled noise is kept for the callback, and ``training_step`` receives the batch as
+        the inner collate made it. If you override this hook, call ``super()`` first.
+        """
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
+        if isinstance(batch, Mapping) and NOISE_KEY in batch:
+            self.__dict__["_immiscible_worker"] = (batch[NOISE_KEY], batch[STATS_KEY], batch[INDEX_KEY])
+            batch, _ = split_coupled_batch(batch)
+        return batch
+
     def noise_like(self, x0: Tensor) -> Tensor:
         """Drop-in for ``torch.randn_like(x0)``: the coupled noise for this training batch.
 
@@ -149,5 +162,5 @@ class ImmiscibleMixin:
 
     def _immiscible_clear(self) -> None:
         """Called by the callback at batch end: nothing prepared leaks into a later batch."""
-        self.__dict__.pop("_immiscible_data_cache", None)
-        self.__dict__.pop("_immiscible_noise", None)
+        for key in ("_immiscible_data_cache", "_immiscible_noise", "_immiscible_worker"):
+            self.__dict__.pop(key, None)

@@ -177,3 +177,29 @@ def test_configurable_from_lightning_cli_yaml(tmp_path):
         11,
         5,
     )
+
+
+def test_worker_coupled_noise_is_used_and_the_batch_unwrapped():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_immiscible.workers import CouplingCollate
+
+    class WorkerFed(ToyDiffusion):
+        def train_dataloader(self):
+            data = TensorDataset(torch.rand(32, 12) * 2 - 1, torch.arange(32))
+            return DataLoader(data, batch_size=8, num_workers=1, collate_fn=CouplingCollate("lsa", seed=3))
+
+        def training_step(self, batch, batch_idx):
+            assert isinstance(batch, list | tuple) and len(batch) == 2  # the inner batch, unwrapped
+            self.assigned_ms.append(self.trainer.callbacks[0].last_result.assign_ms)
+            return super().training_step(batch, batch_idx)
+
+    module, cb = WorkerFed(), ImmiscibleCoupling(seed=1)
+    module.assigned_ms = []
+    t = _fit(module, cb, max_steps=3)
+    assert module.assigned_ms == [0.0, 0.0, 0.0]  # nothing on the training step's critical path
+    assert float(t.callback_metrics["immiscible/worker_assign_ms"]) > 0
+    for rec in module.records:  # the worker's noise is a coupling of this very x0
+        res = couple(rec["x0"], rec["noise"])
+        assert torch.equal(res.index, torch.arange(8))  # already optimal: lsa keeps it
+    assert float(t.callback_metrics["immiscible/reduction_pct"]) > 0
