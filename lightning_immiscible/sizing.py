@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ def choose_group_size(
     item_shape: Sequence[int],
     step_ms: float,
     fraction: float,
-    **timing_kwargs,
+    **timing_kwargs: Any,
 ) -> GroupSizeDecision:
     """Picks the largest group size whose measured assignment time is within ``fraction * step_ms``.
 
