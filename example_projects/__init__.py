@@ -1,0 +1,1 @@
+"""Runnable example projects for lightning-immiscible (templates to copy and adapt)."""

