@@ -288,19 +288,25 @@ def _denoiser(width: int, depth: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers, torch.nn.Conv2d(width, 3, 3, padding=1))
 
 
-def _train_loop(loader: Any, device: torch.device, mode: str, steps: int) -> float:
-    """Mean ms per training step of a conv denoiser, over `steps` after 2 warm-up steps."""
+def _train_loop(loader: Any, device: torch.device, mode: str, steps: int) -> dict[str, float]:
+    """Per training step of a conv denoiser (means over `steps` after 2 warm-up steps), in ms.
+
+    Returns `step_ms` (wall), `wait_ms` (blocked on the DataLoader), `work_ms` (step_ms - wait_ms:
+    what the training loop itself spends) and `cpu_ms` (CPU time of the main process).
+    """
     gen = torch.Generator(device).manual_seed(0)
     # CPU: a tiny net (this machine has 2 cores); CUDA: about 100 ms/step at B=1024 on an H100.
     net = _denoiser(16, 2) if device.type == "cpu" else _denoiser(128, 6)
     net = net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    it, start = iter(loader), 0.0
+    it, start, cpu, wait = iter(loader), 0.0, 0.0, 0.0
     for step in range(steps + 2):
         if step == 2:
             _sync(device)
-            start = time.perf_counter()
+            start, cpu, wait = time.perf_counter(), time.process_time(), 0.0
+        fetch = time.perf_counter()
         inner, noise = split_coupled_batch(next(it))
+        wait += time.perf_counter() - fetch
         x0 = (inner[0] if isinstance(inner, list | tuple) else inner).to(device, non_blocking=True)
         if noise is None:
             noise = torch.randn(x0.shape, generator=gen, device=device)
@@ -311,10 +317,12 @@ def _train_loop(loader: Any, device: torch.device, mode: str, steps: int) -> flo
         loss.backward()
         opt.step()
     _sync(device)
-    return (time.perf_counter() - start) * 1e3 / steps
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    ms = {"step_ms": wall, "wait_ms": wait, "work_ms": wall - wait, "cpu_ms": cpu}
+    return {k: v * 1e3 / steps for k, v in ms.items()}
 
 
-def step_time_section(device: torch.device, b: int = 1024, steps: int = 12) -> dict[str, float]:
+def step_time_section(device: torch.device, b: int = 1024, steps: int = 12) -> dict[str, Any]:
     """Training-step time without coupling, with coupling in the step, and in DataLoader workers."""
     import os
 
@@ -328,7 +336,9 @@ def step_time_section(device: torch.device, b: int = 1024, steps: int = 12) -> d
         loader = DataLoader(data, batch_size=b, num_workers=workers, collate_fn=collate, prefetch_factor=2,
                             pin_memory=device.type == "cuda")  # fmt: skip
         out[mode] = _train_loop(loader, device, mode, steps)
-        print(f"  step time B={b} D=3072 coupling {mode:8s}: {out[mode]:8.1f} ms/step", flush=True)
+        print(
+            f"  B={b} D=3072 coupling {mode:8s}: " + ", ".join(f"{k} {v:7.1f}" for k, v in out[mode].items())
+        )
     out["num_workers"] = workers
     return out
 
@@ -405,9 +415,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-scipy-raw", type=int, default=4096, help="largest B for the cdist+scipy reference")
     p.add_argument("--only", nargs="*", default=None, help="substrings of implementation names to run")
     p.add_argument("--step-time", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--step-time-only", action="store_true", help="only the training-step section")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per step-time variant")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
     p.add_argument("--render", type=Path, default=None, help="print a saved JSON as Markdown and exit")
     args = p.parse_args(argv)
+    if args.step_time_only:
+        args.sizes, args.step_time = [], True
     if args.quick:
         args.sizes, args.dims, args.repeats = [128, 256, 512], [3072], 2
     if args.paper_mem_gb is None:
@@ -441,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["targets"] = targets(results)
     print("\n".join(out["targets"]))
     if args.step_time:
-        out["step_time"] = step_time_section(device)
+        out["step_time"] = step_time_section(device, steps=args.steps)
     _write(out, args.out)
     return out
 
