@@ -179,16 +179,24 @@ def timed_round_robin(
     their ratios stay meaningful. Peak memory is measured on the warm-up call only: the CPU RSS
     sampler is a thread that would otherwise steal a core from the timed calls.
     """
-    cols, peaks, rows = {}, {}, {name: [] for name in impls}
-    for name, fn in impls.items():
-        with PeakMemory(x0.device) as mem:
-            cols[name] = fn(x0, noise)[0]
-        peaks[name] = mem.peak_mb
+    cols, peaks, failed = {}, {}, {}
+    for name, fn in list(impls.items()):
+        try:
+            with PeakMemory(x0.device) as mem:
+                cols[name] = fn(x0, noise)[0]
+            peaks[name] = mem.peak_mb
+        except (RuntimeError, MemoryError, ValueError) as err:  # e.g. CUDA OOM: record, go on
+            failed[name] = f"failed: {type(err).__name__}: {str(err)[:120]}"
+            print(f"  {name}: {failed[name]}", flush=True)
+            impls = {k: v for k, v in impls.items() if k != name}
+            if x0.device.type == "cuda":
+                torch.cuda.empty_cache()
+    rows = {name: [] for name in impls}
     for _ in range(repeats):
         for name, fn in impls.items():
             cols[name], times = _call(fn, x0, noise)
             rows[name].append(times)
-    out = {}
+    out: dict[str, Any] = {name: {"skipped": why} for name, why in failed.items()}
     for name in impls:
         med = [statistics.median(r[j] for r in rows[name]) for j in range(3)]
         out[name] = {"cost_ms": med[0], "solve_ms": med[1], "total_ms": med[2], "peak_mb": peaks[name],
@@ -239,6 +247,9 @@ def run_case(b: int, d: int, args: argparse.Namespace, device: torch.device) -> 
             todo[name] = fn
     repeats = args.repeats if b < 2048 else max(1, args.repeats - 1)
     for name, row in timed_round_robin(todo, x0, noise, repeats).items():
+        if "skipped" in row:
+            results.append({"impl": name, "B": b, "D": d, **row})
+            continue
         after = evaluate(x0, noise, row.pop("col"), knn=name.endswith("knn4"))
         results.append({"impl": name, "B": b, "D": d, "before": before, "after": after, **row})
         print(f"  B={b:5d} D={d:5d} {name:12s} total {row['total_ms']:9.1f} ms", flush=True)
