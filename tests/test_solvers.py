@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import lightning_immiscible
 from lightning_immiscible import couple
 from lightning_immiscible.solvers import (
     SOLVERS,
@@ -22,6 +26,7 @@ from lightning_immiscible.solvers import (
 from lightning_immiscible.solvers_approx import solve_greedy
 
 EXACT = [name for name, spec in SOLVERS.items() if spec.exact]
+PKG_DIR = str(Path(lightning_immiscible.__file__).parent)
 
 
 def _optimum(cost: np.ndarray) -> float:
@@ -170,3 +175,21 @@ def test_greedy_uses_the_given_exact_solver_for_leftovers():
 
     col = solve_greedy(_image_cost(120, 16, 7), fixup=200, exact=functools.partial(spy))
     assert calls == [(120, 120)] and _is_perm(col, 120)
+
+
+def test_library_works_with_scipy_alone():
+    # A fresh interpreter where importing lapjv / lap fails: only scipy and greedy get registered.
+    code = (
+        "import sys, types; sys.modules['lapjv'] = None; sys.modules['lap'] = None\n"
+        # Skip the package __init__ (it imports Lightning, slow): solvers needs only NumPy/SciPy/torch.
+        f"pkg = types.ModuleType('lightning_immiscible'); pkg.__path__ = [{PKG_DIR!r}]\n"
+        "sys.modules['lightning_immiscible'] = pkg\n"
+        "import numpy as np\n"
+        "from lightning_immiscible.solvers import SOLVERS, resolve_solver, solve\n"
+        "assert sorted(SOLVERS) == ['greedy', 'scipy'], sorted(SOLVERS)\n"
+        "assert resolve_solver('auto').name == 'scipy'\n"
+        "c = np.random.default_rng(0).random((300, 300))\n"
+        "assert sorted(solve(c, 'greedy').tolist()) == list(range(300))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
