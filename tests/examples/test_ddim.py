@@ -304,3 +304,20 @@ def test_missing_dataset_path_fails_before_training(tmp_path: Path) -> None:
                 "--data.channels=3",
             ]
         )
+
+
+def test_coupling_args_are_overridable_from_the_command_line(tmp_path: Path) -> None:
+    cli = cli_main(
+        [
+            "--config",
+            CIFAR,
+            "--config",
+            IMM,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks.init_args.scope=node",
+            "--trainer.callbacks.init_args.seed=7",
+        ],
+        run=False,
+    )
+    (coupling,) = couplings(cli)
+    assert (coupling.config.method, coupling.scope, coupling.seed) == ("lsa", "node", 7)
