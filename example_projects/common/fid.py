@@ -154,19 +154,20 @@ class FIDCallback(L.Callback):
             self.last[name] = float(value)
             pl_module.log(name, value.to(pl_module.device))  # identical on every rank after sync
 
-    def _shard(self, n: int, trainer: L.Trainer) -> range:
-        w, r = trainer.world_size, trainer.global_rank
-        return range(r * n // w, (r + 1) * n // w)
-
     def _update_fake(self, trainer: L.Trainer, pl_module: Any, steps: int) -> None:
-        shard = self._shard(self.num_samples, trainer)
+        """Generates this rank's share of the fake samples and adds them to the metric.
+
+        Rank r takes chunks r, r + W, ... of ``batch_size`` samples; chunk c's starting noise comes
+        from seed ``(seed, c)``, so the sample set does not depend on the world size.
+        """
         shape = tuple(pl_module.sample_shape())
-        g = torch.Generator().manual_seed(self.seed)
-        for start in range(shard.start, shard.stop, self.batch_size):
-            stop = min(start + self.batch_size, shard.stop)
-            # One generator stream per batch index: the samples do not depend on the world size.
-            g.manual_seed(self.seed * 1_000_003 + start)
-            noise = torch.randn((stop - start, *shape), generator=g).to(pl_module.device)
+        g = torch.Generator()
+        for start in range(
+            trainer.global_rank * self.batch_size, self.num_samples, trainer.world_size * self.batch_size
+        ):
+            g.manual_seed(self.seed * 1_000_003 + start // self.batch_size)
+            count = min(self.batch_size, self.num_samples - start)
+            noise = torch.randn((count, *shape), generator=g).to(pl_module.device)
             self.metric.update(to_uint8_rgb(pl_module.sample(noise, steps)), real=False)
 
     def _cache_file(self, trainer: L.Trainer, n_real: int) -> Any:
@@ -192,7 +193,7 @@ class FIDCallback(L.Callback):
 
     def _embed_real(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Dataset, n: int) -> None:
         idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:n]
-        shard = idx[list(self._shard(n, trainer))].tolist()
+        shard = idx[trainer.global_rank :: trainer.world_size].tolist()
         for batch in DataLoader(Subset(dataset, shard), batch_size=self.batch_size):
             images = batch[0] if isinstance(batch, (list, tuple)) else batch
             self.metric.update(to_uint8_rgb(images.to(pl_module.device)), real=True)

@@ -121,3 +121,21 @@ def test_callback_logs_named_values_skips_sanity_and_embeds_real_once(tmp_path: 
     assert all(v > 0 for v in fid.last.values())
     assert "val/fid8_n6_ddim3" in trainer.callback_metrics
     assert not any("inception" in k or "metric" in k for k in model.state_dict())
+
+
+def test_fake_samples_do_not_depend_on_the_world_size() -> None:
+    from types import SimpleNamespace
+
+    def drawn(world: int) -> list[torch.Tensor]:
+        fid = FIDCallback(num_samples=10, sampling_steps=[1], extractor=TinyExtractor(4), batch_size=3)
+        model = _Sampler()
+        seen: list[torch.Tensor] = []
+        model.sample = lambda noise, steps: (seen.extend(noise), noise.clamp(-1, 1))[1]
+        for rank in range(world):
+            fid._update_fake(SimpleNamespace(global_rank=rank, world_size=world), model, 1)
+        return seen
+
+    one, three = drawn(1), drawn(3)
+    assert len(one) == len(three) == 10
+    key = lambda t: float(t.sum())  # noqa: E731
+    assert sorted(map(key, one)) == sorted(map(key, three))

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from example_projects.common.progress import summary_text
 from example_projects.ddim import DDIMDiffusion, cli_main
 from example_projects.ddim.schedule import ddim_sample, ddim_timesteps, eps_loss, make_betas, q_sample
 from lightning_immiscible import ImmiscibleCoupling
@@ -241,6 +242,8 @@ def test_quickstart_fit_logs_fid_grid_and_summary(tmp_path: Path, capsys: pytest
     assert any(r.get("immiscible/reduction_pct") for r in rows)
     assert (log_dir / "grids" / "latest.png").is_file() and (log_dir / "grids" / "step0000002.png").is_file()
     assert int(cli.model.ema.num_updates) == 2
+    summary = summary_text(cli.trainer)
+    assert str(log_dir / "grids" / "latest.png") in summary and str(log_dir / "metrics.csv") in summary
 
 
 def test_cifar10_config_runs_a_few_steps(tmp_path: Path) -> None:
