@@ -172,6 +172,7 @@ class ImmiscibleCoupling(Callback):
         self._ensure_group(trainer)
         self._batch_start = time.perf_counter()
         draw, self.draws = self.draws, self.draws + 1
+        batch = pl_module._immiscible_unwrap(batch)  # type: ignore[attr-defined]
         x0, error = self._data(pl_module, batch)
         worker = pl_module.__dict__.pop("_immiscible_worker", None)
         if worker is not None and x0 is not None:

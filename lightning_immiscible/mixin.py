@@ -81,6 +81,17 @@ def _cache_per_batch(fn: Callable[[Any, Any], Tensor]) -> Callable[[Any, Any], T
     return wrapper
 
 
+def _unwrap_worker_batches(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``training_step`` receives the inner batch of a ``CouplingCollate`` batch, unwrapped."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(self, self._immiscible_unwrap(batch), *args, **kwargs)
+
+    wrapper._immiscible_unwraps = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class ImmiscibleMixin:
     """Adds ``noise_like`` and ``immiscible_data`` to a ``LightningModule``.
 
@@ -102,6 +113,9 @@ class ImmiscibleMixin:
         own = cls.__dict__.get("immiscible_data")
         if own is not None and not getattr(own, "_immiscible_cached", False):
             cls.immiscible_data = _cache_per_batch(own)  # type: ignore[method-assign]
+        step = cls.__dict__.get("training_step")
+        if step is not None and not getattr(step, "_immiscible_unwraps", False):
+            cls.training_step = _unwrap_worker_batches(step)  # type: ignore[attr-defined]
 
     def immiscible_data(self, batch: Any) -> Tensor:
         """Returns the data tensor ``x0`` (``(B, *dims)``, floating point) the noise is paired with.
@@ -113,17 +127,21 @@ class ImmiscibleMixin:
         """
         return find_data_tensor(batch)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Unwraps batches from :class:`~lightning_immiscible.workers.CouplingCollate`.
+    def _immiscible_unwrap(self, batch: Any) -> Any:
+        """Unwraps a :class:`~lightning_immiscible.workers.CouplingCollate` batch (else returns it).
 
-        Worker-coupled noise is kept for the callback, and ``training_step`` receives the batch as
-        the inner collate made it. If you override this hook, call ``super()`` first.
+        The callback calls it first (and keeps the worker-coupled noise); ``training_step`` is
+        wrapped to call it too, so it receives the same inner batch object the callback saw.
         """
-        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
-        if isinstance(batch, Mapping) and NOISE_KEY in batch:
-            self.__dict__["_immiscible_worker"] = (batch[NOISE_KEY], batch[STATS_KEY], batch[INDEX_KEY])
-            batch, _ = split_coupled_batch(batch)
-        return batch
+        if not (isinstance(batch, Mapping) and NOISE_KEY in batch):
+            return batch
+        cached = self.__dict__.get("_immiscible_unwrapped")
+        if cached is not None and cached[0] is batch:
+            return cached[1]
+        inner, _ = split_coupled_batch(batch)
+        self.__dict__["_immiscible_unwrapped"] = (batch, inner)
+        self.__dict__["_immiscible_worker"] = (batch[NOISE_KEY], batch[STATS_KEY], batch[INDEX_KEY])
+        return inner
 
     def noise_like(self, x0: Tensor) -> Tensor:
         """Drop-in for ``torch.randn_like(x0)``: the coupled noise for this training batch.
@@ -162,5 +180,10 @@ class ImmiscibleMixin:
 
     def _immiscible_clear(self) -> None:
         """Called by the callback at batch end: nothing prepared leaks into a later batch."""
-        for key in ("_immiscible_data_cache", "_immiscible_noise", "_immiscible_worker"):
+        for key in (
+            "_immiscible_data_cache",
+            "_immiscible_noise",
+            "_immiscible_worker",
+            "_immiscible_unwrapped",
+        ):
             self.__dict__.pop(key, None)
