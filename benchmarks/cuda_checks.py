@@ -130,7 +130,7 @@ def main() -> dict:
     for name, check in checks.items():
         try:
             result[name] = check()
-        except Exception as exc:  # noqa: BLE001 - report every check, whatever fails
+        except Exception as exc:
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(name, json.dumps(result[name], indent=2), flush=True)
     if args.json:
