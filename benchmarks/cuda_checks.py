@@ -99,7 +99,7 @@ def check_lightning_fit(precision: str) -> dict:
 
     module, cb = ToyDiffusion(sizes=(64,), batch_size=32), ImmiscibleCoupling(seed=2)
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision=precision, max_steps=2, logger=False,
+        accelerator="gpu", devices=1, precision=precision, max_steps=2, logger=False, callbacks=[cb],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module)
@@ -119,8 +119,10 @@ def check_lightning_fit(precision: str) -> dict:
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="names of the checks to run")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    only = set(args.only or [])
     checks = {
         "precisions_B1024_D3072": check_precisions,
         "cost_matrix_ms": time_cost_matrices,
@@ -128,6 +130,8 @@ def main() -> dict:
         "lightning_fit_bf16_mixed": lambda: check_lightning_fit("bf16-mixed"),
     }
     for name, check in checks.items():
+        if only and name not in only:
+            continue
         try:
             result[name] = check()
         except Exception as exc:
