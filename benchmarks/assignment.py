@@ -384,9 +384,8 @@ def render_markdown(out: dict[str, Any]) -> str:
     step = dict(out.get("step_time", {}))
     workers = step.pop("num_workers", 1)
     for mode, ms in step.items():
-        lines.append(
-            f"- training step (B=1024, D=3072, {workers} loader worker(s)), coupling {mode}: {ms:.1f} ms/step"
-        )
+        cells = ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) if isinstance(ms, dict) else f"{ms:.1f}"
+        lines.append(f"- training step (B=1024, D=3072, {workers} loader workers), coupling {mode}: {cells}")
     return "\n".join(lines)
 
 

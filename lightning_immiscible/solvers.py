@@ -10,13 +10,13 @@ Solvers are looked up by name in :data:`SOLVERS`; :func:`register_solver` adds o
 Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``docs/performance.md``):
 
 - ``lapjv`` (exact, optional ``pip install lapjv``, MIT): dense Jonker-Volgenant in C++; at
-  B = 1024-2048 on this project's costs 2.5-3.5x faster than ``scipy`` (centred cost) and 6-25x
+  B = 1024-2048 on this project's costs 2.5-4x faster than ``scipy`` (centred cost) and 8-17x
   faster than SciPy on the raw cost. ``auto`` prefers it when installed.
 - ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``, used by ``auto`` when only it
   is installed.
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment``, the paper's solver.
 - ``greedy`` (approximate): candidate greedy on the centred cost
-  (:func:`lightning_immiscible.solvers_approx.solve_greedy`); at B = 2048 it needs 19-25 % of
+  (:func:`lightning_immiscible.solvers_approx.solve_greedy`); at B = 2048 it needs 12-20 % of
   ``lapjv``'s solver time and keeps about 98 % of the exact distance reduction.
 
 Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
