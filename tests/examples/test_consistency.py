@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from example_projects.common.data import synthetic_tensor
+from example_projects.common.fid import TinyExtractor
 from example_projects.consistency import ConsistencyTraining, cli_main
 from example_projects.consistency.callbacks import ConsistencyFID, ConsistencyGrid, cm_fid_metric_name
 from example_projects.consistency.training import (
@@ -29,6 +30,12 @@ from lightning_immiscible import ImmiscibleCoupling
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
 TINY = dict(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, total_steps=8)
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightningCLI warns when pytest's own argv is present beside ``args``."""
+    monkeypatch.setattr("sys.argv", ["example_projects.consistency"])
 
 
 def tiny_model(**kwargs) -> ConsistencyTraining:
@@ -328,21 +335,33 @@ def test_overlays_compose_to_one_coupling(tmp_path):
 # --- a tiny end-to-end fit logs FID for one- and two-step samples ---------------------------------------
 
 
-class TinyExtractor(nn.Module):
-    """A frozen stand-in for Inception: ``(N, 3, H, W)`` uint8 -> ``(N, 12)`` pooled colour features."""
+TINY_FID = [
+    "--fid.extractor=example_projects.common.fid.TinyExtractor",
+    "--fid.num_samples=8",
+    "--fid.batch_size=8",
+    "--fid.sampling_steps=[1, 2]",
+]
 
-    num_features = 12
 
-    def forward(self, images: Tensor) -> Tensor:
-        x = images.float() / 255.0
-        return nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+def test_quickstart_cli_fit_logs_fid_for_one_and_two_steps_and_grids(tmp_path):
+    args = [
+        a for a in _cli_args(tmp_path, "quickstart.yaml", "immiscible.yaml") if "limit_val_batches" not in a
+    ]
+    cli = cli_main(
+        [*args, "--trainer.val_check_interval=2", "--grid.dirpath", str(tmp_path / "grids"), *TINY_FID]
+    )
+    metrics = cli.trainer.callback_metrics
+    for steps in (1, 2):
+        name = cm_fid_metric_name(16, 8, steps)
+        assert name == f"val/fid16_n8_cm{steps}"
+        assert name in metrics and math.isfinite(float(metrics[name]))
+        assert (tmp_path / "grids" / f"cm{steps}" / "latest.png").is_file()
 
 
 def test_tiny_fit_logs_fid_for_one_and_two_steps(tmp_path):
     model = tiny_model()
-    fid = ConsistencyFID(num_samples=16, sampling_steps=[1, 2], batch_size=8, extractor=TinyExtractor())
+    fid = ConsistencyFID(num_samples=16, sampling_steps=[1, 2], batch_size=8, extractor=TinyExtractor(12))
     grid = ConsistencyGrid(num_images=4, steps=[1, 2], dirpath=str(tmp_path / "grids"))
-    data = TinyData()
     trainer = L.Trainer(
         max_steps=4,
         val_check_interval=4,
@@ -355,10 +374,9 @@ def test_tiny_fit_logs_fid_for_one_and_two_steps(tmp_path):
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=TinyData())
     for steps in (1, 2):
         name = cm_fid_metric_name(12, 16, steps)
-        assert name == f"val/fid12_n16_cm{steps}"
         assert name in trainer.callback_metrics and math.isfinite(float(trainer.callback_metrics[name]))
         assert (tmp_path / "grids" / f"cm{steps}" / "latest.png").is_file()
     assert grid.latest == tmp_path / "grids" / "cm1" / "latest.png"
