@@ -46,7 +46,7 @@ def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, r
 def discretisation_steps(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """Curriculum of iCT (Eq. 5): ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` noise levels at step k.
 
-    ``K' = floor(K / (log2(s1 / s0) + 1))``: the number of levels doubles every ``K'`` steps, from
+    ``K' = floor(K / (log2(floor(s1 / s0)) + 1))``: the number of levels doubles every ``K'`` steps, from
     ``s0 + 1`` at ``k = 0`` to ``s1 + 1`` for the last ``K'`` steps (at least 1 step per stage).
 
     Args:
@@ -60,7 +60,7 @@ def discretisation_steps(step: int, total_steps: int, s0: int = 10, s1: int = 12
     """
     if s0 < 1 or s1 < s0:
         raise ValueError(f"Need 1 <= s0 <= s1, got s0={s0}, s1={s1}.")
-    stage = max(1, math.floor(total_steps / (math.log2(s1 / s0) + 1)))
+    stage = max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
     doublings = min(max(step, 0) // stage, 62)  # 2**62 is past any s1; avoids huge ints
     return min(s0 * 2**doublings, s1) + 1
 
