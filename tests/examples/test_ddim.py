@@ -270,7 +270,7 @@ def test_cifar10_config_runs_a_few_steps(tmp_path: Path) -> None:
     assert cli.trainer.global_step == 2 and "val/fid16_n8_ddim3" in cli.trainer.callback_metrics
 
 
-def test_resume_continues_ema_and_steps(tmp_path: Path) -> None:
+def test_resume_and_validate_from_a_checkpoint(tmp_path: Path) -> None:
     args = [
         "--config",
         QUICK,
@@ -288,6 +288,8 @@ def test_resume_continues_ema_and_steps(tmp_path: Path) -> None:
     assert ckpt and Path(ckpt).is_file()
     resumed = cli_main(["fit", *args, "--trainer.max_steps=4", f"--ckpt_path={ckpt}"])
     assert resumed.trainer.global_step == 4 and int(resumed.model.ema.num_updates) == 4
+    validated = cli_main(["validate", *args, f"--ckpt_path={ckpt}"])  # FID for a checkpoint, no training
+    assert "val/fid16_n8_ddim2" in validated.trainer.callback_metrics
 
 
 def test_missing_dataset_path_fails_before_training(tmp_path: Path) -> None:
