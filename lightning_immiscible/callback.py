@@ -275,9 +275,11 @@ class ImmiscibleCoupling(Callback):
             )
         if "worker" not in self._warned:
             self._warned.add("worker")
-            rank_zero_info(
+            local = self.config.method == "knn" or self.effective_scope() == "local" or self._world_size == 1
+            (rank_zero_info if local else rank_zero_warn)(
                 "ImmiscibleCoupling: batches carry noise coupled in DataLoader workers (CouplingCollate); "
-                "using it as is (the collate's method applies, this callback's method and scope do not)."
+                "using it as is: the collate's method applies and its coupling is per rank, whatever "
+                f"this callback's scope ({self.scope!r})."
             )
         before, after, worker_ms = (float(v) for v in stats)
         self._worker_ms = worker_ms
