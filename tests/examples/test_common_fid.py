@@ -70,6 +70,19 @@ def test_missing_offline_weights_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
         iw.resolve_inception_weights("auto")
 
 
+def test_failed_official_download_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    with pytest.raises(iw.InceptionWeightsError, match="weights: offline"):
+        FIDCallback(feature=64, weights="official")
+
+
 def test_metric_name_carries_layer_count_and_steps() -> None:
     assert fid_metric_name(2048, 1000, 20) == "val/fid2048_n1000_ddim20"
 
