@@ -7,6 +7,7 @@ lives in the callback, so the Inception network is never part of the model's che
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -155,6 +156,7 @@ class FIDCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        start = time.perf_counter()
         self.metric.to(pl_module.device)
         if not self._real_ready:
             self._prepare_real(trainer, pl_module)
@@ -165,6 +167,8 @@ class FIDCallback(L.Callback):
             value = self.metric.compute()
             self.last[name] = float(value)
             pl_module.log(name, value.to(pl_module.device))  # identical on every rank after sync
+        # The evaluation's cost stays visible next to the training step's (sampling + Inception).
+        pl_module.log("timing/fid_eval_s", time.perf_counter() - start)
 
     def _update_fake(self, trainer: L.Trainer, pl_module: Any, steps: int) -> None:
         """Generates this rank's share of the fake samples and adds them to the metric.
