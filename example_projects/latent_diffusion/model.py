@@ -199,7 +199,8 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         self.log("val/loss", loss, sync_dist=True)
 
     @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer step (after it), also with gradient accumulation.
         self.ema.update(self.net)
 
     @torch.no_grad()
