@@ -298,3 +298,10 @@ def test_tiny_fit_logs_fid_and_per_class_grid(ae_ckpt: str, tmp_path: Path) -> N
     name = fid_metric_name(4, 10, 2)
     assert name in trainer.callback_metrics and math.isfinite(float(trainer.callback_metrics[name]))
     assert grid.latest is not None and grid.latest.is_file()
+
+
+def test_stage2_cli_without_stage1_names_the_path_and_command(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.ckpt")
+    with pytest.raises(Exception) as err:
+        cli_main(_stage2_args(tmp_path, missing, "quickstart", "immiscible"))
+    assert missing in str(err.value) and STAGE1_COMMAND in str(err.value)
