@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 DATASETS = ("mnist5k", "synthetic", "cifar10", "celeba", "mnist", "folder")
 QUICKSTART_HINT = (
-    "To try the example without any files or network, use the embedded dataset: "
-    "`python -m example_projects.ddim fit --config example_projects/ddim/configs/quickstart.yaml "
-    "--config example_projects/ddim/configs/immiscible.yaml` (data.dataset: mnist5k)."
+    "To try an example without any files or network, use the embedded dataset (data.dataset: "
+    "mnist5k) through the example's quickstart config, e.g. `python -m example_projects.ddim fit "
+    "--config example_projects/ddim/configs/quickstart.yaml --config "
+    "example_projects/ddim/configs/immiscible.yaml` (likewise example_projects/consistency and "
+    "example_projects/latent_diffusion)."
 )
 
 
