@@ -1,0 +1,57 @@
+"""The benchmark and figure scripts the docs show run end to end (on tiny sizes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "docs" / "scripts"))
+import distance_table  # noqa: E402
+import group_sizing  # noqa: E402
+import make_figures  # noqa: E402
+
+
+def test_distance_table_on_the_embedded_digits(tmp_path):
+    rows = distance_table.main(["--sizes", "16", "64", "--repeats", "1", "--json", str(tmp_path / "t.json")])
+    assert [r["batch"] for r in rows] == [16, 64]
+    assert all(r["reduction_pct"] > 0 for r in rows)
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["batch"] == 16
+
+
+def test_distance_table_names_a_missing_dataset(tmp_path):
+    from example_projects.common.data import DatasetUnavailableError
+
+    with pytest.raises(DatasetUnavailableError, match="does not exist"):
+        distance_table.main(["--dataset", "folder", "--root", str(tmp_path / "missing")])
+
+
+def test_group_sizing_table(tmp_path):
+    result = group_sizing.main(["--batch", "16", "--dim", "48", "--pools", "32", "64", "--repeats", "1",
+                                "--json", str(tmp_path / "g.json")])  # fmt: skip
+    assert [(r["pool"], r["ranks_per_group"]) for r in result["rows"]][:1] == [(32, 2)]
+    assert all(r["assign_ms"] > 0 for r in result["rows"])
+    assert result["rows"][0]["mib_sent_per_rank"] == pytest.approx((80 + 16 * 32 * 4 + 24) / 2**20)
+
+
+def test_figure_script_writes_figures_and_numbers(tmp_path):
+    result = make_figures.main(["--out", str(tmp_path), "--sizes", "16", "32", "--repeats", "1"])
+    for name in ("toy_pairing.png", "reduction_vs_batch.png", "reduction_vs_batch.json"):
+        assert (tmp_path / name).is_file()
+    assert result["toy"]["cost_after"] < result["toy"]["cost_before"]
+    tilt = result["knn_tilt_mnist5k_b256"]
+    assert tilt[1]["reduction_pct"] == 0 and tilt[16]["mean_sq_noise_per_dim"] < 0.99
+
+
+def test_assignment_benchmark_quick_run(tmp_path):
+    out = tmp_path / "a.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "assignment.py"), "--sizes", "64", "--dims", "48",
+         "--repeats", "1", "--no-step-time", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert out.is_file() and "cdist" in done.stdout
