@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--metric", default=None, help="FID key to compare (default: the first logged)")
+    parser.add_argument("--metric", default=None, help="FID key to compare (default: the first val/fid* key)")
     parser.add_argument("--out", type=Path, default=Path("runs/speedup"))
     args = parser.parse_args(argv)
     args.extra = extra
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [run_one(args, m, s) for s in args.seeds for m in args.methods]
-    metric = args.metric or sorted(k for k in runs[0]["curve"][0] if k != "step")[0]
+    metric = args.metric or sorted(k for k in runs[0]["curve"][0] if k.startswith("val/fid"))[0]
     settings = {k: str(v) for k, v in vars(args).items()}
     summary = summarize(runs, metric)
     (args.out / "curves.json").write_text(json.dumps({"settings": settings, "metric": metric, "runs": runs,
