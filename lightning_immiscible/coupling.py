@@ -140,7 +140,8 @@ def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: b
     if x0.device != noise.device:
         raise CouplingInputError(f"x0 is on {x0.device} but noise is on {noise.device}.", "device")
     if check_finite:
-        for name, t in (("x0", x0), ("noise", noise)):
+        # The group coupling validates x0 alone as check_inputs(x0, x0): scan it once.
+        for name, t in (("x0", x0),) if noise is x0 else (("x0", x0), ("noise", noise)):
             bad = t.numel() - int(torch.isfinite(t).sum())
             if bad:
                 raise CouplingInputError(
