@@ -430,6 +430,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
     p.add_argument("--render", type=Path, default=None, help="print a saved JSON as Markdown and exit")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but torch.cuda.is_available() is False here; use --device cpu")
     if args.step_time_only:
         args.sizes, args.step_time = [], True
     if args.quick:

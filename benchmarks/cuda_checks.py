@@ -116,11 +116,19 @@ def check_lightning_fit(precision: str) -> dict:
     }
 
 
-def main() -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``--help`` lists it)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="names of the checks to run")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("these checks need a CUDA GPU and torch.cuda.is_available() is False here")
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     only = set(args.only or [])
     checks = {

@@ -78,7 +78,8 @@ def to_markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``--help`` lists it)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     images = load_images(args.dataset, args.root, args.image_size, limit=max(args.sizes) * 2)
     if len(images) < max(args.sizes):

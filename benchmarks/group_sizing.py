@@ -26,7 +26,8 @@ def bytes_per_rank(pool: int, batch: int) -> int:
     return (4 + _MAX_DIMS) * 8 + batch * pool * 4 + 3 * 8
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``--help`` lists it)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scipy-max", type=int, default=4096, help="largest pool timed with scipy")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     solvers = args.solvers or sorted({resolve_solver("auto").name, "scipy"})
     rows = []

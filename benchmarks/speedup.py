@@ -62,12 +62,8 @@ def _overlay(run_dir: Path, method: str, seed: int) -> Path:
     return path
 
 
-def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
-    """Trains one (method, seed) run to ``max_steps`` (or continues it) and returns its curve."""
-    run_dir = args.out / "runs" / f"{method}_seed{seed}"
-    done = run_dir / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+def build_cli(args: argparse.Namespace, method: str, seed: int, run_dir: Path) -> Any:
+    """The example's LightningCLI for one (method, seed) run, instantiated but not run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cli_args = ["--config", str(args.config), "--config", str(_overlay(run_dir, method, seed))]
     cli_args += [
@@ -80,7 +76,16 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
         "--trainer.logger=false",
         *args.extra,
     ]
-    cli = importlib.import_module(f"example_projects.{args.example}").cli_main(cli_args, run=False)
+    return importlib.import_module(f"example_projects.{args.example}").cli_main(cli_args, run=False)
+
+
+def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
+    """Trains one (method, seed) run to ``max_steps`` (or continues it) and returns its curve."""
+    run_dir = args.out / "runs" / f"{method}_seed{seed}"
+    done = run_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cli = build_cli(args, method, seed, run_dir)
     ckpt = ModelCheckpoint(
         dirpath=run_dir, filename="eval-{step}", save_last=True, every_n_train_steps=args.eval_every
     )

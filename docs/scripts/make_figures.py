@@ -119,13 +119,19 @@ def knn_tilt(ks: list[int], batch: int = 256, repeats: int = 4) -> dict:
     return table
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``--help`` lists it)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("docs/assets"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024])
     parser.add_argument("--repeats", type=int, default=4)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
