@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import lightning as L
 import torch
@@ -43,9 +43,11 @@ def to_uint8_rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def fid_metric_name(feature: int, num_samples: int, steps: int, prefix: str = "val") -> str:
-    """E.g. ``val/fid2048_n50000_ddim20``: layer, sample count and sampler steps in the name."""
-    return f"{prefix}/fid{feature}_n{num_samples}_ddim{steps}"
+def fid_metric_name(
+    feature: int, num_samples: int, steps: int, prefix: str = "val", sampler: str = "ddim"
+) -> str:
+    """E.g. ``val/fid2048_n50000_ddim20``: layer, sample count, sampler and its steps in the name."""
+    return f"{prefix}/fid{feature}_n{num_samples}_{sampler}{steps}"
 
 
 class TinyExtractor(nn.Module):
@@ -96,7 +98,10 @@ def build_fid(feature: int | nn.Module = 2048, weights: str = "auto") -> Any:
 
 
 class FIDCallback(L.Callback):
-    """Logs ``val/fid{feature}_n{num_samples}_ddim{steps}`` after every validation epoch.
+    """Logs ``val/fid{feature}_n{num_samples}_{sampler_tag}{steps}`` after every validation epoch.
+
+    ``sampler_tag`` is ``"ddim"`` here (``val/fid2048_n50000_ddim20``); a subclass for another
+    sampler sets its own (the consistency example's ``ConsistencyFID`` logs ``..._cm1``).
 
     Real statistics are computed once (from ``trainer.datamodule.real_images()``, the training
     set) and cached on disk; each evaluation draws ``num_samples`` samples per step count from the
@@ -118,6 +123,9 @@ class FIDCallback(L.Callback):
 
         trainer = L.Trainer(callbacks=[FIDCallback(feature=2048, num_samples=50_000, sampling_steps=[20])])
     """
+
+    #: The sampler's name in the metric keys, followed by the step count.
+    sampler_tag: ClassVar[str] = "ddim"
 
     def __init__(
         self,
@@ -163,7 +171,7 @@ class FIDCallback(L.Callback):
         for steps in self.sampling_steps:
             self.metric.reset()  # fake statistics only (reset_real_features=False)
             self._update_fake(trainer, pl_module, steps)
-            name = fid_metric_name(self.feature, self.num_samples, steps)
+            name = fid_metric_name(self.feature, self.num_samples, steps, sampler=self.sampler_tag)
             value = self.metric.compute()
             self.last[name] = float(value)
             pl_module.log(name, value.to(pl_module.device))  # identical on every rank after sync

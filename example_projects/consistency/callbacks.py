@@ -1,7 +1,8 @@
 """FID and sample grids for one- and multistep consistency sampling, on the shared toolkit.
 
-The shared ``FIDCallback`` names its metrics after DDIM (``val/fid64_n256_ddim1``); here the same
-component logs ``val/fid{feature}_n{num_samples}_cm{steps}`` (``cm1``: one-step, ``cm2``: two-step).
+The shared ``FIDCallback`` tags its metrics with the sampler (``val/fid64_n256_ddim20``); here the
+same component logs ``val/fid{feature}_n{num_samples}_cm{steps}`` (``cm1``: one-step, ``cm2``:
+two-step).
 The grids callback writes one PNG per step count (``grids/cm1/latest.png``, ``grids/cm2/...``).
 """
 
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-from example_projects.common.fid import FIDCallback
+from example_projects.common.fid import FIDCallback, fid_metric_name
 from example_projects.common.grids import SampleGrid, log_grid, make_grid, save_grid
 
 #: Sampler tag in metric names and grid folders: ``cm{steps}``.
@@ -26,7 +27,7 @@ SAMPLER_TAG = "cm"
 
 def cm_fid_metric_name(feature: int, num_samples: int, steps: int, prefix: str = "val") -> str:
     """E.g. ``val/fid2048_n50000_cm1``: layer, sample count and consistency steps in the name."""
-    return f"{prefix}/fid{feature}_n{num_samples}_{SAMPLER_TAG}{steps}"
+    return fid_metric_name(feature, num_samples, steps, prefix, sampler=SAMPLER_TAG)
 
 
 class ConsistencyFID(FIDCallback):
@@ -40,6 +41,8 @@ class ConsistencyFID(FIDCallback):
         fid = ConsistencyFID(feature=2048, num_samples=50_000, sampling_steps=[1, 2])
         trainer = L.Trainer(callbacks=[fid])
     """
+
+    sampler_tag = SAMPLER_TAG
 
     def __init__(
         self,
@@ -64,21 +67,6 @@ class ConsistencyFID(FIDCallback):
             cache_real_stats,
             extractor,
         )
-
-    @override
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self.metric.to(pl_module.device)
-        if not self._real_ready:
-            self._prepare_real(trainer, pl_module)
-        for steps in self.sampling_steps:
-            self.metric.reset()  # fake statistics only (reset_real_features=False)
-            self._update_fake(trainer, pl_module, steps)
-            name = cm_fid_metric_name(self.feature, self.num_samples, steps)
-            value = self.metric.compute()
-            self.last[name] = float(value)
-            pl_module.log(name, value.to(pl_module.device))
 
 
 class ConsistencyGrid(SampleGrid):

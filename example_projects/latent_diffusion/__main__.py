@@ -10,18 +10,16 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 
+from example_projects.common.cli import ExampleCLI
 from example_projects.common.data import ImageDataModule
-from example_projects.common.fid import FIDCallback
-from example_projects.common.progress import ImmiscibleProgressBar, RunSummary
 from example_projects.latent_diffusion.grids import ClassGrid
 
 #: Config groups that only make sense for a model that samples (stage 2).
 SAMPLING_GROUPS = ("fid", "grid")
 
 
-class LatentCLI(LightningCLI):
+class LatentCLI(ExampleCLI):
     """LightningCLI over any LightningModule (``model.class_path`` picks the stage).
 
     The example's callbacks are top-level groups (``fid:``, ``grid:``, ``checkpoint:``...), so
@@ -29,15 +27,13 @@ class LatentCLI(LightningCLI):
     replaces exactly that entry. Stage 1 (a model without ``sample``) runs without FID and grids.
     """
 
+    grid_class = ClassGrid
+    model_arguments = "model.init_args"
+
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_lightning_class_args(FIDCallback, "fid")
-        parser.add_lightning_class_args(ClassGrid, "grid")
+        """The shared groups, plus ``checkpoint:`` (stage 2 and fine-tuning read its output)."""
+        super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ImmiscibleProgressBar, "progress_bar")
-        parser.add_lightning_class_args(RunSummary, "summary")
-        # The image shape follows the data (resolved channels: 1 for MNIST, else 3).
-        parser.link_arguments("data.channels", "model.init_args.in_channels", apply_on="instantiate")
-        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Drops the sampling callbacks when the model cannot sample (the stage-1 autoencoder)."""
