@@ -8,7 +8,9 @@ FID every ``--eval-every`` steps, and writes to ``--out``:
 - ``fid_vs_steps.png``: FID vs training steps, mean and min-max band per method;
 - ``report.md``: per method, FID at each evaluation (mean +- std over seeds) and the steps needed to
   reach the baseline's final FID, with the speed-up factor (per seed, paired with that seed's
-  baseline) and its spread.
+  baseline) and its spread; then, per evaluation, the paired difference to the baseline (mean +-
+  standard error over seeds, in how many seeds the method was better, and a two-sided sign-test
+  p-value), which tells a consistent effect from seed-to-seed noise.
 
 Resumable: each run lives in ``OUT/runs/{method}_seed{seed}`` with a ``last.ckpt`` written at every
 evaluation; a run with ``done.json`` is skipped, an interrupted one continues from its checkpoint.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -144,7 +147,47 @@ def summarize(runs: list[dict[str, Any]], metric: str, baseline: str = "none") -
             if needed:
                 speedups.append(final["step"] / needed)
         summary[method] = {"fid": fid, "steps_to_baseline_final": reach, "speedup": speedups}
+    for method, by_step in paired_differences(runs, metric, baseline).items():
+        summary[method]["paired"] = by_step
     return summary
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """Two-sided exact sign-test p-value for ``better`` vs ``worse`` paired outcomes (ties dropped)."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(better, worse) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_differences(
+    runs: list[dict[str, Any]], metric: str, baseline: str = "none"
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per method and evaluation step: ``metric`` minus the same seed's baseline (negative = better).
+
+    Returns ``{method: {step: {"mean", "sem", "n", "better", "worse", "p"}}}`` for every method but
+    the baseline, over the seeds where both runs evaluated that step.
+    """
+    curves = {(r["method"], r["seed"]): {row["step"]: row[metric] for row in r["curve"]} for r in runs}
+    out: dict[str, dict[int, list[float]]] = {}
+    for (method, seed), curve in sorted(curves.items()):
+        base = curves.get((baseline, seed))
+        if method == baseline or base is None:
+            continue
+        for step, value in curve.items():
+            if step in base:
+                out.setdefault(method, {}).setdefault(step, []).append(value - base[step])
+    return {
+        method: {step: _paired_stats(diffs[step]) for step in sorted(diffs)} for method, diffs in out.items()
+    }
+
+
+def _paired_stats(diffs: list[float]) -> dict[str, Any]:
+    better, worse = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
+    sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"mean": statistics.mean(diffs), "sem": sem, "n": len(diffs), "better": better, "worse": worse,
+            "p": sign_test_p(better, worse)}  # fmt: skip
 
 
 def _fmt_speedup(values: list[float], n: int) -> str:
@@ -177,10 +220,33 @@ def write_report(out: Path, summary: dict[str, Any], metric: str, settings: dict
             + " | ".join(cells)
             + f" | {', '.join(reach)} | {_fmt_speedup(m['speedup'], n)} |"
         )
+    paired = paired_differences_from_summary(summary)
+    if paired:
+        lines += [
+            "",
+            f"Paired difference to the baseline ({metric}, method minus baseline, same seed; negative ="
+            " method better): mean ± standard error, better in k of n seeds, two-sided sign-test p.",
+            "",
+        ]
+        lines.append("| method | " + " | ".join(f"step {s}" for s in steps) + " |")
+        lines.append("|---|" + "---:|" * len(steps))
+        for method, by_step in paired.items():
+            cells = [_fmt_paired(by_step[s]) if s in by_step else "" for s in steps]
+            lines.append(f"| {method} − none | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     _plot(out / "fid_vs_steps.png", summary, metric)
     return text
+
+
+def paired_differences_from_summary(summary: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """The ``paired`` entries of :func:`summarize`'s output, keyed by method (baseline omitted)."""
+    return {m: v["paired"] for m, v in summary.items() if v.get("paired")}
+
+
+def _fmt_paired(row: dict[str, Any]) -> str:
+    sem = "" if row["sem"] is None else f" ± {row['sem']:.2f}"
+    return f"{row['mean']:+.2f}{sem} ({row['better']}/{row['n']}, p={row['p']:.2f})"
 
 
 def _plot(path: Path, summary: dict[str, Any], metric: str) -> None:

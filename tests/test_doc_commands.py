@@ -222,9 +222,7 @@ def dry_run(words: tuple[str, ...], workdir: Path, monkeypatch: pytest.MonkeyPat
         return _FakeVAE()
 
     monkeypatch.setattr("example_projects.latent_diffusion.codecs._load_diffusers_vae", fake_hub)
-    # The machine the docs' commands target: 8 CUDA GPUs per node (nothing runs on them here).
-    for module in ("lightning.fabric.accelerators.cuda", "lightning.pytorch.accelerators.cuda"):
-        monkeypatch.setattr(f"{module}.num_cuda_devices", lambda: GPUS_PER_NODE)
+    _simulate_gpu_node(monkeypatch)
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sys, "argv", ["cli"])
     cli = importlib.import_module(words[2]).cli_main(argv)
@@ -232,6 +230,12 @@ def dry_run(words: tuple[str, ...], workdir: Path, monkeypatch: pytest.MonkeyPat
         assert hub_ids == [_flag(argv, "model.init_args.autoencoder_path")]
     _check_call(argv, cli, calls)
     return cli, calls
+
+
+def _simulate_gpu_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine the docs' commands target: 8 CUDA GPUs per node (nothing runs on them here)."""
+    for module in ("lightning.fabric.accelerators.cuda", "lightning.pytorch.accelerators.cuda"):
+        monkeypatch.setattr(f"{module}.num_cuda_devices", lambda: GPUS_PER_NODE)
 
 
 def _check_call(argv: list[str], cli: Any, calls: list) -> None:
@@ -315,6 +319,7 @@ def test_documented_script_command_parses(shown: Shown, tmp_path: Path, monkeypa
         args = module.parse_args(argv)
         args.out = tmp_path / "speedup"  # the runs are built, not trained
         monkeypatch.setattr(sys, "argv", ["cli"])
+        _simulate_gpu_node(monkeypatch)  # configs for GPU users (cifar10.yaml) build as on their node
         for method in args.methods:
             cli = module.build_cli(args, method, args.seeds[0], tmp_path / method)
             coupling = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]

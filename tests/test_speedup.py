@@ -61,10 +61,37 @@ def test_paired_sweep_writes_curves_plot_report_and_resumes(tmp_path):
     assert set(summary) == {"none", "lsa"}
     # the paired baseline and the immiscible run start from the same weights and data: their
     # first FIDs differ only through the coupling
-    assert "| none |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| none |" in report and "| lsa − none |" in report  # FID table and paired differences
+    assert set(data["summary"]["lsa"]["paired"]) == {"2", "4"}  # JSON keys: the evaluation steps
     # resume: an interrupted run (no done.json) continues from last.ckpt and keeps its curve
     run = tmp_path / "runs" / "lsa_seed0"
     (run / "done.json").unlink()
     speedup.main(_args(tmp_path, 6))
     resumed = json.loads((run / "done.json").read_text())
     assert [row["step"] for row in resumed["curve"]] == [2, 4, 6]
+
+
+def test_paired_differences_count_seeds_and_sign_test():
+    assert speedup.sign_test_p(6, 0) == pytest.approx(2 / 64)
+    assert speedup.sign_test_p(5, 1) == pytest.approx(2 * 7 / 64)
+    assert speedup.sign_test_p(3, 3) == 1.0 and speedup.sign_test_p(0, 0) == 1.0
+
+    def run(method, seed, fids):
+        curve = [{"step": 10 * (i + 1), "fid": f} for i, f in enumerate(fids)]
+        return {"method": method, "seed": seed, "curve": curve}
+
+    runs = [
+        run("none", 0, [5.0, 3.0]),
+        run("lsa", 0, [4.0, 3.5]),
+        run("none", 1, [6.0, 2.0]),
+        run("lsa", 1, [5.0, 2.0]),
+        run("lsa", 2, [1.0, 1.0]),
+    ]  # fmt: skip  (seed 2 has no baseline: left out)
+    paired = speedup.paired_differences(runs, "fid")
+    assert set(paired) == {"lsa"} and list(paired["lsa"]) == [10, 20]
+    first, second = paired["lsa"][10], paired["lsa"][20]
+    assert (first["mean"], first["n"], first["better"], first["worse"]) == (-1.0, 2, 2, 0)
+    assert first["sem"] == pytest.approx(0.0)
+    assert (second["mean"], second["better"], second["worse"]) == (0.25, 0, 1)  # a tie is neither
+    assert speedup.summarize(runs, "fid")["lsa"]["paired"] == paired["lsa"]
