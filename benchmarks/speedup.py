@@ -220,7 +220,7 @@ def write_report(out: Path, summary: dict[str, Any], metric: str, settings: dict
             + " | ".join(cells)
             + f" | {', '.join(reach)} | {_fmt_speedup(m['speedup'], n)} |"
         )
-    paired = paired_differences_from_summary(summary)
+    paired = {m: v["paired"] for m, v in summary.items() if v.get("paired")}  # the baseline has none
     if paired:
         lines += [
             "",
@@ -237,11 +237,6 @@ def write_report(out: Path, summary: dict[str, Any], metric: str, settings: dict
     (out / "report.md").write_text(text)
     _plot(out / "fid_vs_steps.png", summary, metric)
     return text
-
-
-def paired_differences_from_summary(summary: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
-    """The ``paired`` entries of :func:`summarize`'s output, keyed by method (baseline omitted)."""
-    return {m: v["paired"] for m, v in summary.items() if v.get("paired")}
 
 
 def _fmt_paired(row: dict[str, Any]) -> str:

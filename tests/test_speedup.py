@@ -86,8 +86,8 @@ def test_paired_differences_count_seeds_and_sign_test():
         run("lsa", 0, [4.0, 3.5]),
         run("none", 1, [6.0, 2.0]),
         run("lsa", 1, [5.0, 2.0]),
-        run("lsa", 2, [1.0, 1.0]),
-    ]  # fmt: skip  (seed 2 has no baseline: left out)
+        run("lsa", 2, [1.0, 1.0]),  # no baseline for seed 2: left out of the pairs
+    ]
     paired = speedup.paired_differences(runs, "fid")
     assert set(paired) == {"lsa"} and list(paired["lsa"]) == [10, 20]
     first, second = paired["lsa"][10], paired["lsa"][20]
