@@ -157,6 +157,11 @@ class ImmiscibleCoupling(Callback):
             f"world size {trainer.world_size}, seed={self.seed}"
         )
 
+    @property
+    def group(self) -> RankGroup:
+        """This rank's coupling group (a group of one until the first coupled batch)."""
+        return self._group
+
     def effective_scope(self) -> str | int:
         """The scope used now: ``knn`` is always local; ``auto`` is local until its probe decides."""
         if self.spec.method == "knn":
