@@ -57,4 +57,4 @@ def test_site_builds_strictly(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "site" / "api" / "index.html").is_file()
+    assert (tmp_path / "site" / "reference" / "callback" / "index.html").is_file()
