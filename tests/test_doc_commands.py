@@ -19,7 +19,7 @@ Commands are collected from the fenced ``bash`` blocks and the inline code spans
 - ``pip install``: every extra and package named is declared in ``pyproject.toml``; ``.ci/run``
   performs the install of the ``test`` extra, which includes ``examples`` and ``docs``.
 - ``python -m pytest [path]``: the paths exist under ``tests/``, which CI runs in full.
-- ``mkdocs build --strict``: built by ``tests/test_docs.py::test_site_builds_strictly``.
+- ``mkdocs build --strict``: built by ``tests/test_site_html.py::test_site_builds_strictly``.
 """
 
 from __future__ import annotations
