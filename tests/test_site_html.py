@@ -190,7 +190,9 @@ def sphinx_markup(page: Page) -> list[str]:
     text = page.content.text(skip=frozenset({"script", "style"}))
     prose = page.content.text(skip=NOT_PROSE)
     roles = [m.group(0) for m in SPHINX_ROLE.finditer(text)]
-    colons = [prose[max(0, m.start() - 30) : m.end() + 10] for m in re.finditer(r"\w::(\s|$)", prose)]
+    colons = [
+        " ".join(prose[max(0, m.start() - 40) : m.end()].split()) for m in re.finditer(r"\w::(\s|$)", prose)
+    ]
     return roles + colons
 
 
