@@ -90,7 +90,7 @@ def _is_permutation(col: np.ndarray, b: int) -> bool:
     return bool(seen.all())
 
 
-def _first_permutation(out: object, b: int) -> np.ndarray | None:
+def permutation_in(out: object, b: int) -> np.ndarray | None:
     """Finds the row-to-column array in a backend's return value, whatever its tuple layout.
 
     ``lapjv`` >= 1.3 returns ``(x, y, (cost, u, v))``; older builds and ``lapx`` return
@@ -104,12 +104,12 @@ def _first_permutation(out: object, b: int) -> np.ndarray | None:
     return None
 
 
-def _checked(backend: Callable[[np.ndarray], object]) -> SolverFn:
+def checked_backend(backend: Callable[[np.ndarray], object]) -> SolverFn:
     """Wraps an optional exact backend: bad layouts, errors or non-permutations fall back to SciPy."""
 
     def fn(cost: np.ndarray) -> np.ndarray:
         try:
-            col = _first_permutation(backend(cost), cost.shape[0])
+            col = permutation_in(backend(cost), cost.shape[0])
         except (ValueError, RuntimeError, TypeError, MemoryError):
             col = None
         return col if col is not None else solve_scipy(cost)
@@ -131,13 +131,17 @@ def _register_optional() -> None:
     try:
         import lapjv as _lapjv  # MIT; the fastest dense exact solver measured here
 
-        register_solver("lapjv", _checked(lambda c: _lapjv.lapjv(_shift_rows(c))), exact=True, priority=10)
+        register_solver(
+            "lapjv", checked_backend(lambda c: _lapjv.lapjv(_shift_rows(c))), exact=True, priority=10
+        )
     except ImportError:
         pass
     try:
         import lap as _lap  # lapx, MIT
 
-        register_solver("lapx", _checked(lambda c: _lap.lapjv(c, return_cost=False)), exact=True, priority=20)
+        register_solver(
+            "lapx", checked_backend(lambda c: _lap.lapjv(c, return_cost=False)), exact=True, priority=20
+        )
     except ImportError:
         pass
 
