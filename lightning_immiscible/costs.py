@@ -59,7 +59,7 @@ def cost_matrix(x: Tensor, noise: Tensor, metric: str = "l2", precision: str = "
         noise: `(B, *dims)` noise.
         metric: `l2` (Euclidean), `sqeuclidean` or `l1`.
         precision: Matmul input precision for `l2`/`sqeuclidean` (see
-            [resolve_precision][lightning_immiscible.coupling.resolve_precision]); `l1` always uses
+            [resolve_precision][lightning_immiscible.costs.resolve_precision]); `l1` always uses
             fp32 `torch.cdist` (no tensor-core path exists for it).
 
     Returns:
