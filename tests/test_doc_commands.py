@@ -407,5 +407,5 @@ def test_documented_pytest_command_targets_existing_tests(shown: Shown):
 @pytest.mark.parametrize("shown", _of_kind("mkdocs"))
 def test_documented_mkdocs_command_is_the_one_the_suite_builds(shown: Shown):
     assert shown.words[1:] == ("build", "--strict"), shown.text
-    suite = (ROOT / "tests" / "test_docs.py").read_text()
+    suite = (ROOT / "tests" / "test_site_html.py").read_text()
     assert '"mkdocs", "build", "--strict"' in suite
