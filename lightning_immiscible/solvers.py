@@ -4,7 +4,8 @@ Every solver takes a ``(B, B)`` float64 NumPy cost matrix and returns ``col`` of
 (int64) such that row ``i`` is assigned column ``col[i]``, i.e. a permutation that minimises
 ``cost[arange(B), col].sum()`` (exactly for exact solvers, approximately otherwise).
 
-Solvers are looked up by name in :data:`SOLVERS`; :func:`register_solver` adds one, so
+Solvers are looked up by name in `SOLVERS`;
+[register_solver][lightning_immiscible.solvers.register_solver] adds one, so
 ``couple(..., solver="my_solver")`` works for user-supplied solvers too.
 
 Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``docs/performance.md``):
@@ -16,7 +17,7 @@ Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``d
   is installed.
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment``, the paper's solver.
 - ``greedy`` (approximate): candidate greedy on the centred cost
-  (:func:`lightning_immiscible.solvers_approx.solve_greedy`); at B = 2048 it needs 12-20 % of
+  ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]); at B = 2048 it needs 12-20 % of
   ``lapjv``'s solver time and keeps about 98 % of the exact distance reduction.
 
 Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
@@ -184,7 +185,7 @@ def solve(cost: np.ndarray, solver: str = "auto") -> np.ndarray:
 
     Args:
         cost: ``(B, B)`` cost matrix (any float dtype; converted to float64).
-        solver: A name from :func:`available_solvers` or ``"auto"``.
+        solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers] or ``"auto"``.
 
     Returns:
         ``(B,)`` int64 array ``col`` with row ``i`` assigned to column ``col[i]``.
