@@ -37,10 +37,10 @@ from lightning_immiscible.coupling import (
     check_inputs,
 )
 
-#: Item dims sent in the per-step header; shapes with more dims are compared by numel only.
 HEADER_DIMS = 6
-#: Length of the per-step int64 header each rank sends: `[b, status, ndim, numel, dims...]`.
+"""Item dims sent in the per-step header; shapes with more dims are compared by numel only."""
 HEADER_SIZE = 4 + HEADER_DIMS
+"""Length of the per-step int64 header each rank sends: `[b, status, ndim, numel, dims...]`."""
 
 
 @dataclass(frozen=True)
@@ -252,9 +252,9 @@ def _group_mean(group: RankGroup, values: list[Tensor], device: torch.device) ->
     return [float(s) / count if count else 0.0 for s in sums[:-1]]
 
 
-#: The former name of [CouplingSpec][lightning_immiscible.coupling.CouplingSpec], kept so that code
-#: written against it keeps working (same fields, same order).
 GroupCouplingConfig = CouplingSpec
+"""The former name of [CouplingSpec][lightning_immiscible.coupling.CouplingSpec], kept so that code
+written against it keeps working (same fields, same order)."""
 
 
 def _validate_local(
