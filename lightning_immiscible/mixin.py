@@ -72,6 +72,7 @@ class ImmiscibleMixin:
     Examples:
         ```python
         import lightning as L
+        import torch
         import torch.nn.functional as F
         from lightning_immiscible import ImmiscibleCoupling, ImmiscibleMixin
 

@@ -12,7 +12,7 @@ module's [ImmiscibleMixin][lightning_immiscible.mixin.ImmiscibleMixin] unwraps s
 Batch format (what the DataLoader yields, see
 [split_coupled_batch][lightning_immiscible.workers.split_coupled_batch]):
 
-```python
+```text
 {**batch,                      # when the inner collate returns a dict: its keys, unchanged
  "batch": batch,               # otherwise (tensor, tuple, list, ...): the collated batch
  "immiscible_noise": noise,    # (B, *dims) float32: noise[i] is coupled with x0[i]
@@ -22,12 +22,14 @@ Batch format (what the DataLoader yields, see
 
 Examples:
     ```python
-    from torch.utils.data import DataLoader
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
     from lightning_immiscible.workers import CouplingCollate, split_coupled_batch
 
-    loader = DataLoader(ds, batch_size=256, num_workers=4, collate_fn=CouplingCollate("lsa", seed=0))
+    ds = TensorDataset(torch.rand(64, 3, 8, 8) * 2 - 1)
+    loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=CouplingCollate("lsa", seed=0))
     for batch in loader:
-        inner, noise = split_coupled_batch(batch)     # noise is coupled with x0 of `inner`
+        inner, noise = split_coupled_batch(batch)  # noise is coupled with x0 of `inner`
     ```
 
 Randomness: no global RNG is touched. Each batch's noise comes from a ``torch.Generator`` seeded

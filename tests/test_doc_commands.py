@@ -19,7 +19,7 @@ Commands are collected from the fenced ``bash`` blocks and the inline code spans
 - ``pip install``: every extra and package named is declared in ``pyproject.toml``; ``.ci/run``
   performs the install of the ``test`` extra, which includes ``examples`` and ``docs``.
 - ``python -m pytest [path]``: the paths exist under ``tests/``, which CI runs in full.
-- ``mkdocs build --strict``: built by ``tests/test_docs.py::test_site_builds_strictly``.
+- ``mkdocs build --strict``: built by ``tests/test_site_html.py::test_site_builds_strictly``.
 """
 
 from __future__ import annotations
@@ -407,5 +407,5 @@ def test_documented_pytest_command_targets_existing_tests(shown: Shown):
 @pytest.mark.parametrize("shown", _of_kind("mkdocs"))
 def test_documented_mkdocs_command_is_the_one_the_suite_builds(shown: Shown):
     assert shown.words[1:] == ("build", "--strict"), shown.text
-    suite = (ROOT / "tests" / "test_docs.py").read_text()
+    suite = (ROOT / "tests" / "test_site_html.py").read_text()
     assert '"mkdocs", "build", "--strict"' in suite
