@@ -89,25 +89,30 @@ def _cell(
     return row
 
 
-def paired_cells(recs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per cell with >= 1 paired seed: stats of arm minus `none` on the same seed."""
+def paired_cells(
+    recs: dict[tuple[str, str, int], dict[str, Any]], baseline: str = "none"
+) -> list[dict[str, Any]]:
+    """One row per cell with >= 1 paired seed: stats of arm minus `baseline` on the same seed."""
     rows = []
-    for dataset, arm in sorted({(d, a) for d, a, _ in recs if a != "none"}):
-        seeds = sorted(s for d, a, s in recs if (d, a) == (dataset, arm) and (dataset, "none", s) in recs)
+    for dataset, arm in sorted({(d, a) for d, a, _ in recs if a != baseline}):
+        seeds = sorted(s for d, a, s in recs if (d, a) == (dataset, arm) and (dataset, baseline, s) in recs)
         arm_recs = [recs[(dataset, arm, s)] for s in seeds]
         for objective in arm_recs[0]["objectives"] if arm_recs else ():
             per_seed = [
                 (
                     _metric_values(recs[(dataset, arm, s)], objective),
-                    _metric_values(recs[(dataset, "none", s)], objective),
+                    _metric_values(recs[(dataset, baseline, s)], objective),
                 )
                 for s in seeds
             ]
             for key in per_seed[0][0]:
                 pairs = [(a[key], b[key]) for a, b in per_seed if key in b]
-                pairs = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
-                if pairs:
-                    rows.append(_cell(dataset, objective, arm, key, pairs, arm_recs))
+                finite = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
+                if finite:
+                    rows.append(_cell(dataset, objective, arm, key, finite, arm_recs))
+                    rows[-1]["nonfinite_pairs"] = len(pairs) - len(
+                        finite
+                    )  # diverged samples: shown, not hidden
     return rows
 
 
@@ -162,6 +167,40 @@ def correlations(rows: list[dict[str, Any]], recs: dict) -> list[dict[str, Any]]
     return out
 
 
+def knn_vs_control(recs: dict, knn: str = "knn4", control: str = "normctrl") -> list[dict[str, Any]]:
+    """`knn` minus the norm-matched control, same seed: what of knn's effect its norms do not explain."""
+    pair = {key: r for key, r in recs.items() if key[1] in (knn, control)}
+    rows = paired_cells(pair, baseline=control) if pair else []
+    return [r for r in rows if r["metric"] == PRIMARY_METRIC[r["dataset"]] and _final(r, recs)]
+
+
+def knn_markdown(rows: list[dict]) -> str:
+    head = (
+        "dataset",
+        "objective",
+        "sampler steps",
+        "effect ± s.e.",
+        "rel %",
+        "better/worse (n)",
+        "t p",
+        "verdict",
+    )
+    lines = [
+        "",
+        "## knn minus the norm-matched control (primary metric, final checkpoint; exploratory)",
+        "",
+        _row(*head),
+        _row(*["---"] * len(head)),
+    ]
+    for r in rows:
+        lines.append(
+            _row(
+                r["dataset"], r["objective"], r["sampler_steps"], *_effect(r), _fmt(r["t_p"], 2), r["verdict"]
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
 
@@ -171,10 +210,11 @@ def _row(*cells: object) -> str:
 
 
 def _effect(r: dict) -> tuple[str, str, str]:
+    lost = f", {r['nonfinite_pairs']} non-finite" if r.get("nonfinite_pairs") else ""
     return (
         f"{_fmt(r['mean'])} ± {_fmt(r['sem'], 2)}",
         _fmt(r["rel_pct"], 2),
-        f"{r['better']}/{r['worse']} ({r['n']})",
+        f"{r['better']}/{r['worse']} ({r['n']}{lost})",
     )
 
 
@@ -313,13 +353,13 @@ def plot(out: Path, rows: list[dict], recs: dict) -> list[Path]:
                 ax.axhline(0, color="grey", lw=0.8)
                 ax.set_xscale("log", base=2)
                 ax.set_title(f"{title}, {k} step(s)", fontsize=9)
-                if ax.lines:
+                if ax.containers:
                     ax.legend(fontsize=7)
             axes[i][0].set_ylabel("effect, % of baseline")
         for ax in axes[-1]:
             ax.set_xlabel("data dimension")
         fig.suptitle(f"{objective}: arm minus none (primary metric, final checkpoint; negative = better)")
-        fig.tight_layout()
+        fig.subplots_adjust(hspace=0.45, wspace=0.25)  # tight_layout costs seconds per figure
         path = out / f"effects-{objective}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -333,9 +373,17 @@ def write_report(out: Path, args: argparse.Namespace | None = None) -> dict[str,
     rows = paired_cells(recs) if recs else []
     prim = primary_family(rows, recs) if rows else []
     corr = correlations(rows, recs) if rows else []
-    summary = {"units": len(recs), "primary": prim, "correlations": corr, "cells": rows}
+    summary = {
+        "units": len(recs),
+        "primary": prim,
+        "correlations": corr,
+        "knn_vs_control": knn_vs_control(recs),
+        "cells": rows,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(summary, indent=1))
-    (out / "report.md").write_text(markdown(rows, prim, corr, len(recs)))
+    (out / "report.md").write_text(
+        markdown(rows, prim, corr, len(recs)) + knn_markdown(summary["knn_vs_control"])
+    )
     summary["plots"] = [str(p) for p in plot(out, rows, recs)] if rows else []
     return summary

@@ -20,6 +20,7 @@ from regimes_metrics import (
     classifier_features,
     energy_distance,
     frechet,
+    gaussian_stats,
     path_straightness,
     sliced_w2,
     w2_exact,
@@ -51,7 +52,7 @@ class DatasetContext:
     reference: Tensor
     clip: tuple[float, float]
     classifier: torch.nn.Module | None = None
-    reference_features: Tensor | None = None
+    reference_stats: tuple | None = None
 
 
 def dataset_context(name: str, eval_samples: int, cache: Path) -> DatasetContext:
@@ -60,27 +61,28 @@ def dataset_context(name: str, eval_samples: int, cache: Path) -> DatasetContext
     ctx = DatasetContext(name, data, ref, (float(data.min()), float(data.max())))
     if labels is not None:
         ctx.classifier = classifier_features(name, data, labels, cache)
-        with torch.no_grad():
-            ctx.reference_features = ctx.classifier.features(data)
+        with torch.no_grad():  # the whole dataset's feature statistics, computed once
+            ctx.reference_stats = gaussian_stats(ctx.classifier.features(data))
     return ctx
 
 
-def score(ctx: DatasetContext, path: Tensor) -> dict[str, float]:
-    """Metrics of one sampling path `(K + 1, n, D)` (noise first): quality of its end, straightness."""
+def score(ctx: DatasetContext, path: Tensor, straightness: bool) -> dict[str, float]:
+    """Metrics of one sampling path `(K + 1, n, D)` (noise first): quality of its end, straightness.
+
+    Straightness (per dimension) is only meaningful on the finest path: a 1-step path is straight.
+    """
     x = path[-1]
     if not torch.isfinite(x).all():
-        return {"sw2": float("inf"), "energy": float("inf"), "straightness": float("inf")}
-    out = {
-        "sw2": sliced_w2(x, ctx.reference),
-        "energy": energy_distance(x, ctx.reference),
-        "straightness": path_straightness(path) / x.shape[1],
-    }
+        return {"sw2": float("inf"), "energy": float("inf")}
+    out = {"sw2": sliced_w2(x, ctx.reference), "energy": energy_distance(x, ctx.reference)}
+    if straightness:
+        out["straightness"] = path_straightness(path) / x.shape[1]
     if ctx.name == "2d":
         out["w2"] = w2_exact(x, ctx.reference)
     elif ctx.classifier is not None:
         with torch.no_grad():
             feats = ctx.classifier.features(x.clamp(*ctx.clip))
-        out["fd"] = frechet(feats, ctx.reference_features)
+        out["fd"] = frechet(feats, ctx.reference_stats)
     return out
 
 
@@ -93,7 +95,9 @@ def _evaluate(ctx: DatasetContext, settings: Settings, models: dict, eval_noise:
     for objective, model in models.items():
         model.eval()
         out[objective] = {
-            str(k): score(ctx, sample_path(objective, model, eval_noise, k, ctx.clip))
+            str(k): score(
+                ctx, sample_path(objective, model, eval_noise, k, ctx.clip), k == max(settings.sampler_steps)
+            )
             for k in settings.sampler_steps
         }
         model.train()

@@ -6,14 +6,16 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from scipy import stats
+from scipy import linalg, stats
 from scipy.optimize import linear_sum_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import regimes  # noqa: E402
+import regimes_metrics  # noqa: E402
 import regimes_report  # noqa: E402
 import regimes_train  # noqa: E402
 import regimes_unit  # noqa: E402
@@ -118,7 +120,7 @@ def test_norm_matched_control_has_knns_norms_and_no_dependence_on_its_data():
     assert ks_plain.pvalue < 1e-6
     assert ks_control.pvalue > 0.01
     # Dependence on the paired item: knn's noise leans toward it, the control's does not.
-    # Catches a control that runs knn on the paired batch itself instead of independent decoys.
+    # Catches a control that keeps knn's own choice for the paired batch (it leans toward its items).
     cos = lambda a: torch.nn.functional.cosine_similarity(x0, a, dim=1)  # noqa: E731
     assert cos(knn).mean() > 10 * cos(knn).std() / math.sqrt(n)
     assert abs(cos(control).mean()) < 3 * cos(control).std() / math.sqrt(n)
@@ -167,6 +169,18 @@ def test_paired_statistics_against_hand_computed_values():
     assert knn["n"] == 3 and knn["mean"] == pytest.approx(0.5 + 0.4 / 3) and knn["worse"] == 3
     assert rows[("knn4", "loss_var")]["mean"] == 0.0  # same loss variance: zero effect, no verdict
     assert rows[("knn4", "loss_var")]["verdict"] == "no effect"
+
+
+def test_frechet_distance_against_scipy_sqrtm():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 5, generator=g) @ torch.randn(5, 5, generator=g)
+    b = torch.randn(300, 5, generator=g) * 2 + 1
+    (mu1, c1), (mu2, c2) = regimes_metrics.gaussian_stats(a), regimes_metrics.gaussian_stats(b)
+    # Oracle: the textbook formula with scipy's general matrix square root and numpy's covariance.
+    assert np.allclose(c1, np.cov(a.double().numpy(), rowvar=False))
+    oracle = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert regimes_metrics.frechet(a, (mu2, c2)) == pytest.approx(oracle, rel=1e-6)
+    assert regimes_metrics.frechet(a, (mu1, c1)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_holm_and_verdicts_by_hand():
@@ -226,10 +240,11 @@ def test_resume_after_interruption_gives_the_uninterrupted_records(tmp_path, mon
 def test_tiny_sweep_writes_the_report_with_every_cell(tmp_path):
     arms = ["none", "lsa-l2-p8", "knn4"]
     summary = regimes.main([*ARGS, "--arms", *arms, "--out", str(tmp_path), "--datasets", "2d", "digits64"])
-    # Every (dataset, objective, arm) has: 3 evals x 4 sampler steps x metrics (2-D: w2, sw2, energy,
-    # straightness; digits: fd instead of w2), plus the loss variance. No cell is dropped.
+    # Every (dataset, objective, arm) has: 3 evals x 4 sampler steps x 3 metrics (2-D: w2, sw2, energy;
+    # digits: fd instead of w2), the 8-step path's straightness per eval, and the loss variance.
+    # Catches a report that drops cells (e.g. keeps only the final checkpoint or only significant rows).
     evals = len(regimes.settings_for("2d", regimes.parse_args(ARGS)).eval_at)
-    expected = 2 * 2 * 2 * (evals * 4 * 4 + 1)
+    expected = 2 * 2 * 2 * (evals * (4 * 3 + 1) + 1)
     assert len(summary["cells"]) == expected
     assert {(r["dataset"], r["arm"]) for r in summary["primary"]} == {
         (d, a) for d in ("2d", "digits64") for a in arms[1:]
