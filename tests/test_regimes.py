@@ -220,9 +220,18 @@ def test_resume_after_interruption_gives_the_uninterrupted_records(tmp_path, mon
         regimes.main([*ARGS, *arms, "--out", str(tmp_path / "b")])
     done = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.json"))
     assert len(done) == 2
-    calls.clear()
-    monkeypatch.setattr(regimes, "run_unit", real)
+    before = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*.json")}
+    rerun = []
+
+    def counted(*a, **k):
+        rerun.append(a[2].name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(regimes, "run_unit", counted)
     regimes.main([*ARGS, *arms, "--out", str(tmp_path / "b")])
+    # Catches a rerun that redoes finished units: only the 4 missing ones ran, the 2 files are untouched.
+    assert len(rerun) == 4
+    assert all(p.read_bytes() == b for p, b in before.items())
 
     def strip(r):
         return {k: v for k, v in r.items() if k not in ("seconds", "timing")}
@@ -230,7 +239,6 @@ def test_resume_after_interruption_gives_the_uninterrupted_records(tmp_path, mon
     for path in (tmp_path / "a" / "records").rglob("*.json"):
         other = tmp_path / "b" / path.relative_to(tmp_path / "a")
         assert strip(json.loads(other.read_text())) == strip(json.loads(path.read_text())), path
-    # Catches a rerun that redoes finished units: their files are untouched (same bytes as before).
     assert len(list((tmp_path / "b" / "records").rglob("*.json"))) == 6
     # A resume with other settings refuses instead of mixing records.
     with pytest.raises(SystemExit, match="other settings"):
