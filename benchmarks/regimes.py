@@ -11,9 +11,9 @@ sweep resumes across sessions, and `--max-minutes` stops it cleanly between unit
 units and an estimate timed on this machine; `--report` only (re)writes the report from the records.
 
 ```bash
-python benchmarks/regimes.py --plan                    # the units and the estimated time
-python benchmarks/regimes.py --max-minutes 110         # run (or resume) the pre-registered sweep
-python benchmarks/regimes.py --report                  # rewrite the report from what has finished
+python benchmarks/regimes.py --plan --workers 2                # the units and the estimated time
+python benchmarks/regimes.py --workers 2 --max-minutes 125     # run (or resume) the pre-registered sweep
+python benchmarks/regimes.py --report                          # rewrite the report from what has finished
 ```
 """
 
@@ -85,9 +85,9 @@ def run_workers(args: argparse.Namespace, argv: list[str]) -> None:
 
     Small models train several times faster on one thread each than on threads that share cores.
     """
-    keep = [a for a in argv if not a.startswith("--workers")]
+    shard = ["--workers=1", f"--shard={{}}/{args.workers}"]  # argparse keeps the last value given
     procs = [
-        subprocess.Popen([sys.executable, __file__, *keep, f"--shard={i}/{args.workers}"])
+        subprocess.Popen([sys.executable, __file__, *argv, shard[0], shard[1].format(i)])
         for i in range(args.workers)
     ]
     codes = [p.wait() for p in procs]

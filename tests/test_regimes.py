@@ -245,6 +245,20 @@ def test_resume_after_interruption_gives_the_uninterrupted_records(tmp_path, mon
         regimes.main([*ARGS[:-1], "48", *arms, "--out", str(tmp_path / "b")])
 
 
+def test_workers_share_the_units_and_give_the_single_process_records(tmp_path):
+    arms = ["--arms", "none", "lsa-l2-p16", "--objectives", "fm"]
+    regimes.main([*ARGS, *arms, "--out", str(tmp_path / "one")])
+    summary = regimes.main([*ARGS, *arms, "--out", str(tmp_path / "two"), "--workers", "2"])
+    one = sorted((tmp_path / "one" / "records").rglob("*.json"))
+    two = sorted((tmp_path / "two" / "records").rglob("*.json"))
+    # Catches shards that overlap or miss units, and workers that train differently (e.g. threads).
+    assert [p.relative_to(tmp_path / "one") for p in one] == [p.relative_to(tmp_path / "two") for p in two]
+    for a, b in zip(one, two, strict=True):
+        ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+        assert ra["objectives"] == rb["objectives"] and ra["fingerprint"] == rb["fingerprint"]
+    assert summary["units"] == 4  # the parent wrote the report after both workers finished
+
+
 def test_tiny_sweep_writes_the_report_with_every_cell(tmp_path):
     arms = ["none", "lsa-l2-p8", "knn4"]
     summary = regimes.main([*ARGS, "--arms", *arms, "--out", str(tmp_path), "--datasets", "2d", "digits64"])
