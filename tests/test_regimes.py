@@ -286,3 +286,12 @@ def test_plan_lists_units_and_estimates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert seconds > 0 and "4 units" in out and "lsa-l2-p16" in out
     assert not (tmp_path / "records").exists()  # the plan runs nothing that counts
+
+
+def test_max_minutes_stops_before_a_unit_that_would_overrun(tmp_path):
+    arms = ["--arms", "none", "lsa-l2-p16", "--objectives", "fm", "--out", str(tmp_path)]
+    summary = regimes.main([*ARGS, *arms, "--max-minutes", "0"])
+    # Catches a limit that is checked only after a unit (it would train one unit past the limit).
+    assert summary["units"] == 0 and not (tmp_path / "records").exists()
+    regimes.main([*ARGS, *arms, "--max-minutes", "60"])
+    assert len(list((tmp_path / "records").rglob("*.json"))) == 4
