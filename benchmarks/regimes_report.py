@@ -336,7 +336,9 @@ def plot(out: Path, rows: list[dict], recs: dict) -> list[Path]:
         for i, k in enumerate(ks):
             for j, (title, pick) in enumerate(groups.items()):
                 ax = axes[i][j]
-                for arm in sorted({r["arm"] for r in sel if pick(r["arm"])}):
+                for arm in sorted(
+                    {r["arm"] for r in sel if pick(r["arm"])}, key=lambda a: (len(a), a)
+                ):  # p64 < p256
                     pts = sorted(
                         (DIMS[r["dataset"]], r["rel_pct"], r["rel_sem_pct"] or 0.0)
                         for r in sel
