@@ -179,11 +179,12 @@ def paired_differences(
             if step in base:
                 out.setdefault(method, {}).setdefault(step, []).append(value - base[step])
     return {
-        method: {step: _paired_stats(diffs[step]) for step in sorted(diffs)} for method, diffs in out.items()
+        method: {step: paired_stats(diffs[step]) for step in sorted(diffs)} for method, diffs in out.items()
     }
 
 
-def _paired_stats(diffs: list[float]) -> dict[str, Any]:
+def paired_stats(diffs: list[float]) -> dict[str, Any]:
+    """Mean, standard error, count, sign counts (negative = better) and sign-test p of paired differences."""
     better, worse = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
     sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     return {"mean": statistics.mean(diffs), "sem": sem, "n": len(diffs), "better": better, "worse": worse,
