@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import statistics
 import time
@@ -24,7 +25,7 @@ from lightning_immiscible.distributed import (
 )
 from lightning_immiscible.mixin import ImmiscibleMixin
 from lightning_immiscible.sizing import choose_group_size
-from lightning_immiscible.solvers import resolve_solver
+from lightning_immiscible.solvers import choose_exact_solver, resolve_solver
 
 #: Pools at least this large get an up-front warning: LSA is about cubic in the pool size.
 LARGE_POOL = 4096
@@ -58,8 +59,10 @@ class ImmiscibleCoupling(Callback):
             checkpointed).
         precision: Cost-matrix matmul precision: ``"auto"`` (fp16 on CUDA, fp32 on CPU),
             ``"fp32"``, ``"bf16"``, ``"fp16"``.
-        solver: Assignment solver, ``"auto"`` = fastest installed exact one (see
-            :func:`lightning_immiscible.available_solvers`).
+        solver: Assignment solver, ``"auto"`` = the installed exact one measured fastest for the
+            item dimension (:func:`lightning_immiscible.solvers.choose_exact_solver`; the choice
+            is logged once per pool shape), or a name from
+            :func:`lightning_immiscible.available_solvers`.
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None`` draws one on rank 0 and shares it with all ranks.
         log_every_n_steps: Log the coupling metrics every this many coupled batches (0: never).
@@ -124,6 +127,7 @@ class ImmiscibleCoupling(Callback):
         self._batch_start = 0.0
         self._overhead: list[tuple[float, float]] = []
         self._warned: set[str] = set()
+        self._solver_noted: set[tuple[int, int]] = set()
         self._worker_ms = 0.0
 
     @property
@@ -185,6 +189,7 @@ class ImmiscibleCoupling(Callback):
         self.last_result = result
         self._last_batch_shape, self._last_device = tuple(x0.shape), x0.device
         self._warn_small_batch(x0, result)
+        self._note_auto_solver(x0, result)
         if self.should_log(draw):
             self._log(pl_module, result, x0.shape[0])
 
@@ -323,6 +328,23 @@ class ImmiscibleCoupling(Callback):
                 f"ImmiscibleCoupling: the assignment pool has about {pool} items; exact assignment is "
                 f"about cubic in the pool (the first took {result.assign_ms:.0f} ms). Consider "
                 "scope='node' or an int scope (smaller groups), or method='knn'."
+            )
+
+    def _note_auto_solver(self, x0: Tensor, result: CouplingResult) -> None:
+        """Says once per pool shape which exact solver ``solver="auto"`` uses for it.
+
+        The choice is a fixed rule of the pool size and item dimension (the same on every rank),
+        so the callback can name it without asking the solver.
+        """
+        if self.config.solver != "auto" or result.method not in ("lsa", "flip"):
+            return
+        shape = (x0.shape[0] * len(self._group.ranks), math.prod(x0.shape[1:]))
+        if shape not in self._solver_noted:
+            self._solver_noted.add(shape)
+            name = choose_exact_solver(*shape)
+            rank_zero_info(
+                f"ImmiscibleCoupling: solver='auto' uses {name!r} for pools of {shape[0]} items of "
+                f"{shape[1]} values (the rule: lightning_immiscible.solvers.choose_exact_solver)."
             )
 
     def _check_overhead(self) -> None:

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -233,9 +234,9 @@ def _timed_cost(x0: Tensor, target: Tensor, metric: str, precision: str) -> tupl
     return cost, (time.perf_counter() - start) * 1e3
 
 
-def _timed_solve(cost: Tensor, solver: str, device: torch.device) -> tuple[Tensor, float]:
+def _timed_solve(cost: Tensor, solver: str, device: torch.device, dim: int) -> tuple[Tensor, float]:
     start = time.perf_counter()
-    col = solve(cost.double().numpy(), solver)
+    col = solve(cost.double().numpy(), solver, dim=dim)
     return torch.from_numpy(col).to(device), (time.perf_counter() - start) * 1e3
 
 
@@ -299,7 +300,7 @@ def couple(
         index = torch.arange(b, device=x0.device)
         return CouplingResult(noise, index, _mean(before), _mean(before), method=method, metric=metric)
     cost, cost_ms = _timed_cost(x0, -noise if method == "flip" else noise, metric, precision)
-    index, solve_ms = _timed_solve(cost, solver, x0.device)
+    index, solve_ms = _timed_solve(cost, solver, x0.device, math.prod(x0.shape[1:]))
     paired = noise[index]
     after = paired_distance(x0, paired, metric)
     return CouplingResult(paired, index, _mean(before), _mean(after), cost_ms, solve_ms, method, metric)

@@ -15,6 +15,7 @@ Works without a process group (single process, or ``scope="local"``): then no co
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -333,7 +334,7 @@ def _assign(
     rows = cost_matrix(x, -pool if cfg.method == "flip" else pool, cfg.metric, cfg.precision)
     full = _gather_rows(group, rows.cpu(), sizes)
     mid = time.perf_counter()
-    col = solve(full.double().numpy(), cfg.solver)
+    col = solve(full.double().numpy(), cfg.solver, dim=math.prod(pool.shape[1:]))
     end = time.perf_counter()
     index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
     return index, (mid - start) * 1e3, (end - mid) * 1e3
