@@ -203,3 +203,18 @@ def test_worker_coupled_noise_is_used_and_the_batch_unwrapped():
         res = couple(rec["x0"], rec["noise"])
         assert torch.equal(res.index, torch.arange(8))  # already optimal: lsa keeps it
     assert float(t.callback_metrics["immiscible/reduction_pct"]) > 0
+
+
+def test_auto_solver_choice_is_logged_once_per_pool_shape(caplog):
+    # The rule's choice for (pool, D) is named once, not per batch. Catches: no log, a log per
+    # batch, or a logged name that is not the rule's.
+    from lightning_immiscible.solvers import choose_exact_solver
+
+    module, cb = ToyDiffusion(sizes=(32,), batch_size=8), ImmiscibleCoupling(seed=3)
+    with caplog.at_level("INFO"):
+        _fit(module, cb, max_steps=3)
+    notes = [r.getMessage() for r in caplog.records if "solver='auto' uses" in r.getMessage()]
+    assert notes == [
+        f"ImmiscibleCoupling: solver='auto' uses {choose_exact_solver(8, 12)!r} for pools of 8 items of "
+        "12 values (the rule: lightning_immiscible.solvers.choose_exact_solver)."
+    ]
