@@ -280,8 +280,8 @@ def couple(
         metric: ``l2`` (the paper's), ``sqeuclidean`` or ``l1``.
         precision: Cost-matrix matmul precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32``,
             ``bf16``, ``fp16``.
-        solver: Assignment solver name (``auto`` = fastest installed exact solver), see
-            :mod:`lightning_immiscible.solvers`.
+        solver: Assignment solver name (``auto`` = the installed exact solver measured fastest for
+            the item dimension, see :func:`lightning_immiscible.solvers.choose_exact_solver`).
         check_finite: Scan inputs for NaN/Inf first (recommended; costs one device sync).
 
     Returns:

@@ -83,3 +83,15 @@ def test_assignment_benchmark_families_quick_run(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert "| image3x32x32 (3072, l2) | 128 |" in rendered.stdout
+
+
+def test_performance_page_shows_the_committed_solver_family_run():
+    # The per-family table in docs/performance.md is the --render output of the committed JSON,
+    # so a re-run plus `--render` regenerates it. Catches: numbers edited by hand or a stale table.
+    import solver_families
+
+    saved = json.loads((ROOT / "benchmarks" / "results" / "solver_families_cpu.json").read_text())
+    page = (ROOT / "docs" / "performance.md").read_text()
+    start = page.index("<!-- solver-families table:")
+    shown = page[page.index("\n", start) + 1 : page.index("<!-- end of solver-families table -->")]
+    assert shown.strip() == solver_families.render_families(saved).strip()
