@@ -4,28 +4,30 @@ Every solver takes a ``(B, B)`` float64 NumPy cost matrix and returns ``col`` of
 (int64) such that row ``i`` is assigned column ``col[i]``, i.e. a permutation that minimises
 ``cost[arange(B), col].sum()`` (exactly for exact solvers, approximately otherwise).
 
-Solvers are looked up by name in :data:`SOLVERS`; :func:`register_solver` adds one, so
+Solvers are looked up by name in `SOLVERS`;
+[register_solver][lightning_immiscible.solvers.register_solver] adds one, so
 ``couple(..., solver="my_solver")`` works for user-supplied solvers too.
 
 Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``docs/performance.md``):
 
 - ``lapjv`` (exact, optional ``pip install lapjv``, MIT): dense Jonker-Volgenant in C++; the
   fastest measured on costs of high-dimensional items (D >= 196: MNIST, latents, images), 2-3x
-  faster than ``lapjvr`` there at B = 2048. On 2-D points it is slow and stops up to a few 1e-9
+  faster than ``lapjvr`` there at B = 2048. On 2-D points it is slow and stops up to a few 1e-10
   (relative) above the optimum (an absolute tolerance), so ``auto`` does not use it on D <= 64.
 - ``lapjvr`` (exact, optional ``pip install lapx``, MIT): lapx's Rust Jonker-Volgenant
-  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 2-5x faster than
+  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 1.5-3x faster than
   ``lapjv`` and SciPy; the 64-D digits), and on a par with ``lapjv`` at B <= 1024 elsewhere.
 - ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``; slower than ``lapjvr``
   everywhere measured, kept for users who name it.
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment`` on the centred cost.
 - ``greedy`` (approximate): candidate greedy on the centred cost
-  (:func:`lightning_immiscible.solvers_approx.solve_greedy`); at B = 2048 it needs 12-20 % of
+  ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]); at B = 2048 it needs 12-20 % of
   ``lapjv``'s solver time and keeps about 98 % of the exact distance reduction on image-like costs.
 
-``solver="auto"`` follows a fixed rule of the item dimension D (:func:`choose_exact_solver`), not a
-timing probe: every rank of a coupling group solves the same cost and must pick the same solver,
-because exact solvers may break ties differently.
+``solver="auto"`` follows a fixed rule of the item dimension D
+([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), not a timing probe: every
+rank of a coupling group solves the same cost and must pick the same solver, because exact solvers
+may break ties differently.
 
 Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
 builds return other tuple layouts) falls back to SciPy instead of pairing silently wrong.
@@ -109,7 +111,7 @@ def _is_permutation(col: np.ndarray, b: int) -> bool:
     return bool(seen.all())
 
 
-def _first_permutation(out: object, b: int) -> np.ndarray | None:
+def permutation_in(out: object, b: int) -> np.ndarray | None:
     """Finds the row-to-column array in a backend's return value, whatever its tuple layout.
 
     ``lapjv`` >= 1.3 returns ``(x, y, (cost, u, v))``; older builds and ``lapx`` return
@@ -123,12 +125,12 @@ def _first_permutation(out: object, b: int) -> np.ndarray | None:
     return None
 
 
-def _checked(backend: Callable[[np.ndarray], object]) -> SolverFn:
+def checked_backend(backend: Callable[[np.ndarray], object]) -> SolverFn:
     """Wraps an optional exact backend: bad layouts, errors or non-permutations fall back to SciPy."""
 
     def fn(cost: np.ndarray) -> np.ndarray:
         try:
-            col = _first_permutation(backend(cost), cost.shape[0])
+            col = permutation_in(backend(cost), cost.shape[0])
         except (ValueError, RuntimeError, TypeError, MemoryError):
             col = None
         return col if col is not None else solve_scipy(cost)
@@ -148,7 +150,8 @@ def _shift_rows(cost: np.ndarray) -> np.ndarray:
 def _columns_of_aligned(out: tuple[np.ndarray, np.ndarray]) -> np.ndarray | None:
     """``cols`` of an aligned ``(rows, cols)`` answer whose ``rows`` are ``0..B-1`` (else ``None``).
 
-    Reading it with :func:`_first_permutation` would take ``rows`` (itself a permutation).
+    Reading it with [permutation_in][lightning_immiscible.solvers.permutation_in] would take ``rows``
+    (itself a permutation).
     """
     rows, cols = out
     return np.asarray(cols) if np.array_equal(rows, np.arange(len(rows))) else None
@@ -159,7 +162,7 @@ def _register_optional() -> None:
     try:
         import lapjv as _lapjv  # MIT; the fastest dense exact solver measured on high-D costs
 
-        fn = _checked(lambda c: _lapjv.lapjv(_shift_rows(c)))
+        fn = checked_backend(lambda c: _lapjv.lapjv(_shift_rows(c)))
         register_solver("lapjv", fn, exact=True, priority=10, low_dim_priority=40)
     except ImportError:
         pass
@@ -167,10 +170,10 @@ def _register_optional() -> None:
         import lap as _lap  # lapx, MIT
     except ImportError:
         return
-    register_solver("lapx", _checked(lambda c: _lap.lapjv(c, return_cost=False)), exact=True, priority=20,
-                    low_dim_priority=45)  # fmt: skip
+    fn = checked_backend(lambda c: _lap.lapjv(c, return_cost=False))
+    register_solver("lapx", fn, exact=True, priority=20, low_dim_priority=45)
     if hasattr(_lap, "lapjvr"):  # lapx's Rust solver; the fastest measured on low-dimensional costs
-        fn = _checked(lambda c: _columns_of_aligned(_lap.lapjvr(c, return_cost=False)))
+        fn = checked_backend(lambda c: _columns_of_aligned(_lap.lapjvr(c, return_cost=False)))
         register_solver("lapjvr", fn, exact=True, priority=15, low_dim_priority=5)
 
 
@@ -231,7 +234,7 @@ def choose_exact_solver(b: int, dim: int | None = None) -> str:
 
 
 def resolve_solver(name: str, b: int = 0, dim: int | None = None) -> SolverSpec:
-    """Returns the solver for ``name``; ``"auto"`` is :func:`choose_exact_solver` ``(b, dim)``.
+    """Returns the solver for ``name``; ``"auto"`` is the solver ``choose_exact_solver(b, dim)`` names.
 
     Raises:
         ValueError: If ``name`` is not registered.
@@ -252,9 +255,11 @@ def solve(cost: np.ndarray, solver: str = "auto", *, dim: int | None = None) -> 
 
     Args:
         cost: ``(B, B)`` cost matrix (any float dtype; converted to float64).
-        solver: A name from :func:`available_solvers` or ``"auto"``.
+        solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers] or
+            ``"auto"``.
         dim: Values per item the cost was computed from; lets ``"auto"`` pick the solver measured
-            fastest for that dimension (:func:`choose_exact_solver`).
+            fastest for that dimension
+            ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]).
 
     Returns:
         ``(B,)`` int64 array ``col`` with row ``i`` assigned to column ``col[i]``.
