@@ -217,7 +217,7 @@ def render_families(out: dict[str, Any]) -> str:
     lines += [_table_row(s, names) for s in out["summary"]]
     lines += ["", f"Device: {out['card']}, torch {out['torch']}, {out['threads']} thread(s); "]
     lines[-1] += f"{out['seconds']:.0f} s of timing."
-    lines += [f"Skipped: {why}." for why in sorted({r["skipped"] for r in out["rows"] if "skipped" in r})]
+    lines += [f"Skipped: {r['family']} at B={r['B']}, {r['skipped']}." for r in out["rows"] if "skipped" in r]
     return "\n".join(lines)
 
 
