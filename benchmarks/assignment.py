@@ -12,8 +12,14 @@ Reports cost-matrix, solver and total time (median after warm-up), peak memory (
 increase; CUDA: max_memory_allocated), the distance reduction and the share of the exact optimum's
 reduction each one achieves, plus the time ratio against `cdist`. Prints a table, writes JSON.
 
+With `--families`, instead: every registered solver on the same cost of each data family (2-D
+points, digits, MNIST, latents, images) at B = 128..2048, with the exact optimum checked and the
+solver `solver="auto"` picks (benchmarks/solver_families.py).
+
 Examples:
   python benchmarks/assignment.py --quick
+  python benchmarks/assignment.py --families --quick
+  python benchmarks/assignment.py --families --threads 1 --out benchmarks/results/solver_families_cpu.json
   python benchmarks/assignment.py --out benchmarks/results/assignment_cpu.json
   python benchmarks/assignment.py --device cuda --out gpu/assignment_cuda.json
 """
@@ -40,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 # The package imports Lightning only with its Lightning adapters: this script needs torch, NumPy and
 # SciPy alone, so it also runs on a GPU machine without Lightning.
 from lightning_immiscible.coupling import couple  # noqa: E402
-from lightning_immiscible.solvers import SOLVERS, available_solvers, resolve_solver  # noqa: E402
+from lightning_immiscible.solvers import SOLVERS, available_solvers, choose_exact_solver  # noqa: E402
 from lightning_immiscible.workers import CouplingCollate, split_coupled_batch  # noqa: E402
 
 SHAPES = {3072: (3, 32, 32), 4096: (4, 32, 32), 12288: (3, 64, 64)}
@@ -375,9 +381,10 @@ def render_markdown(out: dict[str, Any]) -> str:
 
 def targets(results: list[dict[str, Any]]) -> list[str]:
     """The issue's targets, checked on this run's numbers."""
-    auto, lines = f"ours:{resolve_solver('auto').name}", []
+    lines = []
     by = {(r["impl"], r["B"], r["D"]): r for r in results if "total_ms" in r}
     for b, d in sorted({(r["B"], r["D"]) for r in results}):
+        auto = f"ours:{choose_exact_solver(b, d)}"
         ours, ref = by.get((auto, b, d)), by.get(("cdist", b, d))
         if ours and ref and b >= 1024:
             ok = ours["total_ms"] <= 0.3 * ref["total_ms"]
@@ -413,29 +420,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="timed steps per step-time variant")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
     p.add_argument("--render", type=Path, default=None, help="print a saved JSON as Markdown and exit")
+    fam = p.add_argument_group("solver families (--families)")
+    fam.add_argument("--families", nargs="*", default=None, help="data families to run (none named: all)")
+    fam.add_argument("--min-round-s", type=float, default=0.3, help="keep timing rounds until this much time")
+    fam.add_argument(
+        "--single-call-s", type=float, default=1.0, help="a solver slower than this is called once"
+    )
+    fam.add_argument(
+        "--cap-s", type=float, default=12.0, help="skip a solver at 2B when 8x its time at B exceeds this"
+    )
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}, but torch.cuda.is_available() is False here; use --device cpu")
     if args.step_time_only:
         args.sizes, args.step_time = [], True
-    if args.quick:
+    if args.quick and args.families is not None:
+        args.sizes, args.repeats, args.min_round_s = [64, 128], 1, 0.0
+    elif args.quick:
         args.sizes, args.dims, args.repeats = [128, 256, 512], [3072], 2
     if args.paper_mem_gb is None:
         args.paper_mem_gb = 40.0 if args.device.startswith("cuda") else 3.0
     return args
 
 
+def families_main(args: argparse.Namespace, card: str) -> dict[str, Any]:
+    """The `--families` section: solver speed and exactness per data family (solver_families.py)."""
+    import solver_families
+
+    unknown = set(args.families) - set(solver_families.FAMILIES)
+    if unknown:
+        raise SystemExit(
+            f"unknown --families {sorted(unknown)}; choose from {list(solver_families.FAMILIES)}"
+        )
+    args.families = args.families or list(solver_families.FAMILIES)
+    out = {"card": card, "argv": sys.argv[1:], "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out.update(solver_families.run(args))
+    print(solver_families.render_families(out))
+    _write(out, args.out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling solver_families module
     if args.render:
-        print(render_markdown(json.loads(args.render.read_text())))
+        saved = json.loads(args.render.read_text())
+        if "summary" in saved:
+            import solver_families
+
+            print(solver_families.render_families(saved))
+        else:
+            print(render_markdown(saved))
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if args.families is not None:
+        return families_main(args, card)
     print(f"device {device} ({card}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"solvers {available_solvers()}; auto -> {resolve_solver('auto').name}; all: {sorted(SOLVERS)}")
+    print(f"solvers {available_solvers()}; auto (D > 64) -> {choose_exact_solver(1024, 3072)}")
     try:
         import torchcfm  # noqa: F401
     except ImportError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import statistics
 import time
@@ -28,6 +29,7 @@ from lightning_immiscible.coupling import (
 from lightning_immiscible.distributed import RankGroup, build_rank_group, couple_in_group, partition_ranks
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
+from lightning_immiscible.solvers import choose_exact_solver
 from lightning_immiscible.workers import NOISE_KEY, WorkerCoupling
 
 #: Which ranks pool their batches for one assignment (an int: groups of that many ranks).
@@ -69,8 +71,10 @@ class ImmiscibleCoupling(Callback):
             checkpointed).
         precision: Cost-matrix matmul precision: ``"auto"`` (fp16 on CUDA, fp32 on CPU),
             ``"fp32"``, ``"bf16"``, ``"fp16"``.
-        solver: Assignment solver, ``"auto"`` = fastest installed exact one (see
-            [available_solvers][lightning_immiscible.solvers.available_solvers]).
+        solver: Assignment solver, ``"auto"`` = the installed exact one measured fastest for the
+            item dimension ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver];
+            the choice is logged once per pool shape), or a name from
+            [available_solvers][lightning_immiscible.solvers.available_solvers].
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None`` draws one on rank 0 and shares it with all ranks.
         log_every_n_steps: Log the coupling metrics every this many coupled batches (0: never).
@@ -148,6 +152,7 @@ class ImmiscibleCoupling(Callback):
         self._batch_start = 0.0
         self._overhead: list[tuple[float, float]] = []
         self._warned: set[str] = set()
+        self._solver_noted: set[tuple[int, int]] = set()
         self._worker_ms = 0.0
 
     @property
@@ -221,6 +226,7 @@ class ImmiscibleCoupling(Callback):
         self.last_result = result
         self._last_batch_shape, self._last_device = tuple(x0.shape), x0.device
         self._warn_small_batch(x0, result)
+        self._note_auto_solver(x0, result)
         if self.should_log(draw):
             self._log(pl_module, result, x0.shape[0])
 
@@ -334,6 +340,17 @@ class ImmiscibleCoupling(Callback):
                 prog_bar=show,
                 batch_size=batch_size,
             )
+
+    def _note_auto_solver(self, x0: Tensor, result: CouplingResult) -> None:
+        """Names once per pool shape the solver `solver="auto"` uses: a fixed rule of (pool, D)."""
+        shape = (x0.shape[0] * len(self._group.ranks), math.prod(x0.shape[1:]))
+        if self.spec.solver != "auto" or result.method not in ("lsa", "flip") or shape in self._solver_noted:
+            return
+        self._solver_noted.add(shape)
+        rank_zero_info(
+            f"ImmiscibleCoupling: solver='auto' uses {choose_exact_solver(*shape)!r} for pools of {shape[0]} "
+            f"items of {shape[1]} values (the rule: lightning_immiscible.solvers.choose_exact_solver)."
+        )
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
         pool = x0.shape[0] * len(self._group.ranks)

@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,8 @@ class CouplingSpec:
         metric: `"l2"` (the paper's), `"sqeuclidean"` or `"l1"`.
         precision: Cost-matrix matmul precision: `"auto"` (fp16 on CUDA, fp32 elsewhere),
             `"fp32"`, `"bf16"`, `"fp16"`.
-        solver: `"auto"` (the fastest installed exact solver) or a name from
+        solver: `"auto"` (the installed exact solver measured fastest for the item dimension,
+            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]) or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers]. A plain `str`, not a
             `Literal`: the solver registry is open
             ([register_solver][lightning_immiscible.solvers.register_solver] adds names at run time),
@@ -250,7 +252,8 @@ def assign(
     rows = cost_matrix(x, -noise if spec.method == "flip" else noise, spec.metric, spec.precision)
     full = (rows if gather_rows is None else gather_rows(rows)).cpu()
     mid = time.perf_counter()
-    col = solve(full.double().numpy(), spec.solver)
+    # The item dimension lets solver="auto" pick the solver measured fastest for such costs.
+    col = solve(full.double().numpy(), spec.solver, dim=math.prod(noise.shape[1:]))
     end = time.perf_counter()
     index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
     return Assignment(index, (mid - start) * 1e3, (end - mid) * 1e3)
@@ -363,7 +366,9 @@ def couple(
         metric: `l2` (the paper's), `sqeuclidean` or `l1`.
         precision: Cost-matrix matmul precision: `auto` (fp16 on CUDA, fp32 on CPU), `fp32`,
             `bf16`, `fp16`.
-        solver: Assignment solver name (`auto` = fastest installed exact solver), see
+        solver: Assignment solver name (`auto` = the installed exact solver measured fastest for
+            the item dimension, see
+            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), or one of
             [available_solvers][lightning_immiscible.solvers.available_solvers].
         check_finite: Scan inputs for NaN/Inf first (recommended; costs one device sync).
 

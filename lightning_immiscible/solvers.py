@@ -10,15 +10,26 @@ Solvers are looked up by name in `SOLVERS`;
 
 Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``docs/performance.md``):
 
-- ``lapjv`` (exact, optional ``pip install lapjv``, MIT): dense Jonker-Volgenant in C++; at
-  B = 1024-2048 on this project's costs 2.5-4x faster than ``scipy`` (centred cost) and 8-17x
-  faster than SciPy on the raw cost. ``auto`` prefers it when installed.
-- ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``, used by ``auto`` when only it
-  is installed.
-- ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment``, the paper's solver.
+- ``lapjv`` (exact, optional ``pip install lapjv``, MIT): dense Jonker-Volgenant in C++; the
+  fastest measured on costs of high-dimensional items (D >= 196: MNIST, latents, images),
+  1.5-2.3x faster than ``lapjvr`` there at B = 2048. On 2-D points it is slow and stops up to a
+  few 1e-10 (relative) above the optimum (an absolute tolerance), so ``auto`` does not use it on
+  D <= 64.
+- ``lapjvr`` (exact, optional ``pip install lapx``, MIT): lapx's Rust Jonker-Volgenant
+  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 1.6-4.4x faster
+  than SciPy, 1.4-34x than ``lapjv``; the 64-D digits), on a par with ``lapjv`` at B <= 512
+  elsewhere.
+- ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``; slower than ``lapjvr``
+  everywhere measured, kept for users who name it.
+- ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment`` on the centred cost.
 - ``greedy`` (approximate): candidate greedy on the centred cost
   ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]); at B = 2048 it needs 12-20 % of
-  ``lapjv``'s solver time and keeps about 98 % of the exact distance reduction.
+  ``lapjv``'s solver time and keeps about 98 % of the exact distance reduction on image-like costs.
+
+``solver="auto"`` follows a fixed rule of the item dimension D
+([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), not a timing probe: every
+rank of a coupling group solves the same cost and must pick the same solver, because exact solvers
+may break ties differently.
 
 Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
 builds return other tuple layouts) falls back to SciPy instead of pairing silently wrong.
@@ -45,7 +56,10 @@ class SolverSpec:
         name: Name used in ``couple(..., solver=name)``.
         fn: ``(B, B) float64 cost -> (B,) int64`` column index per row.
         exact: Whether the solver returns an optimal assignment.
-        priority: Order in which ``solver="auto"`` tries exact solvers (lower first).
+        priority: Order in which ``solver="auto"`` prefers exact solvers (lower first) for items
+            of more than ``LOW_DIM_MAX`` values, or of unknown size.
+        low_dim_priority: The same order for items of at most ``LOW_DIM_MAX`` values (2-D points,
+            small vectors); ``None``: ``priority``.
 
     """
 
@@ -53,14 +67,21 @@ class SolverSpec:
     fn: SolverFn
     exact: bool
     priority: int = 100
+    low_dim_priority: int | None = None
 
 
 SOLVERS: dict[str, SolverSpec] = {}
 
 
-def register_solver(name: str, fn: SolverFn, *, exact: bool, priority: int = 100) -> None:
-    """Registers ``fn`` under ``name`` (replacing an existing entry of that name)."""
-    SOLVERS[name] = SolverSpec(name=name, fn=fn, exact=exact, priority=priority)
+def register_solver(
+    name: str, fn: SolverFn, *, exact: bool, priority: int = 100, low_dim_priority: int | None = None
+) -> None:
+    """Registers ``fn`` under ``name`` (replacing an existing entry of that name).
+
+    An exact solver registered with ``priority`` (and ``low_dim_priority``) below 5 becomes
+    ``solver="auto"``'s choice for every item dimension.
+    """
+    SOLVERS[name] = SolverSpec(name, fn, exact, priority, low_dim_priority)
 
 
 def _center(cost: np.ndarray) -> np.ndarray:
@@ -77,7 +98,8 @@ def solve_scipy(cost: np.ndarray) -> np.ndarray:
     return col
 
 
-register_solver("scipy", solve_scipy, exact=True, priority=50)
+# On 2-D points SciPy beats lapjv and lap.lapjv at B <= 512 and is exact: next after lapjvr there.
+register_solver("scipy", solve_scipy, exact=True, priority=50, low_dim_priority=30)
 
 
 def _is_permutation(col: np.ndarray, b: int) -> bool:
@@ -127,34 +149,49 @@ def _shift_rows(cost: np.ndarray) -> np.ndarray:
     return cost - cost.min(axis=1, keepdims=True)
 
 
+def _columns_of_aligned(out: tuple[np.ndarray, np.ndarray]) -> np.ndarray | None:
+    """``cols`` of an aligned ``(rows, cols)`` answer whose ``rows`` are ``0..B-1`` (else ``None``).
+
+    Reading it with [permutation_in][lightning_immiscible.solvers.permutation_in] would take ``rows``
+    (itself a permutation).
+    """
+    rows, cols = out
+    return np.asarray(cols) if np.array_equal(rows, np.arange(len(rows))) else None
+
+
 def _register_optional() -> None:
     """Registers the optional exact backends that import (a missing package is not an error)."""
     try:
-        import lapjv as _lapjv  # MIT; the fastest dense exact solver measured here
+        import lapjv as _lapjv  # MIT; the fastest dense exact solver measured on high-D costs
 
-        register_solver(
-            "lapjv", checked_backend(lambda c: _lapjv.lapjv(_shift_rows(c))), exact=True, priority=10
-        )
+        fn = checked_backend(lambda c: _lapjv.lapjv(_shift_rows(c)))
+        register_solver("lapjv", fn, exact=True, priority=10, low_dim_priority=40)
     except ImportError:
         pass
     try:
         import lap as _lap  # lapx, MIT
-
-        register_solver(
-            "lapx", checked_backend(lambda c: _lap.lapjv(c, return_cost=False)), exact=True, priority=20
-        )
     except ImportError:
-        pass
+        return
+    fn = checked_backend(lambda c: _lap.lapjv(c, return_cost=False))
+    register_solver("lapx", fn, exact=True, priority=20, low_dim_priority=45)
+    if hasattr(_lap, "lapjvr"):  # lapx's Rust solver; the fastest measured on low-dimensional costs
+        fn = checked_backend(lambda c: _columns_of_aligned(_lap.lapjvr(c, return_cost=False)))
+        register_solver("lapjvr", fn, exact=True, priority=15, low_dim_priority=5)
 
 
 _register_optional()
 
 
-def _exact_auto(cost: np.ndarray) -> np.ndarray:
-    return resolve_solver("auto").fn(cost)
+def _exact_leftovers(cost: np.ndarray) -> np.ndarray:
+    """Exact solve of greedy's last (at most 64) rows, in the low-dimensional order (lapjvr first).
+
+    Measured on greedy's leftovers: on 2-D points lapjvr took 0.9 ms where lapjv took 19 ms
+    (B = 128); on image-like and MNIST costs all exact solvers took the same time.
+    """
+    return SOLVERS[choose_exact_solver(cost.shape[0], dim=1)].fn(cost)
 
 
-register_solver("greedy", lambda c: solve_greedy(c, exact=_exact_auto), exact=False, priority=100)
+register_solver("greedy", lambda c: solve_greedy(c, exact=_exact_leftovers), exact=False, priority=100)
 
 
 def available_solvers() -> list[str]:
@@ -162,16 +199,56 @@ def available_solvers() -> list[str]:
     return [s.name for s in sorted(SOLVERS.values(), key=lambda s: (not s.exact, s.priority))]
 
 
-def resolve_solver(name: str) -> SolverSpec:
-    """Returns the solver for ``name``; ``"auto"`` picks the fastest installed exact solver.
+#: Items of at most this many values count as low-dimensional for ``solver="auto"``. Measured
+#: (``benchmarks/assignment.py --families``): ``lapjvr`` fastest on 2-D points and the 64-D digits,
+#: ``lapjv`` 1.5-2.3x faster than ``lapjvr`` at B = 2048 from D = 196 (MNIST 14x14) up. D = 65-195 is
+#: unmeasured; both solvers are exact there, so the boundary costs speed at most, never optimality.
+LOW_DIM_MAX = 64
+
+
+def choose_exact_solver(b: int, dim: int | None = None) -> str:
+    """The exact solver ``solver="auto"`` uses for a ``(b, b)`` cost between items of ``dim`` values.
+
+    A fixed rule, identical on every rank (no timing): among the registered exact solvers, the one
+    with the lowest ``low_dim_priority`` when ``dim <= LOW_DIM_MAX``, else the lowest ``priority``.
+    With every optional package installed: ``lapjvr`` for ``dim <= 64``, ``lapjv`` above (or when
+    ``dim`` is unknown); the fallbacks follow the measured order (``docs/performance.md``). ``b``
+    does not change the choice today: at every measured B (128-2048) the chosen solver was the
+    fastest of its regime or close to it where all take milliseconds.
+
+    Args:
+        b: Items per side of the cost matrix.
+        dim: Values per item (``x0[0].numel()``); ``None`` when unknown.
+
+    Returns:
+        The name of a registered exact solver.
+
+    Examples:
+        ```python
+        from lightning_immiscible.solvers import choose_exact_solver
+
+        name = choose_exact_solver(1024, dim=2)  # "lapjvr" when lapx is installed
+        ```
+    """
+    del b  # part of the contract: a future rule may depend on the size
+    low = dim is not None and dim <= LOW_DIM_MAX
+    exact = [s for s in SOLVERS.values() if s.exact]
+
+    def rank(s: SolverSpec) -> int:
+        return s.low_dim_priority if low and s.low_dim_priority is not None else s.priority
+
+    return min(exact, key=rank).name
+
+
+def resolve_solver(name: str, b: int = 0, dim: int | None = None) -> SolverSpec:
+    """Returns the solver for ``name``; ``"auto"`` is the solver ``choose_exact_solver(b, dim)`` names.
 
     Raises:
         ValueError: If ``name`` is not registered.
 
     """
     if name == "auto":
-        exact = [s for s in SOLVERS.values() if s.exact]
-        return min(exact, key=lambda s: s.priority)
+        return SOLVERS[choose_exact_solver(b, dim)]
     if name not in SOLVERS:
         raise ValueError(
             f"Unknown solver {name!r}. Available: {['auto', *available_solvers()]}; "
@@ -180,12 +257,16 @@ def resolve_solver(name: str) -> SolverSpec:
     return SOLVERS[name]
 
 
-def solve(cost: np.ndarray, solver: str = "auto") -> np.ndarray:
+def solve(cost: np.ndarray, solver: str = "auto", *, dim: int | None = None) -> np.ndarray:
     """Solves the assignment for a square ``(B, B)`` cost matrix.
 
     Args:
         cost: ``(B, B)`` cost matrix (any float dtype; converted to float64).
-        solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers] or ``"auto"``.
+        solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers] or
+            ``"auto"``.
+        dim: Values per item the cost was computed from; lets ``"auto"`` pick the solver measured
+            fastest for that dimension
+            ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]).
 
     Returns:
         ``(B,)`` int64 array ``col`` with row ``i`` assigned to column ``col[i]``.
@@ -196,4 +277,4 @@ def solve(cost: np.ndarray, solver: str = "auto") -> np.ndarray:
         raise ValueError(f"solve() needs a square (B, B) cost matrix, got shape {cost.shape}.")
     if cost.shape[0] <= 1:
         return np.arange(cost.shape[0], dtype=np.int64)
-    return np.asarray(resolve_solver(solver).fn(cost), dtype=np.int64)
+    return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(cost), dtype=np.int64)

@@ -76,7 +76,8 @@ class CouplingCollate:
         data_fn: Maps the collated batch to ``x0`` ``(B, *dims)``; by default the first floating
             tensor (``ImmiscibleMixin``'s default ``immiscible_data``).
         metric: Distance for the assignment (``l2``, ``sqeuclidean``, ``l1``).
-        solver: Assignment solver (``auto`` = fastest installed exact solver, ``greedy`` = approx).
+        solver: Assignment solver (``auto`` = the exact one measured fastest for the item dimension,
+            ``greedy`` = approximate).
     """
 
     def __init__(

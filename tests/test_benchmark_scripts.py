@@ -55,3 +55,43 @@ def test_assignment_benchmark_quick_run(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert out.is_file() and "cdist" in done.stdout
+
+
+def test_assignment_benchmark_families_quick_run(tmp_path):
+    # The per-family solver table the docs show: every family runs, every solver is timed, auto's
+    # pick is the rule's and reaches SciPy's optimum. Catches: a family or solver silently dropped,
+    # the JSON and the rule disagreeing, a greedy share outside (0, 100] %.
+    from lightning_immiscible.solvers import SOLVERS, choose_exact_solver
+
+    out, families = tmp_path / "f.json", ["points2d", "points2d-sq", "digits", "image3x32x32"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "assignment.py"), "--families", *families, "--quick",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert [(s["family"], s["B"]) for s in saved["summary"]] == [(f, b) for f in families for b in (64, 128)]
+    for s in saved["summary"]:
+        assert set(s["ms"]) == set(SOLVERS) and s["auto"] == choose_exact_solver(s["B"], s["D"])
+        assert 0 < s["greedy_share_pct"] <= 100 + 1e-9
+    for row in (r for r in saved["rows"] if r["solver"] == choose_exact_solver(r["B"], r["D"])):
+        assert abs(row["rel_gap"]) <= 1e-12
+    assert "| points2d (2, l2) | 64 |" in done.stdout
+    rendered = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "assignment.py"), "--render", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert "| image3x32x32 (3072, l2) | 128 |" in rendered.stdout
+
+
+def test_performance_page_shows_the_committed_solver_family_run():
+    # The per-family table in docs/performance.md is the --render output of the committed JSON,
+    # so a re-run plus `--render` regenerates it. Catches: numbers edited by hand or a stale table.
+    import solver_families
+
+    saved = json.loads((ROOT / "benchmarks" / "results" / "solver_families_cpu.json").read_text())
+    page = (ROOT / "docs" / "performance.md").read_text()
+    start = page.index("<!-- solver-families table:")
+    shown = page[page.index("\n", start) + 1 : page.index("<!-- end of solver-families table -->")]
+    assert shown.strip() == solver_families.render_families(saved).strip()

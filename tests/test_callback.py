@@ -263,3 +263,18 @@ def test_an_on_after_batch_transfer_override_without_super_names_the_fix():
 
     with pytest.raises(RuntimeError, match=r"must return\s+super\(\)\.on_after_batch_transfer"):
         _fit(NoSuper(), ImmiscibleCoupling(seed=1), max_steps=1)
+
+
+def test_auto_solver_choice_is_logged_once_per_pool_shape(caplog):
+    # The rule's choice for (pool, D) is named once, not per batch. Catches: no log, a log per
+    # batch, or a logged name that is not the rule's.
+    from lightning_immiscible.solvers import choose_exact_solver
+
+    module, cb = ToyDiffusion(sizes=(32,), batch_size=8), ImmiscibleCoupling(seed=3)
+    with caplog.at_level("INFO"):
+        _fit(module, cb, max_steps=3)
+    notes = [r.getMessage() for r in caplog.records if "solver='auto' uses" in r.getMessage()]
+    assert notes == [
+        f"ImmiscibleCoupling: solver='auto' uses {choose_exact_solver(8, 12)!r} for pools of 8 items of "
+        "12 values (the rule: lightning_immiscible.solvers.choose_exact_solver)."
+    ]
