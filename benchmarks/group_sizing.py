@@ -16,14 +16,14 @@ import sys
 
 import torch
 
-from lightning_immiscible.distributed import _MAX_DIMS
+from lightning_immiscible.distributed import HEADER_SIZE
 from lightning_immiscible.sizing import time_assignment
 from lightning_immiscible.solvers import available_solvers, resolve_solver
 
 
 def bytes_per_rank(pool: int, batch: int) -> int:
     """What one rank sends per step in a group pooling ``pool`` items (uniform batches)."""
-    return (4 + _MAX_DIMS) * 8 + batch * pool * 4 + 3 * 8
+    return HEADER_SIZE * 8 + batch * pool * 4 + 3 * 8
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,6 +56,9 @@ INPUT_ERROR_REASONS: tuple[str, ...] = (
     "shape",
     "no_tensor",
     "device",
+    "empty",
+    "exception",
+    "out_of_step",
 )
 
 

@@ -16,7 +16,12 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
     """A tiny epsilon-prediction model that records what it saw per training batch."""
 
     def __init__(
-        self, batch_format: str = "tuple", sizes: tuple[int, ...] = (32,), batch_size: int = 8, dim: int = DIM
+        self,
+        batch_format: str = "tuple",
+        sizes: tuple[int, ...] = (32,),
+        batch_size: int = 8,
+        dim: int = DIM,
+        same_data: bool = False,
     ):
         super().__init__()
         self.dim = dim
@@ -24,6 +29,7 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
         self.batch_format = batch_format
         self.sizes = sizes
         self.batch_size = batch_size
+        self.same_data = same_data  # every rank gets rank 0's data (else each rank its own)
         self.records: list[dict[str, torch.Tensor]] = []
         self.val_noise_was_coupled: list[bool] = []
 
@@ -45,7 +51,7 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
     def _dataset(self) -> Dataset:
         rank = self.global_rank if self._trainer is not None else 0
         n = self.sizes[rank % len(self.sizes)]
-        gen = torch.Generator().manual_seed(100 + rank)
+        gen = torch.Generator().manual_seed(100 + (0 if self.same_data else rank))
         data = torch.rand(n, self.dim, generator=gen) * 2 - 1
         labels = torch.arange(n)
         if self.batch_format == "dict":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
@@ -28,12 +30,17 @@ class Dump(Callback):
             {
                 "records": pl_module.records,
                 "seed": self.coupling.seed,
+                "auto_group_size": self.coupling.auto_group_size,
                 "error": error,
                 "calls": dict(getattr(li_dist.dist, "calls", {})),
                 "bytes": dict(getattr(li_dist.dist, "bytes", {})),
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("immiscible/")}
+        pl_module.records[-1]["logged"] = logged
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer, pl_module)
@@ -91,9 +98,31 @@ def _run(tmp_path, module, coupling, **kwargs):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("sizes", [(16, 16), (16, 12)], ids=["even", "uneven_last_batch"])
-def test_global_coupling_equals_single_process_coupling_of_concatenated_batch(tmp_path, sizes):
-    coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=None)
+def _formula_mean_distance(x: torch.Tensor, n: torch.Tensor, metric: str) -> float:
+    diff = (x.double() - n.double()).reshape(len(x), -1)
+    per_item = {"l1": diff.abs().sum(1), "sqeuclidean": diff.square().sum(1)}.get(metric, diff.norm(dim=1))
+    return float(per_item.mean())
+
+
+@pytest.mark.parametrize(
+    ("sizes", "method", "metric"),
+    [
+        ((16, 16), "lsa", "l2"),
+        ((16, 12), "lsa", "l2"),
+        ((16, 12), "flip", "l2"),
+        ((16, 12), "lsa", "sqeuclidean"),
+        ((16, 12), "lsa", "l1"),
+    ],
+    ids=["even", "uneven_last_batch", "flip", "sqeuclidean", "l1"],
+)
+def test_global_coupling_equals_single_process_coupling_of_concatenated_batch(
+    tmp_path, sizes, method, metric
+):
+    # Catches: a rank coupling only its own rows (or a wrong row offset in the gathered matrix), a
+    # method or metric lost on the way to the ranks (flip / sqeuclidean / l1 through the callback),
+    # and logged costs that are this rank's instead of the group's (the oracle is the formula on
+    # the concatenated batch).
+    coupling = ImmiscibleCoupling(method=method, metric=metric, scope="global", seed=None)
     ranks = _run(tmp_path, ToyDiffusion(sizes=sizes, batch_size=8), coupling, max_epochs=1)
     assert ranks[0]["seed"] == ranks[1]["seed"] is not None  # a random seed, shared by broadcast
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
@@ -103,25 +132,50 @@ def test_global_coupling_equals_single_process_coupling_of_concatenated_batch(tm
     for draw, (a, b) in enumerate(zip(r0, r1, strict=True)):
         x_all = torch.cat([a["x0"], b["x0"]])
         pool = draw_pool(x_all.shape, ranks[0]["seed"], group_index=0, draw_index=draw)
-        expected = couple(x_all, pool, method="lsa")
-        assert torch.equal(torch.cat([a["noise"], b["noise"]]), expected.noise)
-        assert expected.reduction_pct > 0
+        expected = couple(x_all, pool, method=method, metric=metric)
+        noise_all = torch.cat([a["noise"], b["noise"]])
+        assert torch.equal(noise_all, expected.noise)
+        assert expected.reduction_pct < 0 if method == "flip" else expected.reduction_pct > 0
+        before = _formula_mean_distance(x_all, pool, metric)
+        after = _formula_mean_distance(x_all, noise_all, metric)
+        for rec in (a, b):  # the logged values are the group's, identical on both ranks
+            assert rec["logged"]["immiscible/cost_before"] == pytest.approx(before, rel=1e-5)
+            assert rec["logged"]["immiscible/cost_after"] == pytest.approx(after, rel=1e-5)
+            assert rec["logged"]["immiscible/group_size"] == 2
+
+
+def _knn_oracle_candidates(shape, seed: int, rank: int, draw: int) -> torch.Tensor:
+    """Rank ``rank``'s knn candidates as documented: a torch.Generator seeded from the 63-bit value
+    NumPy's SeedSequence([seed, stream=1, rank, draw]) yields (written out here, not imported)."""
+    words = np.random.SeedSequence([seed, 1, rank, draw]).generate_state(2)
+    gen = torch.Generator().manual_seed(((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1))
+    return torch.randn(shape, generator=gen)
 
 
 @pytest.mark.parametrize(("scope", "method"), [("local", "lsa"), ("global", "knn")])
-def test_local_scope_and_knn_make_no_collective_call(tmp_path, monkeypatch, scope, method):
+def test_local_scope_and_knn_exchange_only_a_header(tmp_path, monkeypatch, scope, method):
+    # Both ranks get the same data: if the ranks drew the same pool / candidates (rank missing from
+    # the seed) their noise would be equal. knn's oracle rebuilds each rank's candidates from the
+    # seed and the rank. The only collective is the per-step header (so bad input on one rank fails
+    # all ranks): catches noise or cost rows crossing the network for local coupling.
     monkeypatch.setattr(li_dist, "dist", CountingDist())  # inherited by the forked ranks
-    coupling = ImmiscibleCoupling(method=method, scope=scope, seed=5)
-    ranks = _run(tmp_path, ToyDiffusion(sizes=(16, 16), batch_size=8), coupling, max_steps=2)
-    for r, rank in enumerate(ranks):
+    coupling = ImmiscibleCoupling(method=method, scope=scope, seed=5, k=4)
+    ranks = _run(tmp_path, ToyDiffusion(sizes=(16, 16), batch_size=8, same_data=True), coupling, max_steps=2)
+    for rank in ranks:
         collectives = {k: v for k, v in rank["calls"].items() if k in CountingDist.COLLECTIVES}
-        assert collectives == {}, f"rank {r} called {collectives}"
+        assert collectives == {"all_gather": 2}  # one header per step
+        assert rank["bytes"] == {"all_gather": 2 * li_dist.HEADER_SIZE * 8}
         assert len(rank["records"]) == 2
-    if method == "lsa":  # each rank couples alone, with its own pool
-        for r, rank in enumerate(ranks):
-            for draw, rec in enumerate(rank["records"]):
+    for r, rank in enumerate(ranks):
+        for draw, rec in enumerate(rank["records"]):
+            if method == "lsa":  # each rank couples alone, with its own pool
                 pool = draw_pool(rec["x0"].shape, 5, group_index=r, draw_index=draw)
                 assert torch.equal(rec["noise"], couple(rec["x0"], pool).noise)
+            else:
+                cand = _knn_oracle_candidates((8, 4, 12), 5, r, draw)
+                dist = (rec["x0"][:, None] - cand).norm(dim=-1)
+                assert torch.equal(rec["noise"], cand[torch.arange(8), dist.argmin(1)])
+    assert torch.equal(ranks[0]["records"][0]["x0"], ranks[1]["records"][0]["x0"])
     assert not torch.equal(ranks[0]["records"][0]["noise"], ranks[1]["records"][0]["noise"])
 
 
@@ -133,7 +187,7 @@ def test_only_distance_rows_cross_the_network_never_noise_or_data(tmp_path, monk
     ranks = _run(tmp_path, module, coupling, max_steps=2)
     # per step: one header all_gather, one cost-row all_gather, one stats all_reduce
     assert ranks[0]["calls"] == ranks[1]["calls"] == {"all_gather": 4, "all_reduce": 2}
-    header = 2 * (4 + li_dist._MAX_DIMS) * 8  # int64 header, once per step
+    header = 2 * li_dist.HEADER_SIZE * 8  # int64 header, once per step
     rows = (8 * 16 + 8 * 12) * 4  # each rank sends max(b_r) x B fp32 rows: B=16, then B=12
     stats = 2 * 3 * 8  # sums before / after and the count, float64
     expected = {"all_gather": header + rows, "all_reduce": stats}
@@ -173,10 +227,22 @@ def test_resume_on_a_different_world_size_continues_the_draw_counter(tmp_path):
 
 
 def test_auto_scope_probes_locally_then_adopts_the_largest_group_that_fits(tmp_path, monkeypatch):
+    # A rank-dependent measurement (rank 1 would choose groups of 1): every rank must adopt rank 0's
+    # decision. Catches ranks that decide the group size on their own measurements.
+    from lightning_immiscible import callback as li_callback
+
+    real = li_callback.choose_group_size
+
+    def rank_dependent(*args, **kwargs):
+        decision = real(*args, **kwargs)
+        return decision if torch_dist.get_rank() == 0 else dataclasses.replace(decision, size=1)
+
+    monkeypatch.setattr(li_callback, "choose_group_size", rank_dependent)
     monkeypatch.setattr(li_dist, "dist", CountingDist())
     coupling = ImmiscibleCoupling(method="lsa", scope="auto", seed=4, max_step_fraction=1e6)
     ranks = _run(tmp_path, ToyDiffusion(sizes=(64, 64), batch_size=8), coupling, max_steps=7)
     assert coupling.auto_group_size is None  # the parent process never trained; the ranks decided
+    assert ranks[0]["auto_group_size"] == ranks[1]["auto_group_size"] == 2
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
     probe = 4  # local coupling while measuring (warm-up batches + 1)
     for draw in range(probe):
