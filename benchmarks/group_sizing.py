@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from lightning_immiscible.coupling import CouplingSpec
 from lightning_immiscible.distributed import HEADER_SIZE
 from lightning_immiscible.sizing import time_assignment
 from lightning_immiscible.solvers import available_solvers, resolve_solver
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
             if solver == "scipy" and pool > args.scipy_max:
                 continue
             times = [
-                time_assignment(pool, (args.dim,), args.batch, solver=solver, device=args.device, seed=s)
+                time_assignment(
+                    pool, (args.dim,), args.batch, CouplingSpec(solver=solver), device=args.device, seed=s
+                )
                 for s in range(args.repeats)
             ]
             rows.append(

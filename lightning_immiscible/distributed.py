@@ -19,7 +19,7 @@ with a clear message; noise and cost rows never do.
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,22 +31,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_immiscible.costs import cost_dtype, paired_distance
 from lightning_immiscible.coupling import (
     INPUT_ERROR_REASONS,
+    Assignment,
     CouplingInputError,
     CouplingResult,
+    CouplingSpec,
+    assign,
     check_inputs,
-    cost_dtype,
-    cost_matrix,
-    couple,
-    paired_distance,
 )
-from lightning_immiscible.solvers import solve
 
-_MAX_DIMS = 6  # item dims sent in the header; shapes with more dims are compared by numel only
+#: Item dims sent in the per-step header; shapes with more dims are compared by numel only.
+HEADER_DIMS = 6
 _FIXED = 7  # header fields before the dims: b, status, epoch, draw, wide, ndim, numel
-#: int64 entries in the header each rank sends per coupled batch.
-HEADER_SIZE = _FIXED + _MAX_DIMS
+#: Length of the per-step int64 header each rank sends:
+#: `[b, status, epoch, draw, wide, ndim, numel, dims...]`.
+HEADER_SIZE = _FIXED + HEADER_DIMS
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def _header(x: Tensor | None, error: BaseException | None, epoch: int, draw: int
         return head
     dims = tuple(x.shape[1:])
     head[0], head[4], head[5], head[6] = x.shape[0], int(wide), len(dims), int(np.prod(dims, dtype=np.int64))
-    head[_FIXED : _FIXED + min(len(dims), _MAX_DIMS)] = torch.tensor(dims[:_MAX_DIMS], dtype=torch.int64)
+    head[_FIXED : _FIXED + min(len(dims), HEADER_DIMS)] = torch.tensor(dims[:HEADER_DIMS], dtype=torch.int64)
     return head
 
 
@@ -283,25 +284,18 @@ def _group_mean(group: RankGroup, values: list[Tensor], device: torch.device) ->
     return [float(s) / count if count else 0.0 for s in sums[:-1]]
 
 
-@dataclass(frozen=True)
-class GroupCouplingConfig:
-    """What :func:`couple_in_group` needs besides the data (the callback's settings)."""
-
-    method: str = "lsa"
-    metric: str = "l2"
-    precision: str = "auto"
-    solver: str = "auto"
-    k: int = 4
-    check_finite: bool = True
+#: The former name of [CouplingSpec][lightning_immiscible.coupling.CouplingSpec], kept so that code
+#: written against it keeps working (same fields, same order).
+GroupCouplingConfig = CouplingSpec
 
 
 def _validate_local(
-    x: Tensor | None, error: BaseException | None, cfg: GroupCouplingConfig
+    x: Tensor | None, error: BaseException | None, spec: CouplingSpec
 ) -> BaseException | None:
     if error is not None or x is None:
         return error or CouplingInputError("No data tensor to couple.", "no_tensor")
     try:
-        check_inputs(x, x, "lsa", cfg.check_finite)  # x0 against itself: dtype, ndim, NaN/Inf
+        check_inputs(x, x, "lsa", spec.check_finite)  # x0 against itself: dtype, ndim, NaN/Inf
     except CouplingInputError as exc:
         return exc
     if x.shape[0] == 0:
@@ -328,85 +322,77 @@ def couple_in_group(
     group: RankGroup,
     seed: int,
     draw_index: int,
-    cfg: GroupCouplingConfig,
+    spec: CouplingSpec,
     error: BaseException | None = None,
     epoch: int = 0,
 ) -> CouplingResult:
-    """Couples this rank's ``x`` with noise from its group's shared pool (DESIGN §4).
+    """Couples this rank's `x` with noise from its group's shared pool (the steps in this module's docs).
 
-    Every rank of ``group`` must call it for the same ``draw_index``. Bad input on any rank (passed
-    as ``error`` or found here: NaN/Inf, integer dtype, an empty batch, item shapes that differ
-    between ranks) and ranks at different ``(epoch, draw_index)`` raise on every rank of the group
-    after one header exchange (for one-rank groups, ``knn`` and ``scope="local"``: on every rank
-    of the world).
+    Every rank of `group` must call it for the same `draw_index`. Bad input on any rank (passed
+    as `error` or found here: NaN/Inf, integer dtype, an empty batch, item shapes that differ
+    between ranks) and ranks at different `(epoch, draw_index)` raise on every rank of the group
+    after one header exchange (for one-rank groups, `knn` and `scope="local"`: on every rank of
+    the world).
 
     Args:
-        x: ``(b_r, *dims)`` this rank's data (``None`` when ``error`` is given).
-        group: This rank's :class:`RankGroup`.
+        x: `(b_r, *dims)` this rank's data (`None` when `error` is given).
+        group: This rank's [RankGroup][lightning_immiscible.distributed.RankGroup].
         seed: Run seed, equal on all ranks.
         draw_index: Counter of coupled micro-batches, equal on all ranks.
-        cfg: Method, metric, precision, solver, knn ``k``.
-        error: An exception this rank hit while preparing ``x`` (shared with the group, re-raised).
-        epoch: The training epoch, compared across ranks with ``draw_index``: ranks that run
+        spec: Method, metric, precision, solver, knn `k`
+            ([CouplingSpec][lightning_immiscible.coupling.CouplingSpec]).
+        error: An exception this rank hit while preparing `x` (shared with the group, re-raised).
+        epoch: The training epoch, compared across ranks with `draw_index`: ranks that run
             different numbers of batches per epoch fail at the first batch where they diverge.
 
     Returns:
-        The local :class:`CouplingResult`: ``noise`` ``(b_r, *dims)``; ``index`` ``(b_r,)`` into the
-        group pool (for ``knn``: the chosen candidate); costs are group-wide means.
+        The local [CouplingResult][lightning_immiscible.coupling.CouplingResult]: `noise`
+        `(b_r, *dims)`; `index` `(b_r,)` into the group pool (for `knn`: the chosen candidate);
+        costs are group-wide means.
 
+    Examples:
+        ```python
+        import torch
+        from lightning_immiscible import CouplingSpec
+        from lightning_immiscible.distributed import build_rank_group, couple_in_group
+
+        group = build_rank_group("global")  # every rank, same order; one process: a group of one
+        x0 = torch.rand(8, 16) * 2 - 1
+        res = couple_in_group(x0, group, seed=0, draw_index=0, spec=CouplingSpec("lsa"))
+        ```
     """
-    error = _validate_local(x, error, cfg)
+    error = _validate_local(x, error, spec)
     device = x.device if x is not None else torch.device("cpu")
-    wide = x is not None and error is None and _needs_float64(x, cfg.metric)
+    wide = x is not None and error is None and _needs_float64(x, spec.metric)
     own = _header(x, error, epoch, draw_index, wide)
     heads = _exchange_headers(group, own, device)
     _agree_or_raise(group, heads, error)
     assert x is not None
-    if cfg.method == "knn":
-        return _knn_local(x, seed, draw_index, cfg)
+    if spec.method == "knn":
+        return _knn_local(x, seed, draw_index, spec)
     if group.process_group is None:  # one-rank group: the world's headers were only a check
         heads = own[None]
     sizes = [int(s) for s in heads[:, 0]]
     dtype = torch.float64 if bool(heads[:, 4].any()) else torch.float32
     offset, total = sum(sizes[: group.ranks.index(_rank())]), sum(sizes)
     pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
-    mine = torch.arange(offset, offset + x.shape[0], device=device)
-    index, cost_ms, solve_ms = mine, 0.0, 0.0
-    if cfg.method != "none" and total > 1:
-        index, cost_ms, solve_ms = _assign(x, pool, group, sizes, offset, cfg, dtype)
-    noise = pool[index].to(x.dtype)
-    before, after = _group_mean(
-        group, [paired_distance(x, pool[mine], cfg.metric), paired_distance(x, noise, cfg.metric)], device
-    )
-    return CouplingResult(noise, index, before, after, cost_ms, solve_ms, cfg.method, cfg.metric)
+    mine = pool[offset : offset + x.shape[0]]
+    found = Assignment(torch.arange(offset, offset + x.shape[0], device=device), 0.0, 0.0)
+    if spec.method != "none" and total > 1:
+        gather = functools.partial(_gather_rows, group, sizes=sizes)
+        found = assign(x, pool, spec, gather_rows=gather, offset=offset, dtype=dtype)
+    noise = pool[found.index].to(x.dtype)
+    distances = [paired_distance(x, mine, spec.metric), paired_distance(x, noise, spec.metric)]
+    before, after = _group_mean(group, distances, device)
+    return found.result(noise, before, after, spec)
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _assign(
-    x: Tensor,
-    pool: Tensor,
-    group: RankGroup,
-    sizes: list[int],
-    offset: int,
-    cfg: GroupCouplingConfig,
-    dtype: torch.dtype,
-) -> tuple[Tensor, float, float]:
-    """Cost rows (in the group's agreed ``dtype``), gather, solve: this rank's pool indices and timings."""
-    start = time.perf_counter()
-    rows = cost_matrix(x, -pool if cfg.method == "flip" else pool, cfg.metric, cfg.precision, dtype)
-    full = _gather_rows(group, rows.cpu(), sizes)
-    mid = time.perf_counter()
-    col = solve(full.double().numpy(), cfg.solver)
-    end = time.perf_counter()
-    index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
-    return index, (mid - start) * 1e3, (end - mid) * 1e3
-
-
-def _knn_local(x: Tensor, seed: int, draw_index: int, cfg: GroupCouplingConfig) -> CouplingResult:
+def _knn_local(x: Tensor, seed: int, draw_index: int, spec: CouplingSpec) -> CouplingResult:
     """Knn needs no cross-item matching: each rank draws its own candidates, no collective."""
     # a per-rank stream, whatever the scope
-    cand = draw_pool((x.shape[0], cfg.k, *x.shape[1:]), seed, _rank(), draw_index, x.device, stream=1)
-    return couple(x, cand.to(x.dtype), method="knn", metric=cfg.metric, check_finite=False)
+    cand = draw_pool((x.shape[0], spec.k, *x.shape[1:]), seed, _rank(), draw_index, x.device, stream=1)
+    return CouplingSpec("knn", spec.metric, check_finite=False).couple(x, cand.to(x.dtype))

@@ -131,5 +131,5 @@ def test_collate_is_picklable_and_validates_arguments():
     assert pickle.loads(pickle.dumps(CouplingCollate("knn", k=2, seed=1))).k == 2
     with pytest.raises(ValueError, match="Unknown method"):
         CouplingCollate("sinkhorn")
-    with pytest.raises(ValueError, match="k >= 1"):
+    with pytest.raises(ValueError, match="k must be >= 1"):
         CouplingCollate("knn", k=0)
