@@ -187,7 +187,8 @@ class ImmiscibleCoupling(Callback):
             result = self._from_worker(x0, worker)
         else:
             with _no_autocast(x0):
-                result = couple_in_group(x0, self._group, int(self.seed or 0), draw, self.spec, error)
+                seed, epoch = int(self.seed or 0), trainer.current_epoch
+                result = couple_in_group(x0, self._group, seed, draw, self.spec, error, epoch=epoch)
         assert x0 is not None  # couple_in_group raised otherwise
         module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
         self.last_result = result

@@ -105,3 +105,22 @@ def test_a_rank_stalled_inside_the_coupling_fails_the_group_within_the_timeout(t
     assert "header all_gather collective of coupling group 0 (ranks [0, 1]) failed" in errors[0]
     assert "collective_timeout_s" in errors[0]
     assert elapsed < 60
+
+
+def test_ranks_with_different_batch_counts_fail_at_the_first_batch_of_the_next_epoch(tmp_path):
+    # Rank 0 has 3 batches per epoch, rank 1 has 2 (no DistributedSampler to even them out):
+    # rank 0's third batch of epoch 0 would be coupled with rank 1's first batch of epoch 1.
+    # Catches a header without the epoch (the draw counters agree: both are at draw 2).
+    coupling = RecordingCoupling(tmp_path, method="lsa", scope="global", seed=1)
+    t = trainer(
+        callbacks=[coupling], devices=2, strategy="ddp_fork", max_epochs=3, use_distributed_sampler=False
+    )
+    start = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
+        t.fit(ToyDiffusion(sizes=(24, 16), batch_size=8))
+    assert time.monotonic() - start < 60
+    assert _children() == []
+    for r in range(2):
+        error = torch.load(tmp_path / f"error{r}.pt")["error"]
+        assert "Ranks reached the coupling at different batches" in error
+        assert "[[0, 2], [1, 2]]" in error  # (epoch, draw) of rank 0 and rank 1
