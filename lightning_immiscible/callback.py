@@ -45,7 +45,9 @@ class ImmiscibleCoupling(Callback):
     NeurIPS 2024. In ``on_train_batch_start`` the callback takes ``x0 = pl_module.immiscible_data(batch)``,
     draws Gaussian noise, re-pairs it with ``x0`` (across the ranks of its coupling group) and hands
     it to the module, whose ``noise_like(x0)`` then returns it. It logs ``immiscible/cost_before``,
-    ``immiscible/cost_after``, ``immiscible/reduction_pct`` and ``immiscible/assign_ms``.
+    ``immiscible/cost_after``, ``immiscible/reduction_pct``, ``immiscible/assign_ms`` and
+    ``immiscible/noise_norm2`` (this rank's coupled noise, mean squared value per dimension:
+    about 1 for Gaussian noise, lower when ``knn`` tilts it toward the data).
 
     The noise stream is a pure function of ``(seed, group, draw)``, where ``draw`` counts coupled
     micro-batches; both are checkpointed, so a resumed run draws the same noise as an uninterrupted
@@ -294,6 +296,11 @@ class ImmiscibleCoupling(Callback):
             "cost_after": result.cost_after,
             "reduction_pct": result.reduction_pct,
             "assign_ms": result.assign_ms,
+            # The marginal check: about 1 for Gaussian noise (lsa/flip/none permute it); knn's
+            # selection of nearer candidates lowers it (a tilted noise distribution).
+            "noise_norm2": float(result.noise.detach().float().square().mean())
+            if result.noise.numel()
+            else 0.0,
         }
         if result.method == "worker":
             values["worker_assign_ms"] = self._worker_ms

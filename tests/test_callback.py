@@ -263,3 +263,34 @@ def test_an_on_after_batch_transfer_override_without_super_names_the_fix():
 
     with pytest.raises(RuntimeError, match=r"must return\s+super\(\)\.on_after_batch_transfer"):
         _fit(NoSuper(), ImmiscibleCoupling(seed=1), max_steps=1)
+
+
+class NormRecorder(L.Callback):
+    def __init__(self):
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(trainer.callback_metrics["immiscible/noise_norm2"]))
+
+
+@pytest.mark.parametrize("method", ["lsa", "knn"])
+def test_noise_norm2_shows_knn_tilt_and_keeps_gaussian_scale_for_lsa(method):
+    # lsa permutes i.i.d. N(0, 1) noise: the mean of N squared entries is 1 with standard error
+    # sqrt(2 / N) (N = 10 steps x 16 items x 64 dims = 10,240). knn with k=8 keeps the nearest of
+    # 8 candidates, mostly the shorter ones (0.82 measured at 64 dims). Catches a missing or wrongly
+    # normalised diagnostic (e.g. per item instead of per dimension), and noise that is not
+    # the coupled batch's.
+    module, cb, rec = (
+        ToyDiffusion(sizes=(160,), batch_size=16, dim=64),
+        ImmiscibleCoupling(method, k=8, seed=3),
+        NormRecorder(),
+    )
+    trainer(callbacks=[cb, rec], max_steps=10).fit(module)
+    measured = sum(rec.values) / len(rec.values)
+    expected = float(torch.cat([r["noise"] for r in module.records]).square().mean())
+    assert measured == pytest.approx(expected, rel=1e-5)
+    stderr = (2 / (10 * 16 * 64)) ** 0.5
+    if method == "lsa":
+        assert abs(measured - 1) < 4 * stderr
+    else:
+        assert measured < 1 - 8 * stderr  # measured 0.82
