@@ -128,6 +128,7 @@ class ImmiscibleCoupling(Callback):
         self._overhead: list[tuple[float, float]] = []
         self._warned: set[str] = set()
         self._worker_ms = 0.0
+        self._restored_seed = False
 
     @property
     def config(self) -> CouplingSpec:
@@ -152,11 +153,18 @@ class ImmiscibleCoupling(Callback):
                 "initialises one (e.g. strategy='ddp', 'ddp_spawn', 'fsdp'), or run one process."
             )
         self._world_size = trainer.world_size
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint's state was restored (setup runs before it): the log shows the seed
+        # the run uses, never a freshly drawn one that the checkpoint then replaces.
+        restored = self._restored_seed
         if self.seed is None:
             self.seed = int(trainer.strategy.broadcast(secrets.randbits(62), src=0))
         rank_zero_info(
             f"ImmiscibleCoupling: method={self.spec.method}, scope={self.scope!r}, "
             f"world size {trainer.world_size}, seed={self.seed}"
+            + (f" (restored from the checkpoint at draw {self.draws})" if restored else "")
         )
 
     def effective_scope(self) -> str | int:
@@ -252,6 +260,7 @@ class ImmiscibleCoupling(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
+        self._restored_seed = True
         self.draws = int(state_dict["draws"])
         saved_world = state_dict.get("world_size", self._world_size)
         if saved_world != self._world_size:

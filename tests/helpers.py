@@ -95,3 +95,28 @@ def trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch (it has `state_dict` / `load_state_dict`).
+
+    It skips the batches of the epoch that the interrupted run already trained on, so a resumed
+    run sees the same data per step as an uninterrupted one (a plain DataLoader replays the epoch).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.taken, self.skip = 0, 0
+
+    def __iter__(self):
+        skip, self.skip, self.taken = self.skip, 0, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self.taken = i + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state["taken"]

@@ -1,5 +1,8 @@
 """ImmiscibleCoupling in single-process fits: pairing, batch formats, logging, resume, warnings."""
 
+import logging
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -8,7 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_immiscible import ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import draw_pool
-from tests.helpers import ToyDiffusion, trainer
+from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
 
 def _fit(module, callback, **kwargs):
@@ -71,29 +74,38 @@ def test_mixed_precision(precision):
     assert cb.last_result is not None and cb.last_result.reduction_pct > 0
 
 
-def test_resume_draws_the_same_noise_stream(tmp_path):
-    first = ToyDiffusion(sizes=(48,))
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+class ResumableToy(ToyDiffusion):
+    def train_dataloader(self):
+        return ResumableLoader(self._dataset(), batch_size=self.batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("stop", [3, 6], ids=["mid_epoch", "epoch_boundary"])
+def test_resume_draws_the_same_noise_stream(tmp_path, caplog, stop):
+    # 6 batches per epoch; the run is interrupted after `stop` steps and resumed to 9 steps. Every
+    # later draw's noise must equal the uninterrupted run's, element-wise, with no condition.
+    # Catches: a draw counter or seed not restored (the pools differ), a counter restored off by
+    # one, and the seed drawn afresh on resume. The data are equal per step (ResumableLoader),
+    # so a coupling that differs can only come from the noise stream.
+    first = ResumableToy(sizes=(48,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
     cb = ImmiscibleCoupling(seed=None)  # a random seed, shared and checkpointed
-    trainer(callbacks=[cb, ckpt], max_steps=3, enable_checkpointing=True).fit(first)
-    resumed = ToyDiffusion(sizes=(48,))
-    cb2 = ImmiscibleCoupling(seed=12345)  # the checkpoint's seed and draw counter win
-    path = next(tmp_path.glob("*step=3*.ckpt"))
-    resume = trainer(callbacks=[cb2], max_steps=6, enable_checkpointing=False)
-    resume.fit(resumed, ckpt_path=path)
-    assert cb2.seed == cb.seed and cb2.draws == 6
-    uninterrupted = ToyDiffusion(sizes=(48,))
-    _fit(uninterrupted, ImmiscibleCoupling(seed=cb.seed), max_steps=6)
+    trainer(callbacks=[cb, ckpt], max_steps=stop, enable_checkpointing=True).fit(first)
+    resumed, cb2 = ResumableToy(sizes=(48,)), ImmiscibleCoupling(seed=None)  # the checkpoint's seed wins
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer(callbacks=[cb2], max_steps=9).fit(
+            resumed, ckpt_path=next(tmp_path.glob(f"*step={stop}*.ckpt"))
+        )
+    assert cb2.seed == cb.seed and cb2.draws == 9
+    seeds_logged = re.findall(r"seed=(\d+)", caplog.text)
+    assert seeds_logged == [str(cb.seed)]  # only the restored seed, never a fresh one first
+    uninterrupted = ResumableToy(sizes=(48,))
+    _fit(uninterrupted, ImmiscibleCoupling(seed=cb.seed), max_steps=9)
     interrupted = first.records + resumed.records
-    assert len(interrupted) == len(uninterrupted.records) == 6
-    for draw, (a, b) in enumerate(zip(interrupted, uninterrupted.records, strict=True)):
-        # Lightning may replay the epoch's data after a mid-epoch resume; the noise pool of each
-        # draw must be the same, and equal data must get equal noise.
-        pool = draw_pool(a["x0"].shape, cb.seed, 0, draw)
-        assert torch.equal(a["noise"], couple(a["x0"], pool).noise)
-        assert torch.equal(b["noise"], couple(b["x0"], pool).noise)
-        if torch.equal(a["x0"], b["x0"]):
-            assert torch.equal(a["noise"], b["noise"])
+    assert len(interrupted) == len(uninterrupted.records) == 9
+    for a, b in zip(interrupted, uninterrupted.records, strict=True):
+        assert torch.equal(a["x0"], b["x0"])
+        assert torch.equal(a["noise"], b["noise"])
 
 
 def test_state_dict_round_trip():
