@@ -28,7 +28,7 @@ from lightning_immiscible.coupling import (
 from lightning_immiscible.distributed import RankGroup, build_rank_group, couple_in_group, partition_ranks
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
-from lightning_immiscible.workers import NOISE_KEY, WorkerCoupling
+from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling
 
 #: Which ranks pool their batches for one assignment (an int: groups of that many ranks).
 Scope = Literal["global", "local", "node", "auto"]
@@ -129,6 +129,7 @@ class ImmiscibleCoupling(Callback):
         self._warned: set[str] = set()
         self._worker_ms = 0.0
         self._restored_seed = False
+        self._collates: list[CouplingCollate] = []
 
     @property
     def config(self) -> CouplingSpec:
@@ -194,7 +195,7 @@ class ImmiscibleCoupling(Callback):
         x0, error = _data(module, batch)
         worker = _worker_coupling(module, batch)
         if worker is not None and x0 is not None:
-            result = self._from_worker(x0, worker)
+            result = self._from_worker(x0, worker, (trainer.global_rank, trainer.current_epoch, batch_idx))
         else:
             with _no_autocast(x0):
                 seed, epoch = int(self.seed or 0), trainer.current_epoch
@@ -206,6 +207,14 @@ class ImmiscibleCoupling(Callback):
         self._warn_small_batch(x0, result)
         if self.should_log(draw):
             self._log(pl_module, result, x0.shape[0])
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Worker-side coupling: batch positions restart per epoch (reaches non-persistent workers,
+        # which start after this hook from epoch 1 on; the callback checks every batch anyway).
+        self._collates = _find_collates(trainer.train_dataloader)
+        for collate in self._collates:
+            collate.set_epoch(trainer.current_epoch)
 
     @override
     def on_train_batch_end(
@@ -271,12 +280,18 @@ class ImmiscibleCoupling(Callback):
         else:
             self.auto_group_size = state_dict.get("auto_group_size")
 
-    def _from_worker(self, x0: Tensor, worker: WorkerCoupling) -> CouplingResult:
+    def _from_worker(
+        self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]
+    ) -> CouplingResult:
         """Noise a [CouplingCollate][lightning_immiscible.workers.CouplingCollate] coupled in a worker.
 
         The training step pays nothing for it: `assign_ms` is 0 on the critical path and the
-        worker's time is logged as `immiscible/worker_assign_ms`.
+        worker's time is logged as `immiscible/worker_assign_ms`. A batch whose noise was drawn
+        for another `(rank, epoch, batch_idx)` than `position` is coupled again here, for
+        `position` (see the worker module's docs for when that happens).
         """
+        if worker.position != position and len(self._collates) == 1:
+            return self._recouple(x0, worker, position)
         if worker.noise.shape != x0.shape:
             raise CouplingInputError(
                 f"The batch carries worker-coupled noise of shape {tuple(worker.noise.shape)} but "
@@ -296,6 +311,29 @@ class ImmiscibleCoupling(Callback):
         noise, index = worker.noise.to(x0), worker.index.to(x0.device)
         return CouplingResult(
             noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", self.spec.metric
+        )
+
+    def _recouple(self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]) -> CouplingResult:
+        if "position" not in self._warned:
+            self._warned.add("position")
+            rank_zero_warn(
+                f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
+                f"but the training loop is at {position}; coupling it again on the training process "
+                "(correct, but on the critical path). Expected for the first epoch after a resume at "
+                "epoch > 0; otherwise use persistent_workers=False and a map-style dataset, and "
+                "build CouplingCollate in train_dataloader() (or pass rank=)."
+            )
+        with _no_autocast(x0):
+            result = self._collates[0].couple_at(x0.detach().cpu(), position)
+        return CouplingResult(
+            result.noise.to(x0),
+            result.index.to(x0.device),
+            result.cost_before,
+            result.cost_after,
+            result.cost_ms,
+            result.solve_ms,
+            "worker",
+            self.spec.metric,
         )
 
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
@@ -381,3 +419,16 @@ def _no_autocast(x0: Tensor | None) -> torch.autocast:
     """Coupling runs in full precision even if a precision plugin's autocast is active."""
     device_type = x0.device.type if x0 is not None else "cpu"
     return torch.autocast(device_type=device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False)
+
+
+def _find_collates(loaders: Any) -> list[CouplingCollate]:
+    """The [CouplingCollate][lightning_immiscible.workers.CouplingCollate]s of the train dataloader(s)."""
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if not isinstance(loaders, list | tuple):
+        loaders = [loaders]
+    return [
+        loader.collate_fn
+        for loader in loaders
+        if isinstance(getattr(loader, "collate_fn", None), CouplingCollate)
+    ]

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
 
 import lightning_immiscible.distributed as li_dist
 from lightning_immiscible import ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import draw_pool
+from lightning_immiscible.workers import CouplingCollate
 from tests.helpers import ToyDiffusion, trainer
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
@@ -295,3 +297,48 @@ def test_partition_ranks_groups():
     pools = {li_dist.draw_pool((4, 3), 1, g, d).sum().item() for g in range(2) for d in range(2)}
     assert len(pools) == 4  # different per group and per draw
     assert torch.equal(li_dist.draw_pool((4, 3), 1, 0, 0), li_dist.draw_pool((4, 3), 1, 0, 0))
+
+
+class WorkerFed(ToyDiffusion):
+    """Couples in DataLoader workers (CouplingCollate); every rank gets the same data."""
+
+    def __init__(self, num_workers: int, **kwargs):
+        super().__init__(same_data=True, **kwargs)
+        self.num_workers = num_workers
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=5)  # built per rank, after the process group exists
+        return DataLoader(self._dataset(), batch_size=8, num_workers=self.num_workers, collate_fn=collate)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.records[-1]["position"] = self.worker_coupling.position
+        self.records[-1]["expected"] = (self.global_rank, self.current_epoch, batch_idx)
+        return loss
+
+
+def _worker_oracle(x0: torch.Tensor, rank: int, epoch: int, index: int) -> torch.Tensor:
+    """The documented worker stream, written out: SeedSequence([seed, 2, rank, epoch, index])."""
+    words = np.random.SeedSequence([5, 2, rank, epoch, index]).generate_state(2)
+    gen = torch.Generator().manual_seed(((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1))
+    return couple(x0, torch.randn(x0.shape, generator=gen)).noise
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_worker_coupling_draws_per_rank_noise_reproducible_from_the_seed(tmp_path, num_workers):
+    # Both ranks see identical batches. Before the rank was part of the worker stream, both drew
+    # the same noise (num_workers=0: identical seeds; workers: worker seeds from a base seed that
+    # equal RNG states make equal on every rank). The oracle rebuilds each batch's noise from
+    # (seed, rank, epoch, batch index); epoch 1 must get new noise (set_epoch reaches the workers).
+    coupling = ImmiscibleCoupling(method="lsa", scope="local", seed=1)
+    ranks = _run(tmp_path, WorkerFed(num_workers, sizes=(16, 16)), coupling, max_epochs=2)
+    for r, rank in enumerate(ranks):
+        assert len(rank["records"]) == 4
+        for i, rec in enumerate(rank["records"]):
+            epoch, index = divmod(i, 2)
+            assert rec["position"] == rec["expected"] == (r, epoch, index)  # coupled in the worker
+            assert torch.equal(rec["noise"], _worker_oracle(rec["x0"], r, epoch, index))
+    r0, r1 = ranks[0]["records"], ranks[1]["records"]
+    for a, b in zip(r0, r1, strict=True):
+        assert torch.equal(a["x0"], b["x0"]) and not torch.equal(a["noise"], b["noise"])
+    assert not torch.equal(r0[0]["noise"], r0[2]["noise"])  # same data, next epoch: new noise
