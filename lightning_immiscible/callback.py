@@ -195,7 +195,7 @@ class ImmiscibleCoupling(Callback):
         x0, error = _data(module, batch)
         worker = _worker_coupling(module, batch)
         if worker is not None and x0 is not None:
-            result = self._from_worker(x0, worker, (trainer.global_rank, trainer.current_epoch, batch_idx))
+            result = self._from_worker(x0, worker, trainer, batch_idx)
         else:
             with _no_autocast(x0):
                 seed, epoch = int(self.seed or 0), trainer.current_epoch
@@ -281,17 +281,21 @@ class ImmiscibleCoupling(Callback):
             self.auto_group_size = state_dict.get("auto_group_size")
 
     def _from_worker(
-        self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]
+        self, x0: Tensor, worker: WorkerCoupling, trainer: pl.Trainer, batch_idx: int
     ) -> CouplingResult:
         """Noise a [CouplingCollate][lightning_immiscible.workers.CouplingCollate] coupled in a worker.
 
         The training step pays nothing for it: `assign_ms` is 0 on the critical path and the
         worker's time is logged as `immiscible/worker_assign_ms`. A batch whose noise was drawn
-        for another `(rank, epoch, batch_idx)` than `position` is coupled again here, for
-        `position` (see the worker module's docs for when that happens).
+        for another position than the training loop's `(rank, epoch, batch_idx)` is coupled again
+        here, for that position (see the worker module's docs for when that happens).
         """
-        if worker.position != position and len(self._collates) == 1:
-            return self._recouple(x0, worker, position)
+        position = (trainer.global_rank, trainer.current_epoch, batch_idx)
+        if worker.position != position:
+            # on_train_epoch_start is skipped when Lightning resumes mid-epoch: look them up here
+            self._collates = self._collates or _find_collates(trainer.train_dataloader)
+            if len(self._collates) == 1:
+                return self._recouple(x0, worker, position)
         if worker.noise.shape != x0.shape:
             raise CouplingInputError(
                 f"The batch carries worker-coupled noise of shape {tuple(worker.noise.shape)} but "

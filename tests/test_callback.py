@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_immiscible import ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import draw_pool
+from lightning_immiscible.workers import CouplingCollate
 from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
 
@@ -306,3 +307,43 @@ def test_noise_norm2_shows_knn_tilt_and_keeps_gaussian_scale_for_lsa(method):
         assert abs(measured - 1) < 4 * stderr
     else:
         assert measured < 1 - 8 * stderr  # measured 0.82
+
+
+class ResumableWorkerToy(ToyDiffusion):
+    def __init__(self, num_workers: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_workers = num_workers
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=11)
+        return ResumableLoader(
+            self._dataset(), batch_size=8, num_workers=self.num_workers, collate_fn=collate
+        )
+
+
+@pytest.mark.parametrize(
+    ("stop", "num_workers"),
+    [(3, 0), (9, 0), (3, 2)],
+    ids=["mid_epoch", "epoch_boundary", "mid_epoch_workers"],
+)
+def test_worker_coupled_resume_draws_the_same_noise(tmp_path, stop, num_workers):
+    # Worker path: 6 batches per epoch, interrupted after `stop` steps, resumed to 12. Every later
+    # batch's noise must equal the uninterrupted run's element-wise. Catches a stream that depends
+    # on process-local state (a batch counter or worker seeds that restart with the new process):
+    # the resumed run would repeat the first batches' noise.
+    first = ResumableWorkerToy(num_workers, sizes=(48,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
+    trainer(callbacks=[ImmiscibleCoupling(seed=1), ckpt], max_steps=stop, enable_checkpointing=True).fit(
+        first
+    )
+    resumed = ResumableWorkerToy(num_workers, sizes=(48,))
+    path = next(tmp_path.glob(f"*step={stop}*.ckpt"))
+    trainer(callbacks=[ImmiscibleCoupling(seed=1)], max_steps=12).fit(resumed, ckpt_path=path)
+    uninterrupted = ResumableWorkerToy(num_workers, sizes=(48,))
+    _fit(uninterrupted, ImmiscibleCoupling(seed=1), max_steps=12)
+    interrupted = first.records + resumed.records
+    assert len(interrupted) == len(uninterrupted.records) == 12
+    for a, b in zip(interrupted, uninterrupted.records, strict=True):
+        assert torch.equal(a["x0"], b["x0"])
+        assert torch.equal(a["noise"], b["noise"])
+    assert not torch.equal(uninterrupted.records[0]["noise"], uninterrupted.records[6]["noise"])
