@@ -42,12 +42,16 @@ class ImmiscibleCoupling(Callback):
     r"""Pairs each training batch with its noise by Immiscible Diffusion's assignment.
 
     Li et al., "Immiscible Diffusion: Accelerating Diffusion Training with Noise Assignment",
-    NeurIPS 2024. In ``on_train_batch_start`` the callback takes ``x0 = pl_module.immiscible_data(batch)``,
-    draws Gaussian noise, re-pairs it with ``x0`` (across the ranks of its coupling group) and hands
-    it to the module, whose ``noise_like(x0)`` then returns it. It logs ``immiscible/cost_before``,
-    ``immiscible/cost_after``, ``immiscible/reduction_pct``, ``immiscible/assign_ms`` and
-    ``immiscible/noise_norm2`` (this rank's coupled noise, mean squared value per dimension:
-    about 1 for Gaussian noise, lower when ``knn`` tilts it toward the data).
+    NeurIPS 2024. In `on_train_batch_start` the callback takes `x0 = pl_module.immiscible_data(batch)`
+    (once per batch), draws Gaussian noise, re-pairs it with `x0` (across the ranks of its coupling
+    group) and hands a [CoupledBatch][lightning_immiscible.mixin.CoupledBatch] to the module's
+    `receive_coupled_batch`; the module's `noise_like(x0)` and `coupled_data(batch)` read it, and
+    the callback releases it in `on_train_batch_end` (and `on_exception`). Batches that a
+    DataLoader worker already coupled ([CouplingCollate][lightning_immiscible.workers.CouplingCollate])
+    are used as they are. It logs `immiscible/cost_before`, `immiscible/cost_after`,
+    `immiscible/reduction_pct`, `immiscible/assign_ms` and `immiscible/noise_norm2` (this
+    rank's coupled noise, mean squared value per dimension: about 1 for Gaussian noise, lower when
+    `knn` tilts it toward the data).
 
     The noise stream is a pure function of ``(seed, group, draw)``, where ``draw`` counts coupled
     micro-batches; both are checkpointed, so a resumed run draws the same noise as an uninterrupted
@@ -68,7 +72,7 @@ class ImmiscibleCoupling(Callback):
         precision: Cost-matrix matmul precision: ``"auto"`` (fp16 on CUDA, fp32 on CPU),
             ``"fp32"``, ``"bf16"``, ``"fp16"``.
         solver: Assignment solver, ``"auto"`` = fastest installed exact one (see
-            :func:`lightning_immiscible.available_solvers`).
+            [available_solvers][lightning_immiscible.solvers.available_solvers]).
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None`` draws one on rank 0 and shares it with all ranks.
         log_every_n_steps: Log the coupling metrics every this many coupled batches (0: never).
@@ -80,18 +84,29 @@ class ImmiscibleCoupling(Callback):
             group's default). Only applies to sub-groups (``scope`` other than ``"global"``).
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
 
-    Example::
-
+    Examples:
+        ```python
         import lightning as L
         from lightning_immiscible import ImmiscibleCoupling, ImmiscibleMixin
 
         class Diffusion(ImmiscibleMixin, L.LightningModule):
             def training_step(self, batch, batch_idx):
-                x0 = self.immiscible_data(batch)
+                x0 = self.coupled_data(batch)        # immiscible_data(batch), computed once
                 noise = self.noise_like(x0)          # was: torch.randn_like(x0)
                 ...
 
         trainer = L.Trainer(callbacks=[ImmiscibleCoupling(method="lsa", scope="global")])
+        ```
+
+        In a LightningCLI YAML (the choices are `Literal` types: `--trainer.callbacks.help
+        lightning_immiscible.ImmiscibleCoupling` lists them, and a typo fails at parse time):
+
+        ```yaml
+        trainer:
+          callbacks:
+            - class_path: lightning_immiscible.ImmiscibleCoupling
+              init_args: {method: lsa, scope: global}
+        ```
     """
 
     def __init__(
@@ -167,6 +182,11 @@ class ImmiscibleCoupling(Callback):
             f"world size {trainer.world_size}, seed={self.seed}"
             + (f" (restored from the checkpoint at draw {self.draws})" if restored else "")
         )
+
+    @property
+    def group(self) -> RankGroup:
+        """This rank's coupling group (a group of one until the first coupled batch)."""
+        return self._group
 
     def effective_scope(self) -> str | int:
         """The scope used now: ``knn`` is always local; ``auto`` is local until its probe decides."""

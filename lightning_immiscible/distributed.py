@@ -111,12 +111,12 @@ def partition_ranks(scope: str | int, world_size: int, ranks_per_node: int) -> l
 
 
 def build_rank_group(scope: str | int, ranks_per_node: int = 1, timeout_s: float | None = None) -> RankGroup:
-    """Creates this rank's :class:`RankGroup` (a collective call when subgroups are needed).
+    """Creates this rank's `RankGroup` (a collective call when subgroups are needed).
 
     Every rank must call it, in the same order, since ``torch.distributed.new_group`` is collective.
 
     Args:
-        scope: See :func:`partition_ranks`.
+        scope: See [partition_ranks][lightning_immiscible.distributed.partition_ranks].
         ranks_per_node: Processes per node.
         timeout_s: Timeout for the subgroup's collectives (``None``: the backend's default).
 

@@ -2,8 +2,9 @@
 
 Exact assignment is about cubic in the pooled batch, while the training step's time does not grow
 with the group, so the useful group size depends on the batch, the data size, the solver and the
-step time. :func:`choose_group_size` measures the assignment at each candidate pool size (on
-synthetic data of the real shape, on this rank's device) and keeps the largest that fits.
+step time. [choose_group_size][lightning_immiscible.sizing.choose_group_size] measures the
+assignment at each candidate pool size (on synthetic data of the real shape, on this rank's device)
+and keeps the largest that fits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ DEFAULT_SPEC = CouplingSpec()
 
 @dataclass(frozen=True)
 class GroupSizeDecision:
-    """The outcome of :func:`choose_group_size`.
+    """The outcome of [choose_group_size][lightning_immiscible.sizing.choose_group_size].
 
     Attributes:
         size: Chosen number of ranks per coupling group.

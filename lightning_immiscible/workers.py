@@ -2,25 +2,33 @@
 
 Where no collective is needed (``scope="local"``: every rank couples its own batch, or
 ``method="knn"``: every item alone), the coupling depends only on the batch itself, so it can run
-while the model trains on the previous batch: :class:`CouplingCollate` wraps a ``collate_fn``,
-draws the noise in the worker from a per-worker generator and couples it there.
+while the model trains on the previous batch:
+[CouplingCollate][lightning_immiscible.workers.CouplingCollate] wraps a `collate_fn`, draws the
+noise in the worker from a per-worker generator and couples it there. With Lightning, the
+module's [ImmiscibleMixin][lightning_immiscible.mixin.ImmiscibleMixin] unwraps such batches in
+`on_after_batch_transfer` ([WorkerCoupling][lightning_immiscible.workers.WorkerCoupling]), so
+`training_step` gets the inner batch and the callback uses the worker's noise.
 
-Batch format (what the DataLoader yields, see :func:`split_coupled_batch`)::
+Batch format (what the DataLoader yields, see
+[split_coupled_batch][lightning_immiscible.workers.split_coupled_batch]):
 
-    {**batch,                      # when the inner collate returns a dict: its keys, unchanged
-     "batch": batch,               # otherwise (tensor, tuple, list, ...): the collated batch
-     "immiscible_noise": noise,    # (B, *dims) float32: noise[i] is coupled with x0[i]
-     "immiscible_index": index,    # (B,) int64: CouplingResult.index
-     "immiscible_stats": stats}    # (3,) float64: cost_before, cost_after, assign_ms
+```python
+{**batch,                      # when the inner collate returns a dict: its keys, unchanged
+ "batch": batch,               # otherwise (tensor, tuple, list, ...): the collated batch
+ "immiscible_noise": noise,    # (B, *dims) float32: noise[i] is coupled with x0[i]
+ "immiscible_index": index,    # (B,) int64: CouplingResult.index
+ "immiscible_stats": stats}    # (3,) float64: cost_before, cost_after, assign_ms
+```
 
-Example::
-
+Examples:
+    ```python
     from torch.utils.data import DataLoader
     from lightning_immiscible.workers import CouplingCollate, split_coupled_batch
 
     loader = DataLoader(ds, batch_size=256, num_workers=4, collate_fn=CouplingCollate("lsa", seed=0))
     for batch in loader:
         inner, noise = split_coupled_batch(batch)     # noise is coupled with x0 of `inner`
+    ```
 
 Randomness: no global RNG is touched. The noise of a batch is a pure function of
 `(seed, rank, epoch, batch position in the epoch)` (see
@@ -64,7 +72,7 @@ from torch.utils.data import default_collate, get_worker_info
 from lightning_immiscible.batches import find_data_tensor
 from lightning_immiscible.coupling import CouplingResult, CouplingSpec, Method, Metric
 
-#: Key of the coupled noise in a batch produced by :class:`CouplingCollate`.
+#: Key of the coupled noise in a batch produced by `CouplingCollate`.
 NOISE_KEY = "immiscible_noise"
 INDEX_KEY = "immiscible_index"
 STATS_KEY = "immiscible_stats"
@@ -79,7 +87,7 @@ class CouplingCollate:
     """A picklable ``collate_fn`` that returns the batch together with its coupled noise.
 
     Args:
-        method: ``lsa``, ``knn``, ``flip`` or ``none`` (see :func:`~lightning_immiscible.couple`).
+        method: ``lsa``, ``knn``, ``flip`` or ``none`` (see [couple][lightning_immiscible.coupling.couple]).
         k: Candidates per item for ``knn`` (ignored otherwise).
         seed: Seed of the noise stream; `None`: `torch.initial_seed()` of the process that
             builds the collate (the seed `seed_everything` set: equal on every rank).
@@ -187,10 +195,10 @@ class CouplingCollate:
 
 
 def split_coupled_batch(batch: Any) -> tuple[Any, Tensor | None]:
-    """Splits a batch from :class:`CouplingCollate` into ``(inner_batch, noise)``.
+    """Splits a batch from `CouplingCollate` into `(inner_batch, noise)`.
 
     Args:
-        batch: Any batch. One made by :class:`CouplingCollate` carries :data:`NOISE_KEY`.
+        batch: Any batch. One made by `CouplingCollate` carries `NOISE_KEY`.
 
     Returns:
         ``(inner, noise)``: the batch as the inner collate made it and the ``(B, *dims)`` coupled

@@ -26,7 +26,7 @@ from example_projects.consistency.training import (
     sample_pairs,
     sampling_sigmas,
 )
-from lightning_immiscible import ImmiscibleCoupling
+from lightning_immiscible import CoupledBatch, CouplingResult, ImmiscibleCoupling
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
 TINY = dict(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, total_steps=8)
@@ -129,7 +129,8 @@ def _step_with_prepared_noise(model: ConsistencyTraining) -> tuple[Spy, Tensor, 
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     batch = (x0, torch.zeros(6, dtype=torch.long))
     coupled = torch.randn(6, 1, 8, 8).flip(0)  # stands in for the callback's re-paired noise
-    model._immiscible_set(batch, x0, coupled)
+    result = CouplingResult(coupled, torch.arange(6), 1.0, 1.0)
+    model.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=0))
     spy = Spy(model.denoiser)
     model.denoiser = spy
     model.training_step(batch, 0)
