@@ -80,8 +80,14 @@ class ImmiscibleCoupling(Callback):
         max_step_fraction: Share of the training step the assignment may take: above it the
             callback warns once (measured over the first batches); ``scope="auto"`` sizes groups
             to stay within it.
-        collective_timeout_s: Timeout of the coupling group's collectives (``None``: the process
-            group's default). Only applies to sub-groups (``scope`` other than ``"global"``).
+        collective_timeout_s: Timeout, in seconds, of the coupling's own collectives (the
+            per-batch header, the cost rows, the statistics) in every scope: when set, they run
+            in dedicated process groups with this timeout, and a rank that does not reach the
+            coupling fails the others with a message naming the group. `None`: the process
+            group's timeout. It cannot bound Lightning's or DDP's own collectives (the gradient
+            all-reduce, Lightning's per-batch broadcast): a rank stalled or killed outside the
+            coupling is noticed there, within the strategy's timeout
+            (`DDPStrategy(timeout=...)`, 30 minutes by default). See the multi-node guide.
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
 
     Examples:
