@@ -16,7 +16,7 @@ import lightning_immiscible.distributed as li_dist
 from lightning_immiscible import ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import draw_pool
 from lightning_immiscible.workers import CouplingCollate
-from tests.helpers import ToyDiffusion, trainer
+from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
@@ -342,3 +342,41 @@ def test_worker_coupling_draws_per_rank_noise_reproducible_from_the_seed(tmp_pat
     for a, b in zip(r0, r1, strict=True):
         assert torch.equal(a["x0"], b["x0"]) and not torch.equal(a["noise"], b["noise"])
     assert not torch.equal(r0[0]["noise"], r0[2]["noise"])  # same data, next epoch: new noise
+
+
+class ResumableFed(ToyDiffusion):
+    """Per-rank data through a resumable loader; optionally coupled in the loader (num_workers=0)."""
+
+    def __init__(self, worker: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.worker = worker
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=5) if self.worker else None
+        return ResumableLoader(self._dataset(), batch_size=8, collate_fn=collate)
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["callback", "worker"])
+def test_ddp_resume_mid_epoch_draws_the_same_noise_on_every_rank(tmp_path, worker):
+    # 2 ranks, 4 batches per epoch: interrupted after 2 steps (mid-epoch), resumed to 6 steps.
+    # Every later step's noise on every rank must equal the uninterrupted run's element-wise.
+    # Catches a draw counter, seed or worker stream position that is not restored on all ranks.
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    runs = {}
+    for name, steps, path in [("first", 2, None), ("resumed", 6, "ckpt"), ("uninterrupted", 6, None)]:
+        out = tmp_path / name
+        out.mkdir()
+        coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=3)
+        callbacks = [coupling, Dump(out, coupling)] + ([ckpt] if name == "first" else [])
+        t = trainer(callbacks=callbacks, devices=2, strategy="ddp_fork", max_steps=steps,
+                    use_distributed_sampler=False, enable_checkpointing=name == "first")  # fmt: skip
+        ckpt_path = next((tmp_path / "ckpt").glob("*step=2*.ckpt")) if path else None
+        t.fit(ResumableFed(worker, sizes=(32, 32)), ckpt_path=ckpt_path)
+        runs[name] = [torch.load(out / f"rank{r}.pt", weights_only=False)["records"] for r in range(2)]
+    for r in range(2):
+        interrupted = runs["first"][r] + runs["resumed"][r]
+        assert len(interrupted) == len(runs["uninterrupted"][r]) == 6
+        for a, b in zip(interrupted, runs["uninterrupted"][r], strict=True):
+            assert torch.equal(a["x0"], b["x0"])
+            assert torch.equal(a["noise"], b["noise"])
+    assert not torch.equal(runs["uninterrupted"][0][3]["noise"], runs["uninterrupted"][1][3]["noise"])
