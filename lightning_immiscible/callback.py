@@ -60,11 +60,12 @@ class ImmiscibleCoupling(Callback):
 
     Args:
         method: ``"lsa"`` (the paper's exact assignment), ``"knn"`` (nearest of ``k`` candidates
-            per item; no communication; tilts the noise distribution), ``"flip"`` (the paper's
+            per item; no cost rows exchanged; tilts the noise distribution), ``"flip"`` (the paper's
             non-OT ablation) or ``"none"`` (baseline: same code path and logs, no re-pairing).
         metric: ``"l2"`` (the paper's), ``"sqeuclidean"`` or ``"l1"``.
         scope: Which ranks pool their batches for one assignment: ``"global"`` (all), ``"local"``
-            (each rank alone, no communication), ``"node"`` (the ranks of one node), an int
+            (each rank alone; only a small per-batch header crosses the network, so bad input on
+            one rank still fails all ranks), ``"node"`` (the ranks of one node), an int
             (consecutive groups of that many ranks) or ``"auto"`` (couple locally for the first
             batches, measure the step time, then use the largest group whose measured assignment
             time is within ``max_step_fraction`` of the step; the decision is logged and

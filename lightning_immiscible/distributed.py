@@ -392,7 +392,7 @@ def _rank() -> int:
 
 
 def _knn_local(x: Tensor, seed: int, draw_index: int, spec: CouplingSpec) -> CouplingResult:
-    """Knn needs no cross-item matching: each rank draws its own candidates, no collective."""
+    """Knn needs no cross-item matching: each rank draws its own candidates (after the header check)."""
     # a per-rank stream, whatever the scope
     cand = draw_pool((x.shape[0], spec.k, *x.shape[1:]), seed, _rank(), draw_index, x.device, stream=1)
     return CouplingSpec("knn", spec.metric, check_finite=False).couple(x, cand.to(x.dtype))
