@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import statistics
 import time
@@ -28,7 +29,7 @@ from lightning_immiscible.coupling import (
 from lightning_immiscible.distributed import RankGroup, build_rank_group, couple_in_group, partition_ranks
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
-from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling
+from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling, find_collates
 
 #: Which ranks pool their batches for one assignment (an int: groups of that many ranks).
 Scope = Literal["global", "local", "node", "auto"]
@@ -239,7 +240,7 @@ class ImmiscibleCoupling(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Worker-side coupling: batch positions restart per epoch (reaches non-persistent workers,
         # which start after this hook from epoch 1 on; the callback checks every batch anyway).
-        self._collates = _find_collates(trainer.train_dataloader)
+        self._collates = find_collates(trainer.train_dataloader)
         for collate in self._collates:
             collate.set_epoch(trainer.current_epoch)
 
@@ -320,7 +321,7 @@ class ImmiscibleCoupling(Callback):
         position = (trainer.global_rank, trainer.current_epoch, batch_idx)
         if worker.position != position:
             # on_train_epoch_start is skipped when Lightning resumes mid-epoch: look them up here
-            self._collates = self._collates or _find_collates(trainer.train_dataloader)
+            self._collates = self._collates or find_collates(trainer.train_dataloader)
             if len(self._collates) == 1:
                 return self._recouple(x0, worker, position)
         if worker.noise.shape != x0.shape:
@@ -355,17 +356,8 @@ class ImmiscibleCoupling(Callback):
                 "build CouplingCollate in train_dataloader() (or pass rank=)."
             )
         with _no_autocast(x0):
-            result = self._collates[0].couple_at(x0.detach().cpu(), position)
-        return CouplingResult(
-            result.noise.to(x0),
-            result.index.to(x0.device),
-            result.cost_before,
-            result.cost_after,
-            result.cost_ms,
-            result.solve_ms,
-            "worker",
-            self.spec.metric,
-        )
+            result = self._collates[0].couple_on(x0, position)
+        return dataclasses.replace(result, method="worker")
 
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
         values = {
@@ -450,16 +442,3 @@ def _no_autocast(x0: Tensor | None) -> torch.autocast:
     """Coupling runs in full precision even if a precision plugin's autocast is active."""
     device_type = x0.device.type if x0 is not None else "cpu"
     return torch.autocast(device_type=device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False)
-
-
-def _find_collates(loaders: Any) -> list[CouplingCollate]:
-    """The [CouplingCollate][lightning_immiscible.workers.CouplingCollate]s of the train dataloader(s)."""
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if not isinstance(loaders, list | tuple):
-        loaders = [loaders]
-    return [
-        loader.collate_fn
-        for loader in loaders
-        if isinstance(getattr(loader, "collate_fn", None), CouplingCollate)
-    ]

@@ -59,6 +59,7 @@ e.g., VAE latents or a GPU augmentation of it): the worker couples what it sees.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +174,15 @@ class CouplingCollate:
         """Couples `x0` with the noise drawn for `position` (the worker's and the callback's path)."""
         return self.spec.couple(x0, self.noise_for(x0, position))
 
+    def couple_on(self, x0: Tensor, position: tuple[int, int, int]) -> CouplingResult:
+        """[couple_at][lightning_immiscible.workers.CouplingCollate.couple_at] for `x0` on any device.
+
+        The callback's path for a batch a worker drew for another position: the noise is drawn
+        and coupled on the CPU (as in a worker) and returned on `x0`'s device and dtype.
+        """
+        res = self.couple_at(x0.detach().cpu(), position)
+        return dataclasses.replace(res, noise=res.noise.to(x0), index=res.index.to(x0.device))
+
     def __call__(self, samples: list[Any]) -> dict[str, Any]:
         """Collates ``samples``, couples noise with the batch's ``x0`` and returns both.
 
@@ -260,3 +270,19 @@ class WorkerCoupling:
 def _process_rank() -> int | None:
     """This process's global rank where a process group is initialised (forked workers inherit it)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
+def find_collates(loaders: Any) -> list[CouplingCollate]:
+    """The [CouplingCollate][lightning_immiscible.workers.CouplingCollate]s of DataLoaders.
+
+    Args:
+        loaders: A DataLoader, or a list / tuple / dict of them (Lightning's `train_dataloader`).
+
+    Returns:
+        The collates, in loader order (empty when none couples in its workers).
+    """
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if not isinstance(loaders, list | tuple):
+        loaders = [loaders]
+    return [ld.collate_fn for ld in loaders if isinstance(getattr(ld, "collate_fn", None), CouplingCollate)]

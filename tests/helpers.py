@@ -109,8 +109,12 @@ class ResumableLoader(DataLoader):
         self.taken, self.skip = 0, 0
 
     def __iter__(self):
+        # The skip applies to the iterator created now (Lightning may create one it never reads).
         skip, self.skip, self.taken = self.skip, 0, 0
-        for i, batch in enumerate(super().__iter__()):
+        return self._batches(super().__iter__(), skip)
+
+    def _batches(self, batches, skip: int):
+        for i, batch in enumerate(batches):
             if i >= skip:
                 self.taken = i + 1
                 yield batch
@@ -119,4 +123,6 @@ class ResumableLoader(DataLoader):
         return {"taken": self.taken}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.skip = state["taken"]
+        # A finished epoch is not skipped again (like torchdata's StatefulDataLoader): Lightning
+        # may restore the state after the epoch ended and only iterate in the next one.
+        self.skip = state["taken"] if state["taken"] < len(self) else 0
