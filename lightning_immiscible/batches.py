@@ -13,9 +13,9 @@ from torch import Tensor
 
 from lightning_immiscible.coupling import CouplingInputError
 
-#: Dict keys searched first (in this order) for the data tensor, by
-#: [find_data_tensor][lightning_immiscible.batches.find_data_tensor].
 DATA_KEYS: tuple[str, ...] = ("x0", "image", "images", "pixel_values", "latents", "input", "inputs", "x")
+"""Dict keys searched first (in this order) for the data tensor, by
+[find_data_tensor][lightning_immiscible.batches.find_data_tensor]."""
 
 
 def find_data_tensor(batch: Any) -> Tensor:

@@ -92,6 +92,14 @@ class ImmiscibleCoupling(Callback):
             (`DDPStrategy(timeout=...)`, 30 minutes by default). See the multi-node guide.
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
 
+    Attributes:
+        spec: The [CouplingSpec][lightning_immiscible.coupling.CouplingSpec] built from `method`,
+            `metric`, `precision`, `solver`, `k` and `check_finite` (validated in the constructor).
+        draws: Coupled micro-batches so far: the noise stream's position (checkpointed).
+        last_result: The [CouplingResult][lightning_immiscible.coupling.CouplingResult] of the
+            latest batch (`None` before the first).
+        auto_group_size: The group size `scope="auto"` chose (`None` until it decided).
+
     Examples:
         ```python
         import lightning as L

@@ -42,12 +42,14 @@ from lightning_immiscible.coupling import (
     check_inputs,
 )
 
-#: Item dims sent in the per-step header; shapes with more dims are compared by numel only.
 HEADER_DIMS = 6
+"""Item dims sent in the per-step header; shapes with more dims are compared by numel only."""
 _FIXED = 7  # header fields before the dims: b, status, epoch, draw, wide, ndim, numel
-#: Length of the per-step int64 header each rank sends:
-#: `[b, status, epoch, draw, wide, ndim, numel, dims...]`.
 HEADER_SIZE = _FIXED + HEADER_DIMS
+"""Length of the per-step int64 header each rank sends.
+
+`[b, status, epoch, draw, wide, ndim, numel, dims...]`: 13 values, 104 bytes.
+"""
 
 
 @dataclass(frozen=True)
@@ -284,9 +286,9 @@ def _group_mean(group: RankGroup, values: list[Tensor], device: torch.device) ->
     return [float(s) / count if count else 0.0 for s in sums[:-1]]
 
 
-#: The former name of [CouplingSpec][lightning_immiscible.coupling.CouplingSpec], kept so that code
-#: written against it keeps working (same fields, same order).
 GroupCouplingConfig = CouplingSpec
+"""The former name of [CouplingSpec][lightning_immiscible.coupling.CouplingSpec], kept so that code
+written against it keeps working (same fields, same order)."""
 
 
 def _validate_local(

@@ -109,6 +109,19 @@ def _bound_names(tree: ast.AST) -> tuple[set[str], set[str]]:
 DOTTED_PRIVATE = re.compile(rf"\b(?:{'|'.join(PROJECT)})(?:\.\w+)*\._[A-Za-z]\w*")
 
 
+def _private_key(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and _is_private(node.value)
+
+
+def _reads_private_by_name(node: ast.AST) -> bool:
+    """`getattr(obj, "_x")`, `setattr(...)`, `hasattr(...)` or `obj.__dict__["_x"]`."""
+    if isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "setattr", "hasattr"):
+        return len(node.args) > 1 and _private_key(node.args[1])
+    if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("__dict__"):
+        return _private_key(node.slice)
+    return False
+
+
 def private_uses(source: str) -> list[str]:
     """Private names reached across modules: imported, read from a module or another object."""
     tree = ast.parse(source)
@@ -129,6 +142,8 @@ def private_uses(source: str) -> list[str]:
                 bad.append(f"{ast.unparse(node)} (line {node.lineno})")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             bad += DOTTED_PRIVATE.findall(node.value)
+        elif _reads_private_by_name(node):
+            bad.append(f"{ast.unparse(node)} (line {node.lineno})")
     return bad
 
 
@@ -138,6 +153,8 @@ def test_the_private_name_scanner_catches_each_kind():
     assert private_uses("import lightning_immiscible.distributed as d\nd._rank()")
     assert private_uses("def f(cb):\n    return cb._group")
     assert private_uses("mp.setattr('example_projects.common.fid._helper', None)")
+    assert private_uses("model.__dict__['_immiscible_noise']")
+    assert private_uses("getattr(model, '_hidden', None)")
     assert not private_uses("import torch\ntorch._foreach_add_")  # not ours
     assert private_uses("from lightning_immiscible.workers import CouplingCollate\nCouplingCollate._KEYS")
     assert not private_uses("class A:\n    def f(self):\n        return self._x + super()._y")
