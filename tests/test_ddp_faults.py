@@ -6,6 +6,7 @@ What each fault looks like to a user is described in docs/multi-node.md ("When a
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class FaultOnRankOne(ToyDiffusion):
         if self.fault == "stall":
             time.sleep(120)
             return x
+        if self.fault == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
         x = x.clone()
         x[0, 0] = float("nan")
         return x
@@ -124,3 +127,14 @@ def test_ranks_with_different_batch_counts_fail_at_the_first_batch_of_the_next_e
         error = torch.load(tmp_path / f"error{r}.pt")["error"]
         assert "Ranks reached the coupling at different batches" in error
         assert "[[0, 2], [1, 2]]" in error  # (epoch, draw) of rank 0 and rank 1
+
+
+def test_a_killed_rank_ends_the_fit_within_bounded_time_and_leaves_no_rank_behind(tmp_path):
+    # Rank 1 is killed (SIGKILL) inside the coupling hook while rank 0 waits in the header
+    # exchange: gloo reports the closed connection at once, rank 0 fails with the group's message
+    # (the launcher itself reports "process 1 terminated with signal SIGKILL"). Catches a
+    # surviving rank blocked in a collective after its peer died, and an orphaned rank.
+    errors, elapsed = _fail(tmp_path, "killed", collective_timeout_s=20)
+    assert errors[1] == ""  # the killed rank had no chance to record anything
+    assert "header all_gather collective of coupling group 0 (ranks [0, 1]) failed" in errors[0]
+    assert elapsed < 15  # well before the 20 s timeout: the peer's death is noticed, not waited out
