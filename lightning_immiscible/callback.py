@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import statistics
@@ -30,7 +31,7 @@ from lightning_immiscible.distributed import RankGroup, build_rank_group, couple
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
 from lightning_immiscible.solvers import choose_exact_solver
-from lightning_immiscible.workers import NOISE_KEY, WorkerCoupling
+from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling, find_collates
 
 #: Which ranks pool their batches for one assignment (an int: groups of that many ranks).
 Scope = Literal["global", "local", "node", "auto"]
@@ -51,7 +52,9 @@ class ImmiscibleCoupling(Callback):
     the callback releases it in `on_train_batch_end` (and `on_exception`). Batches that a
     DataLoader worker already coupled ([CouplingCollate][lightning_immiscible.workers.CouplingCollate])
     are used as they are. It logs `immiscible/cost_before`, `immiscible/cost_after`,
-    `immiscible/reduction_pct` and `immiscible/assign_ms`.
+    `immiscible/reduction_pct`, `immiscible/assign_ms` and `immiscible/noise_norm2` (this
+    rank's coupled noise, mean squared value per dimension: about 1 for Gaussian noise, lower when
+    `knn` tilts it toward the data).
 
     The noise stream is a pure function of ``(seed, group, draw)``, where ``draw`` counts coupled
     micro-batches; both are checkpointed, so a resumed run draws the same noise as an uninterrupted
@@ -60,11 +63,12 @@ class ImmiscibleCoupling(Callback):
 
     Args:
         method: ``"lsa"`` (the paper's exact assignment), ``"knn"`` (nearest of ``k`` candidates
-            per item; no communication; tilts the noise distribution), ``"flip"`` (the paper's
+            per item; no cost rows exchanged; tilts the noise distribution), ``"flip"`` (the paper's
             non-OT ablation) or ``"none"`` (baseline: same code path and logs, no re-pairing).
         metric: ``"l2"`` (the paper's), ``"sqeuclidean"`` or ``"l1"``.
         scope: Which ranks pool their batches for one assignment: ``"global"`` (all), ``"local"``
-            (each rank alone, no communication), ``"node"`` (the ranks of one node), an int
+            (each rank alone; only a small per-batch header crosses the network, so bad input on
+            one rank still fails all ranks), ``"node"`` (the ranks of one node), an int
             (consecutive groups of that many ranks) or ``"auto"`` (couple locally for the first
             batches, measure the step time, then use the largest group whose measured assignment
             time is within ``max_step_fraction`` of the step; the decision is logged and
@@ -82,8 +86,14 @@ class ImmiscibleCoupling(Callback):
         max_step_fraction: Share of the training step the assignment may take: above it the
             callback warns once (measured over the first batches); ``scope="auto"`` sizes groups
             to stay within it.
-        collective_timeout_s: Timeout of the coupling group's collectives (``None``: the process
-            group's default). Only applies to sub-groups (``scope`` other than ``"global"``).
+        collective_timeout_s: Timeout, in seconds, of the coupling's own collectives (the
+            per-batch header, the cost rows, the statistics) in every scope: when set, they run
+            in dedicated process groups with this timeout, and a rank that does not reach the
+            coupling fails the others with a message naming the group. `None`: the process
+            group's timeout. It cannot bound Lightning's or DDP's own collectives (the gradient
+            all-reduce, Lightning's per-batch broadcast): a rank stalled or killed outside the
+            coupling is noticed there, within the strategy's timeout
+            (`DDPStrategy(timeout=...)`, 30 minutes by default). See the multi-node guide.
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
 
     Attributes:
@@ -154,6 +164,8 @@ class ImmiscibleCoupling(Callback):
         self._warned: set[str] = set()
         self._solver_noted: set[tuple[int, int]] = set()
         self._worker_ms = 0.0
+        self._restored_seed = False
+        self._collates: list[CouplingCollate] = []
 
     @property
     def config(self) -> CouplingSpec:
@@ -178,11 +190,18 @@ class ImmiscibleCoupling(Callback):
                 "initialises one (e.g. strategy='ddp', 'ddp_spawn', 'fsdp'), or run one process."
             )
         self._world_size = trainer.world_size
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint's state was restored (setup runs before it): the log shows the seed
+        # the run uses, never a freshly drawn one that the checkpoint then replaces.
+        restored = self._restored_seed
         if self.seed is None:
             self.seed = int(trainer.strategy.broadcast(secrets.randbits(62), src=0))
         rank_zero_info(
             f"ImmiscibleCoupling: method={self.spec.method}, scope={self.scope!r}, "
             f"world size {trainer.world_size}, seed={self.seed}"
+            + (f" (restored from the checkpoint at draw {self.draws})" if restored else "")
         )
 
     @property
@@ -217,10 +236,11 @@ class ImmiscibleCoupling(Callback):
         x0, error = _data(module, batch)
         worker = _worker_coupling(module, batch)
         if worker is not None and x0 is not None:
-            result = self._from_worker(x0, worker)
+            result = self._from_worker(x0, worker, trainer, batch_idx)
         else:
             with _no_autocast(x0):
-                result = couple_in_group(x0, self._group, int(self.seed or 0), draw, self.spec, error)
+                seed, epoch = int(self.seed or 0), trainer.current_epoch
+                result = couple_in_group(x0, self._group, seed, draw, self.spec, error, epoch=epoch)
         assert x0 is not None  # couple_in_group raised otherwise
         module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
         self.last_result = result
@@ -229,6 +249,14 @@ class ImmiscibleCoupling(Callback):
         self._note_auto_solver(x0, result)
         if self.should_log(draw):
             self._log(pl_module, result, x0.shape[0])
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Worker-side coupling: batch positions restart per epoch (reaches non-persistent workers,
+        # which start after this hook from epoch 1 on; the callback checks every batch anyway).
+        self._collates = find_collates(trainer.train_dataloader)
+        for collate in self._collates:
+            collate.set_epoch(trainer.current_epoch)
 
     @override
     def on_train_batch_end(
@@ -283,6 +311,7 @@ class ImmiscibleCoupling(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
+        self._restored_seed = True
         self.draws = int(state_dict["draws"])
         saved_world = state_dict.get("world_size", self._world_size)
         if saved_world != self._world_size:
@@ -293,12 +322,22 @@ class ImmiscibleCoupling(Callback):
         else:
             self.auto_group_size = state_dict.get("auto_group_size")
 
-    def _from_worker(self, x0: Tensor, worker: WorkerCoupling) -> CouplingResult:
+    def _from_worker(
+        self, x0: Tensor, worker: WorkerCoupling, trainer: pl.Trainer, batch_idx: int
+    ) -> CouplingResult:
         """Noise a [CouplingCollate][lightning_immiscible.workers.CouplingCollate] coupled in a worker.
 
         The training step pays nothing for it: `assign_ms` is 0 on the critical path and the
-        worker's time is logged as `immiscible/worker_assign_ms`.
+        worker's time is logged as `immiscible/worker_assign_ms`. A batch whose noise was drawn
+        for another position than the training loop's `(rank, epoch, batch_idx)` is coupled again
+        here, for that position (see the worker module's docs for when that happens).
         """
+        position = (trainer.global_rank, trainer.current_epoch, batch_idx)
+        if worker.position != position:
+            # on_train_epoch_start is skipped when Lightning resumes mid-epoch: look them up here
+            self._collates = self._collates or find_collates(trainer.train_dataloader)
+            if len(self._collates) == 1:
+                return self._recouple(x0, worker, position)
         if worker.noise.shape != x0.shape:
             raise CouplingInputError(
                 f"The batch carries worker-coupled noise of shape {tuple(worker.noise.shape)} but "
@@ -320,6 +359,20 @@ class ImmiscibleCoupling(Callback):
             noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", self.spec.metric
         )
 
+    def _recouple(self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]) -> CouplingResult:
+        if "position" not in self._warned:
+            self._warned.add("position")
+            rank_zero_warn(
+                f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
+                f"but the training loop is at {position}; coupling it again on the training process "
+                "(correct, but on the critical path). Expected for the first epoch after a resume at "
+                "epoch > 0; otherwise use persistent_workers=False and a map-style dataset, and "
+                "build CouplingCollate in train_dataloader() (or pass rank=)."
+            )
+        with _no_autocast(x0):
+            result = self._collates[0].couple_on(x0, position)
+        return dataclasses.replace(result, method="worker")
+
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
         values = {
             "group_size": float(self._group.size),
@@ -327,6 +380,11 @@ class ImmiscibleCoupling(Callback):
             "cost_after": result.cost_after,
             "reduction_pct": result.reduction_pct,
             "assign_ms": result.assign_ms,
+            # The marginal check: about 1 for Gaussian noise (lsa/flip/none permute it); knn's
+            # selection of nearer candidates lowers it (a tilted noise distribution).
+            "noise_norm2": float(result.noise.detach().float().square().mean())
+            if result.noise.numel()
+            else 0.0,
         }
         if result.method == "worker":
             values["worker_assign_ms"] = self._worker_ms

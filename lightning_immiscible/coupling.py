@@ -69,6 +69,9 @@ INPUT_ERROR_REASONS: tuple[str, ...] = (
     "shape",
     "no_tensor",
     "device",
+    "empty",
+    "exception",
+    "out_of_step",
 )
 
 
@@ -195,8 +198,8 @@ class CouplingResult:
     @property
     def reduction_pct(self) -> float:
         """Relative reduction of the mean pair distance, in percent (positive = closer pairs)."""
-        if self.cost_before == 0:
-            return 0.0
+        if self.cost_before == 0 or not math.isfinite(self.cost_before - self.cost_after):
+            return 0.0  # finite inputs always give finite costs (see cost_dtype); never NaN
         return 100.0 * (self.cost_before - self.cost_after) / self.cost_before
 
 
@@ -230,6 +233,7 @@ def assign(
     *,
     gather_rows: Callable[[Tensor], Tensor] | None = None,
     offset: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> Assignment:
     """Cost -> solve -> timing: the one assignment step of every coupling path.
 
@@ -244,12 +248,14 @@ def assign(
         gather_rows: Maps the `(b, B)` local rows to the `(B, B)` matrix of all rows in rank order;
             `None` when `x` is the whole batch.
         offset: Row of `x[0]` in the full matrix.
+        dtype: The cost's dtype (a group's agreed one); `None` chooses it from the inputs (see
+            [cost_dtype][lightning_immiscible.costs.cost_dtype]).
 
     Returns:
         The [Assignment][lightning_immiscible.coupling.Assignment]; `index` has shape `(b,)`.
     """
     start = time.perf_counter()
-    rows = cost_matrix(x, -noise if spec.method == "flip" else noise, spec.metric, spec.precision)
+    rows = cost_matrix(x, -noise if spec.method == "flip" else noise, spec.metric, spec.precision, dtype)
     full = (rows if gather_rows is None else gather_rows(rows)).cpu()
     mid = time.perf_counter()
     # The item dimension lets solver="auto" pick the solver measured fastest for such costs.
@@ -365,7 +371,9 @@ def couple(
             against `-noise`, diffuse with `noise`), `none` (identity, the baseline).
         metric: `l2` (the paper's), `sqeuclidean` or `l1`.
         precision: Cost-matrix matmul precision: `auto` (fp16 on CUDA, fp32 on CPU), `fp32`,
-            `bf16`, `fp16`.
+            `bf16`, `fp16`. The costs themselves are float32, or float64 for float64 inputs
+            (`auto` then keeps a float64 matmul) and for values so large that fp32 costs would
+            overflow (see [cost_dtype][lightning_immiscible.costs.cost_dtype]).
         solver: Assignment solver name (`auto` = the installed exact solver measured fastest for
             the item dimension, see
             [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), or one of

@@ -277,4 +277,14 @@ def solve(cost: np.ndarray, solver: str = "auto", *, dim: int | None = None) -> 
         raise ValueError(f"solve() needs a square (B, B) cost matrix, got shape {cost.shape}.")
     if cost.shape[0] <= 1:
         return np.arange(cost.shape[0], dtype=np.int64)
-    return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(cost), dtype=np.int64)
+    return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(_within_float32(cost)), dtype=np.int64)
+
+
+def _within_float32(cost: np.ndarray) -> np.ndarray:
+    """Scales a cost beyond float32's range by a power of two (exact, same optimum).
+
+    Several backends (``lapjv``, ``greedy``) solve in float32: entries above 3.4e38 (e.g. squared
+    distances of data scaled by 1e20) would become ``inf`` there, and ``lapjv`` then corrupts memory.
+    """
+    top = float(np.abs(cost).max())
+    return np.ldexp(cost, -int(np.frexp(top)[1])) if top > 1e30 else cost

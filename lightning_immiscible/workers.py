@@ -32,11 +32,28 @@ Examples:
         inner, noise = split_coupled_batch(batch)  # noise is coupled with x0 of `inner`
     ```
 
-Randomness: no global RNG is touched. Each batch's noise comes from a ``torch.Generator`` seeded
-from ``(seed, epoch, worker seed, worker id, batch counter)``; the worker seed is the one the
-DataLoader hands each worker per iterator (``get_worker_info().seed``), so epochs differ and a
-run is reproducible when the DataLoader's own seed is (``DataLoader(generator=...)`` or
-``torch.manual_seed``).
+Randomness: no global RNG is touched. The noise of a batch is a pure function of
+`(seed, rank, epoch, batch position in the epoch)` (see
+[CouplingCollate.noise_for][lightning_immiscible.workers.CouplingCollate.noise_for]), so
+
+- different ranks, workers, batches and epochs draw different noise (the rank is part of the
+  seed: `seed_everything` makes the run seed equal on every rank, the rank tells them apart);
+- a run is reproducible from `seed` (or, when `seed` is `None`, from `torch.initial_seed()` at
+  construction: the run seed `seed_everything` sets, equal on all ranks);
+- a resumed run draws the same noise per batch position as an uninterrupted one (the position
+  is the epoch and the batch index, which Lightning restores; the collate keeps no other state).
+
+A worker knows its batch position as `worker id + num_workers x (batches it collated)` (map-style
+datasets: a DataLoader deals batches to its workers in turn) and the epoch from
+[set_epoch][lightning_immiscible.workers.CouplingCollate.set_epoch], which
+[ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] calls at each epoch start.
+Each batch carries the position it was drawn for; the callback checks it against the training
+loop's `(rank, epoch, batch_idx)` and, where they differ, couples that batch again on the
+training process with the right position (correct, but on the critical path; logged once).
+That happens for the first epoch of a run resumed at epoch > 0 (Lightning starts the workers
+before any callback hook), after epoch 0 with `persistent_workers=True` (persistent workers
+never see `set_epoch`: prefer `persistent_workers=False`), for iterable datasets, and when the
+workers could not tell their rank (pass `rank=`, or build the collate in `train_dataloader()`).
 
 Only valid when the module's ``immiscible_data(batch)`` is the collated data tensor itself (not,
 e.g., VAE latents or a GPU augmentation of it): the worker couples what it sees.
@@ -44,25 +61,29 @@ e.g., VAE latents or a GPU augmentation of it): the worker couples what it sees.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
 
 from lightning_immiscible.batches import find_data_tensor
-from lightning_immiscible.coupling import CouplingSpec, Method, Metric
+from lightning_immiscible.coupling import CouplingResult, CouplingSpec, Method, Metric
 
 #: Key of the coupled noise in a batch produced by `CouplingCollate`.
 NOISE_KEY = "immiscible_noise"
 INDEX_KEY = "immiscible_index"
 STATS_KEY = "immiscible_stats"
+#: Key of the `(rank, epoch, batch index)` int64 position the noise was drawn for.
+POSITION_KEY = "immiscible_position"
 #: Key of the inner batch when the inner collate does not return a dict.
 BATCH_KEY = "batch"
-_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY)
+_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY)
 
 
 class CouplingCollate:
@@ -71,28 +92,35 @@ class CouplingCollate:
     Args:
         method: ``lsa``, ``knn``, ``flip`` or ``none`` (see [couple][lightning_immiscible.coupling.couple]).
         k: Candidates per item for ``knn`` (ignored otherwise).
-        seed: Base seed of the noise stream.
+        seed: Seed of the noise stream; `None`: `torch.initial_seed()` of the process that
+            builds the collate (the seed `seed_everything` set: equal on every rank).
         collate_fn: Inner collate (``torch.utils.data.default_collate`` by default).
         data_fn: Maps the collated batch to ``x0`` ``(B, *dims)``; by default the first floating
             tensor (``ImmiscibleMixin``'s default ``immiscible_data``).
         metric: Distance for the assignment (``l2``, ``sqeuclidean``, ``l1``).
         solver: Assignment solver (``auto`` = the exact one measured fastest for the item dimension,
             ``greedy`` = approximate).
+        rank: This process's global rank; `None`: `torch.distributed.get_rank()` where a process
+            group is initialised (the training process, and workers forked from it), else the
+            rank at construction, else 0.
     """
 
     def __init__(
         self,
         method: Method = "lsa",
         k: int = 4,
-        seed: int = 0,
+        seed: int | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         data_fn: Callable[[Any], Tensor] | None = None,
         metric: Metric = "l2",
         solver: str = "auto",
+        rank: int | None = None,
     ) -> None:
         # Validated once, like every coupling path (CPU workers: precision "auto" is fp32).
         self.spec = CouplingSpec(method=method, metric=metric, solver=solver, k=int(k))
-        self.seed = int(seed)
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.rank = rank
+        self._built_on_rank = _process_rank()
         self.collate_fn = collate_fn or default_collate
         self.data_fn = data_fn or find_data_tensor
         self.epoch = 0
@@ -109,22 +137,54 @@ class CouplingCollate:
         return self.spec.k
 
     def set_epoch(self, epoch: int) -> None:
-        """Mixes ``epoch`` into the seed (effective for non-persistent workers and ``num_workers=0``)."""
-        self.epoch = int(epoch)
+        """Starts epoch `epoch`: its batch positions count from 0 again.
 
-    def generator(self) -> torch.Generator:
-        """The generator for the next batch of this process (advances the batch counter)."""
+        Reaches the copies in DataLoader workers only when they are started after it (every epoch
+        without `persistent_workers`); [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling]
+        calls it at each epoch start.
+        """
+        self.epoch, self._counter = int(epoch), 0
+
+    def current_rank(self) -> int:
+        """The rank this process draws for (see the `rank` argument)."""
+        if self.rank is not None:
+            return int(self.rank)
+        found = _process_rank()
+        if found is not None:
+            return found
+        return self._built_on_rank or 0
+
+    def next_position(self) -> tuple[int, int, int]:
+        """`(rank, epoch, batch index)` of the next batch this process collates (advances it)."""
         info = get_worker_info()
-        wid, wseed = (info.id, info.seed) if info is not None else (-1, 0)
-        entropy = [self.seed, self.epoch, wseed % 2**63, wid + 1, self._counter]
+        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        position = (self.current_rank(), self.epoch, wid + workers * self._counter)
         self._counter += 1
-        state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        return position
 
-    def draw_noise(self, x0: Tensor, gen: torch.Generator) -> Tensor:
-        """Draws ``(B, *dims)`` (``knn``: ``(B, k, *dims)``) float32 Gaussian noise from ``gen``."""
+    def noise_for(self, x0: Tensor, position: tuple[int, int, int]) -> Tensor:
+        """The noise drawn for the batch at `position` = `(rank, epoch, batch index)`.
+
+        A `torch.Generator` seeded from NumPy's `SeedSequence([seed, 2, rank, epoch, index])`
+        (63 bits) draws `(B, *dims)` (`knn`: `(B, k, *dims)`) float32 standard normal noise.
+        """
+        state = np.random.SeedSequence([self.seed, 2, *position]).generate_state(2)
+        gen = torch.Generator().manual_seed(((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1))
         shape = (x0.shape[0], self.k, *x0.shape[1:]) if self.method == "knn" else tuple(x0.shape)
         return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+    def couple_at(self, x0: Tensor, position: tuple[int, int, int]) -> CouplingResult:
+        """Couples `x0` with the noise drawn for `position` (the worker's and the callback's path)."""
+        return self.spec.couple(x0, self.noise_for(x0, position))
+
+    def couple_on(self, x0: Tensor, position: tuple[int, int, int]) -> CouplingResult:
+        """[couple_at][lightning_immiscible.workers.CouplingCollate.couple_at] for `x0` on any device.
+
+        The callback's path for a batch a worker drew for another position: the noise is drawn
+        and coupled on the CPU (as in a worker) and returned on `x0`'s device and dtype.
+        """
+        res = self.couple_at(x0.detach().cpu(), position)
+        return dataclasses.replace(res, noise=res.noise.to(x0), index=res.index.to(x0.device))
 
     def __call__(self, samples: list[Any]) -> dict[str, Any]:
         """Collates ``samples``, couples noise with the batch's ``x0`` and returns both.
@@ -137,9 +197,11 @@ class CouplingCollate:
         """
         batch = self.collate_fn(samples)
         x0 = self.data_fn(batch)
-        res = self.spec.couple(x0, self.draw_noise(x0, self.generator()))
+        position = self.next_position()
+        res = self.couple_at(x0, position)
         stats = torch.tensor([res.cost_before, res.cost_after, res.assign_ms], dtype=torch.float64)
-        extra = {NOISE_KEY: res.noise, INDEX_KEY: res.index, STATS_KEY: stats}
+        where = torch.tensor(position, dtype=torch.int64)
+        extra = {NOISE_KEY: res.noise, INDEX_KEY: res.index, STATS_KEY: stats, POSITION_KEY: where}
         if isinstance(batch, Mapping):
             return {**batch, **extra}
         return {BATCH_KEY: batch, **extra}
@@ -157,7 +219,7 @@ def split_coupled_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """
     if not isinstance(batch, Mapping) or NOISE_KEY not in batch:
         return batch, None
-    if set(batch) == {BATCH_KEY, *_KEYS}:
+    if set(batch) - {POSITION_KEY} == {BATCH_KEY, NOISE_KEY, INDEX_KEY, STATS_KEY}:
         return batch[BATCH_KEY], batch[NOISE_KEY]
     return {k: v for k, v in batch.items() if k not in _KEYS}, batch[NOISE_KEY]
 
@@ -178,6 +240,7 @@ class WorkerCoupling:
         cost_before: Mean pair distance before re-pairing.
         cost_after: Mean pair distance after.
         assign_ms: The worker's coupling time, ms (off the training step's critical path).
+        position: `(rank, epoch, batch index)` the noise was drawn for (`None`: not recorded).
     """
 
     batch: Any
@@ -186,6 +249,7 @@ class WorkerCoupling:
     cost_before: float
     cost_after: float
     assign_ms: float
+    position: tuple[int, int, int] | None = None
 
     @classmethod
     def from_batch(cls, batch: Any) -> WorkerCoupling | None:
@@ -201,4 +265,27 @@ class WorkerCoupling:
         if noise is None:
             return None
         before, after, ms = (float(v) for v in batch[STATS_KEY].tolist())
-        return cls(inner, noise, batch[INDEX_KEY], before, after, ms)
+        where = batch.get(POSITION_KEY)
+        position = None if where is None else tuple(int(v) for v in where.tolist())
+        return cls(inner, noise, batch[INDEX_KEY], before, after, ms, position)  # type: ignore[arg-type]
+
+
+def _process_rank() -> int | None:
+    """This process's global rank where a process group is initialised (forked workers inherit it)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
+def find_collates(loaders: Any) -> list[CouplingCollate]:
+    """The [CouplingCollate][lightning_immiscible.workers.CouplingCollate]s of DataLoaders.
+
+    Args:
+        loaders: A DataLoader, or a list / tuple / dict of them (Lightning's `train_dataloader`).
+
+    Returns:
+        The collates, in loader order (empty when none couples in its workers).
+    """
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if not isinstance(loaders, list | tuple):
+        loaders = [loaders]
+    return [ld.collate_fn for ld in loaders if isinstance(getattr(ld, "collate_fn", None), CouplingCollate)]

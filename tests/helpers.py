@@ -16,7 +16,12 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
     """A tiny epsilon-prediction model that records what it saw per training batch."""
 
     def __init__(
-        self, batch_format: str = "tuple", sizes: tuple[int, ...] = (32,), batch_size: int = 8, dim: int = DIM
+        self,
+        batch_format: str = "tuple",
+        sizes: tuple[int, ...] = (32,),
+        batch_size: int = 8,
+        dim: int = DIM,
+        same_data: bool = False,
     ):
         super().__init__()
         self.dim = dim
@@ -24,6 +29,7 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
         self.batch_format = batch_format
         self.sizes = sizes
         self.batch_size = batch_size
+        self.same_data = same_data  # every rank gets rank 0's data (else each rank its own)
         self.records: list[dict[str, torch.Tensor]] = []
         self.val_noise_was_coupled: list[bool] = []
 
@@ -45,7 +51,7 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
     def _dataset(self) -> Dataset:
         rank = self.global_rank if self._trainer is not None else 0
         n = self.sizes[rank % len(self.sizes)]
-        gen = torch.Generator().manual_seed(100 + rank)
+        gen = torch.Generator().manual_seed(100 + (0 if self.same_data else rank))
         data = torch.rand(n, self.dim, generator=gen) * 2 - 1
         labels = torch.arange(n)
         if self.batch_format == "dict":
@@ -89,3 +95,34 @@ def trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch (it has `state_dict` / `load_state_dict`).
+
+    It skips the batches of the epoch that the interrupted run already trained on, so a resumed
+    run sees the same data per step as an uninterrupted one (a plain DataLoader replays the epoch).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.taken, self.skip = 0, 0
+
+    def __iter__(self):
+        # The skip applies to the iterator created now (Lightning may create one it never reads).
+        skip, self.skip, self.taken = self.skip, 0, 0
+        return self._batches(super().__iter__(), skip)
+
+    def _batches(self, batches, skip: int):
+        for i, batch in enumerate(batches):
+            if i >= skip:
+                self.taken = i + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A finished epoch is not skipped again (like torchdata's StatefulDataLoader): Lightning
+        # may restore the state after the epoch ended and only iterate in the next one.
+        self.skip = state["taken"] if state["taken"] < len(self) else 0

@@ -1,5 +1,8 @@
 """ImmiscibleCoupling in single-process fits: pairing, batch formats, logging, resume, warnings."""
 
+import logging
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -8,7 +11,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_immiscible import ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import draw_pool
-from tests.helpers import ToyDiffusion, trainer
+from lightning_immiscible.workers import CouplingCollate
+from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
 
 def _fit(module, callback, **kwargs):
@@ -71,29 +75,38 @@ def test_mixed_precision(precision):
     assert cb.last_result is not None and cb.last_result.reduction_pct > 0
 
 
-def test_resume_draws_the_same_noise_stream(tmp_path):
-    first = ToyDiffusion(sizes=(48,))
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+class ResumableToy(ToyDiffusion):
+    def train_dataloader(self):
+        return ResumableLoader(self._dataset(), batch_size=self.batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("stop", [3, 6], ids=["mid_epoch", "epoch_boundary"])
+def test_resume_draws_the_same_noise_stream(tmp_path, caplog, stop):
+    # 6 batches per epoch; the run is interrupted after `stop` steps and resumed to 9 steps. Every
+    # later draw's noise must equal the uninterrupted run's, element-wise, with no condition.
+    # Catches: a draw counter or seed not restored (the pools differ), a counter restored off by
+    # one, and the seed drawn afresh on resume. The data are equal per step (ResumableLoader),
+    # so a coupling that differs can only come from the noise stream.
+    first = ResumableToy(sizes=(48,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
     cb = ImmiscibleCoupling(seed=None)  # a random seed, shared and checkpointed
-    trainer(callbacks=[cb, ckpt], max_steps=3, enable_checkpointing=True).fit(first)
-    resumed = ToyDiffusion(sizes=(48,))
-    cb2 = ImmiscibleCoupling(seed=12345)  # the checkpoint's seed and draw counter win
-    path = next(tmp_path.glob("*step=3*.ckpt"))
-    resume = trainer(callbacks=[cb2], max_steps=6, enable_checkpointing=False)
-    resume.fit(resumed, ckpt_path=path)
-    assert cb2.seed == cb.seed and cb2.draws == 6
-    uninterrupted = ToyDiffusion(sizes=(48,))
-    _fit(uninterrupted, ImmiscibleCoupling(seed=cb.seed), max_steps=6)
+    trainer(callbacks=[cb, ckpt], max_steps=stop, enable_checkpointing=True).fit(first)
+    resumed, cb2 = ResumableToy(sizes=(48,)), ImmiscibleCoupling(seed=None)  # the checkpoint's seed wins
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer(callbacks=[cb2], max_steps=9).fit(
+            resumed, ckpt_path=next(tmp_path.glob(f"*step={stop}*.ckpt"))
+        )
+    assert cb2.seed == cb.seed and cb2.draws == 9
+    seeds_logged = re.findall(r"seed=(\d+)", caplog.text)
+    assert seeds_logged == [str(cb.seed)]  # only the restored seed, never a fresh one first
+    uninterrupted = ResumableToy(sizes=(48,))
+    _fit(uninterrupted, ImmiscibleCoupling(seed=cb.seed), max_steps=9)
     interrupted = first.records + resumed.records
-    assert len(interrupted) == len(uninterrupted.records) == 6
-    for draw, (a, b) in enumerate(zip(interrupted, uninterrupted.records, strict=True)):
-        # Lightning may replay the epoch's data after a mid-epoch resume; the noise pool of each
-        # draw must be the same, and equal data must get equal noise.
-        pool = draw_pool(a["x0"].shape, cb.seed, 0, draw)
-        assert torch.equal(a["noise"], couple(a["x0"], pool).noise)
-        assert torch.equal(b["noise"], couple(b["x0"], pool).noise)
-        if torch.equal(a["x0"], b["x0"]):
-            assert torch.equal(a["noise"], b["noise"])
+    assert len(interrupted) == len(uninterrupted.records) == 9
+    for a, b in zip(interrupted, uninterrupted.records, strict=True):
+        assert torch.equal(a["x0"], b["x0"])
+        assert torch.equal(a["noise"], b["noise"])
 
 
 def test_state_dict_round_trip():
@@ -278,3 +291,75 @@ def test_auto_solver_choice_is_logged_once_per_pool_shape(caplog):
         f"ImmiscibleCoupling: solver='auto' uses {choose_exact_solver(8, 12)!r} for pools of 8 items of "
         "12 values (the rule: lightning_immiscible.solvers.choose_exact_solver)."
     ]
+
+
+class NormRecorder(L.Callback):
+    def __init__(self):
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(trainer.callback_metrics["immiscible/noise_norm2"]))
+
+
+@pytest.mark.parametrize("method", ["lsa", "knn"])
+def test_noise_norm2_shows_knn_tilt_and_keeps_gaussian_scale_for_lsa(method):
+    # lsa permutes i.i.d. N(0, 1) noise: the mean of N squared entries is 1 with standard error
+    # sqrt(2 / N) (N = 10 steps x 16 items x 64 dims = 10,240). knn with k=8 keeps the nearest of
+    # 8 candidates, mostly the shorter ones (0.82 measured at 64 dims). Catches a missing or wrongly
+    # normalised diagnostic (e.g. per item instead of per dimension), and noise that is not
+    # the coupled batch's.
+    module, cb, rec = (
+        ToyDiffusion(sizes=(160,), batch_size=16, dim=64),
+        ImmiscibleCoupling(method, k=8, seed=3),
+        NormRecorder(),
+    )
+    trainer(callbacks=[cb, rec], max_steps=10).fit(module)
+    measured = sum(rec.values) / len(rec.values)
+    expected = float(torch.cat([r["noise"] for r in module.records]).square().mean())
+    assert measured == pytest.approx(expected, rel=1e-5)
+    stderr = (2 / (10 * 16 * 64)) ** 0.5
+    if method == "lsa":
+        assert abs(measured - 1) < 4 * stderr
+    else:
+        assert measured < 1 - 8 * stderr  # measured 0.82
+
+
+class ResumableWorkerToy(ToyDiffusion):
+    def __init__(self, num_workers: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_workers = num_workers
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=11)
+        return ResumableLoader(
+            self._dataset(), batch_size=8, num_workers=self.num_workers, collate_fn=collate
+        )
+
+
+@pytest.mark.parametrize(
+    ("stop", "num_workers"),
+    [(3, 0), (9, 0), (6, 2)],
+    ids=["mid_epoch", "mid_later_epoch", "epoch_boundary_workers"],
+)
+def test_worker_coupled_resume_draws_the_same_noise(tmp_path, stop, num_workers):
+    # Worker path: 6 batches per epoch, interrupted after `stop` steps, resumed to 12 (after a
+    # resume into epoch 1 the callback re-couples the stale first iterator's batches). Every later
+    # batch's noise must equal the uninterrupted run's element-wise. Catches a stream that depends
+    # on process-local state (a batch counter or worker seeds that restart with the new process):
+    # the resumed run would repeat the first batches' noise.
+    first = ResumableWorkerToy(num_workers, sizes=(48,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
+    trainer(callbacks=[ImmiscibleCoupling(seed=1), ckpt], max_steps=stop, enable_checkpointing=True).fit(
+        first
+    )
+    resumed = ResumableWorkerToy(num_workers, sizes=(48,))
+    path = next(tmp_path.glob(f"*step={stop}*.ckpt"))
+    trainer(callbacks=[ImmiscibleCoupling(seed=1)], max_steps=12).fit(resumed, ckpt_path=path)
+    uninterrupted = ResumableWorkerToy(num_workers, sizes=(48,))
+    _fit(uninterrupted, ImmiscibleCoupling(seed=1), max_steps=12)
+    interrupted = first.records + resumed.records
+    assert len(interrupted) == len(uninterrupted.records) == 12
+    for a, b in zip(interrupted, uninterrupted.records, strict=True):
+        assert torch.equal(a["x0"], b["x0"])
+        assert torch.equal(a["noise"], b["noise"])
+    assert not torch.equal(uninterrupted.records[0]["noise"], uninterrupted.records[6]["noise"])

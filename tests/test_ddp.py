@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
 
 import lightning_immiscible.distributed as li_dist
 from lightning_immiscible import ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import draw_pool
-from tests.helpers import ToyDiffusion, trainer
+from lightning_immiscible.workers import CouplingCollate
+from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
@@ -28,12 +32,17 @@ class Dump(Callback):
             {
                 "records": pl_module.records,
                 "seed": self.coupling.seed,
+                "auto_group_size": self.coupling.auto_group_size,
                 "error": error,
                 "calls": dict(getattr(li_dist.dist, "calls", {})),
                 "bytes": dict(getattr(li_dist.dist, "bytes", {})),
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("immiscible/")}
+        pl_module.records[-1]["logged"] = logged
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer, pl_module)
@@ -91,9 +100,31 @@ def _run(tmp_path, module, coupling, **kwargs):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("sizes", [(16, 16), (16, 12)], ids=["even", "uneven_last_batch"])
-def test_global_coupling_equals_single_process_coupling_of_concatenated_batch(tmp_path, sizes):
-    coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=None)
+def _formula_mean_distance(x: torch.Tensor, n: torch.Tensor, metric: str) -> float:
+    diff = (x.double() - n.double()).reshape(len(x), -1)
+    per_item = {"l1": diff.abs().sum(1), "sqeuclidean": diff.square().sum(1)}.get(metric, diff.norm(dim=1))
+    return float(per_item.mean())
+
+
+@pytest.mark.parametrize(
+    ("sizes", "method", "metric"),
+    [
+        ((16, 16), "lsa", "l2"),
+        ((16, 12), "lsa", "l2"),
+        ((16, 12), "flip", "l2"),
+        ((16, 12), "lsa", "sqeuclidean"),
+        ((16, 12), "lsa", "l1"),
+    ],
+    ids=["even", "uneven_last_batch", "flip", "sqeuclidean", "l1"],
+)
+def test_global_coupling_equals_single_process_coupling_of_concatenated_batch(
+    tmp_path, sizes, method, metric
+):
+    # Catches: a rank coupling only its own rows (or a wrong row offset in the gathered matrix), a
+    # method or metric lost on the way to the ranks (flip / sqeuclidean / l1 through the callback),
+    # and logged costs that are this rank's instead of the group's (the oracle is the formula on
+    # the concatenated batch).
+    coupling = ImmiscibleCoupling(method=method, metric=metric, scope="global", seed=None)
     ranks = _run(tmp_path, ToyDiffusion(sizes=sizes, batch_size=8), coupling, max_epochs=1)
     assert ranks[0]["seed"] == ranks[1]["seed"] is not None  # a random seed, shared by broadcast
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
@@ -103,25 +134,50 @@ def test_global_coupling_equals_single_process_coupling_of_concatenated_batch(tm
     for draw, (a, b) in enumerate(zip(r0, r1, strict=True)):
         x_all = torch.cat([a["x0"], b["x0"]])
         pool = draw_pool(x_all.shape, ranks[0]["seed"], group_index=0, draw_index=draw)
-        expected = couple(x_all, pool, method="lsa")
-        assert torch.equal(torch.cat([a["noise"], b["noise"]]), expected.noise)
-        assert expected.reduction_pct > 0
+        expected = couple(x_all, pool, method=method, metric=metric)
+        noise_all = torch.cat([a["noise"], b["noise"]])
+        assert torch.equal(noise_all, expected.noise)
+        assert expected.reduction_pct < 0 if method == "flip" else expected.reduction_pct > 0
+        before = _formula_mean_distance(x_all, pool, metric)
+        after = _formula_mean_distance(x_all, noise_all, metric)
+        for rec in (a, b):  # the logged values are the group's, identical on both ranks
+            assert rec["logged"]["immiscible/cost_before"] == pytest.approx(before, rel=1e-5)
+            assert rec["logged"]["immiscible/cost_after"] == pytest.approx(after, rel=1e-5)
+            assert rec["logged"]["immiscible/group_size"] == 2
+
+
+def _knn_oracle_candidates(shape, seed: int, rank: int, draw: int) -> torch.Tensor:
+    """Rank ``rank``'s knn candidates as documented: a torch.Generator seeded from the 63-bit value
+    NumPy's SeedSequence([seed, stream=1, rank, draw]) yields (written out here, not imported)."""
+    words = np.random.SeedSequence([seed, 1, rank, draw]).generate_state(2)
+    gen = torch.Generator().manual_seed(((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1))
+    return torch.randn(shape, generator=gen)
 
 
 @pytest.mark.parametrize(("scope", "method"), [("local", "lsa"), ("global", "knn")])
-def test_local_scope_and_knn_make_no_collective_call(tmp_path, monkeypatch, scope, method):
+def test_local_scope_and_knn_exchange_only_a_header(tmp_path, monkeypatch, scope, method):
+    # Both ranks get the same data: if the ranks drew the same pool / candidates (rank missing from
+    # the seed) their noise would be equal. knn's oracle rebuilds each rank's candidates from the
+    # seed and the rank. The only collective is the per-step header (so bad input on one rank fails
+    # all ranks): catches noise or cost rows crossing the network for local coupling.
     monkeypatch.setattr(li_dist, "dist", CountingDist())  # inherited by the forked ranks
-    coupling = ImmiscibleCoupling(method=method, scope=scope, seed=5)
-    ranks = _run(tmp_path, ToyDiffusion(sizes=(16, 16), batch_size=8), coupling, max_steps=2)
-    for r, rank in enumerate(ranks):
+    coupling = ImmiscibleCoupling(method=method, scope=scope, seed=5, k=4)
+    ranks = _run(tmp_path, ToyDiffusion(sizes=(16, 16), batch_size=8, same_data=True), coupling, max_steps=2)
+    for rank in ranks:
         collectives = {k: v for k, v in rank["calls"].items() if k in CountingDist.COLLECTIVES}
-        assert collectives == {}, f"rank {r} called {collectives}"
+        assert collectives == {"all_gather": 2}  # one header per step
+        assert rank["bytes"] == {"all_gather": 2 * li_dist.HEADER_SIZE * 8}
         assert len(rank["records"]) == 2
-    if method == "lsa":  # each rank couples alone, with its own pool
-        for r, rank in enumerate(ranks):
-            for draw, rec in enumerate(rank["records"]):
+    for r, rank in enumerate(ranks):
+        for draw, rec in enumerate(rank["records"]):
+            if method == "lsa":  # each rank couples alone, with its own pool
                 pool = draw_pool(rec["x0"].shape, 5, group_index=r, draw_index=draw)
                 assert torch.equal(rec["noise"], couple(rec["x0"], pool).noise)
+            else:
+                cand = _knn_oracle_candidates((8, 4, 12), 5, r, draw)
+                dist = (rec["x0"][:, None] - cand).norm(dim=-1)
+                assert torch.equal(rec["noise"], cand[torch.arange(8), dist.argmin(1)])
+    assert torch.equal(ranks[0]["records"][0]["x0"], ranks[1]["records"][0]["x0"])
     assert not torch.equal(ranks[0]["records"][0]["noise"], ranks[1]["records"][0]["noise"])
 
 
@@ -173,10 +229,22 @@ def test_resume_on_a_different_world_size_continues_the_draw_counter(tmp_path):
 
 
 def test_auto_scope_probes_locally_then_adopts_the_largest_group_that_fits(tmp_path, monkeypatch):
+    # A rank-dependent measurement (rank 1 would choose groups of 1): every rank must adopt rank 0's
+    # decision. Catches ranks that decide the group size on their own measurements.
+    from lightning_immiscible import callback as li_callback
+
+    real = li_callback.choose_group_size
+
+    def rank_dependent(*args, **kwargs):
+        decision = real(*args, **kwargs)
+        return decision if torch_dist.get_rank() == 0 else dataclasses.replace(decision, size=1)
+
+    monkeypatch.setattr(li_callback, "choose_group_size", rank_dependent)
     monkeypatch.setattr(li_dist, "dist", CountingDist())
     coupling = ImmiscibleCoupling(method="lsa", scope="auto", seed=4, max_step_fraction=1e6)
     ranks = _run(tmp_path, ToyDiffusion(sizes=(64, 64), batch_size=8), coupling, max_steps=7)
     assert coupling.auto_group_size is None  # the parent process never trained; the ranks decided
+    assert ranks[0]["auto_group_size"] == ranks[1]["auto_group_size"] == 2
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
     probe = 4  # local coupling while measuring (warm-up batches + 1)
     for draw in range(probe):
@@ -229,3 +297,86 @@ def test_partition_ranks_groups():
     pools = {li_dist.draw_pool((4, 3), 1, g, d).sum().item() for g in range(2) for d in range(2)}
     assert len(pools) == 4  # different per group and per draw
     assert torch.equal(li_dist.draw_pool((4, 3), 1, 0, 0), li_dist.draw_pool((4, 3), 1, 0, 0))
+
+
+class WorkerFed(ToyDiffusion):
+    """Couples in DataLoader workers (CouplingCollate); every rank gets the same data."""
+
+    def __init__(self, num_workers: int, **kwargs):
+        super().__init__(same_data=True, **kwargs)
+        self.num_workers = num_workers
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=5)  # built per rank, after the process group exists
+        return DataLoader(self._dataset(), batch_size=8, num_workers=self.num_workers, collate_fn=collate)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.records[-1]["position"] = self.worker_coupling.position
+        self.records[-1]["expected"] = (self.global_rank, self.current_epoch, batch_idx)
+        return loss
+
+
+def _worker_oracle(x0: torch.Tensor, rank: int, epoch: int, index: int) -> torch.Tensor:
+    """The documented worker stream, written out: SeedSequence([seed, 2, rank, epoch, index])."""
+    words = np.random.SeedSequence([5, 2, rank, epoch, index]).generate_state(2)
+    gen = torch.Generator().manual_seed(((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1))
+    return couple(x0, torch.randn(x0.shape, generator=gen)).noise
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_worker_coupling_draws_per_rank_noise_reproducible_from_the_seed(tmp_path, num_workers):
+    # Both ranks see identical batches. Before the rank was part of the worker stream, both drew
+    # the same noise (num_workers=0: identical seeds; workers: worker seeds from a base seed that
+    # equal RNG states make equal on every rank). The oracle rebuilds each batch's noise from
+    # (seed, rank, epoch, batch index); epoch 1 must get new noise (set_epoch reaches the workers).
+    coupling = ImmiscibleCoupling(method="lsa", scope="local", seed=1)
+    ranks = _run(tmp_path, WorkerFed(num_workers, sizes=(16, 16)), coupling, max_epochs=2)
+    for r, rank in enumerate(ranks):
+        assert len(rank["records"]) == 4
+        for i, rec in enumerate(rank["records"]):
+            epoch, index = divmod(i, 2)
+            assert rec["position"] == rec["expected"] == (r, epoch, index)  # coupled in the worker
+            assert torch.equal(rec["noise"], _worker_oracle(rec["x0"], r, epoch, index))
+    r0, r1 = ranks[0]["records"], ranks[1]["records"]
+    for a, b in zip(r0, r1, strict=True):
+        assert torch.equal(a["x0"], b["x0"]) and not torch.equal(a["noise"], b["noise"])
+    assert not torch.equal(r0[0]["noise"], r0[2]["noise"])  # same data, next epoch: new noise
+
+
+class ResumableFed(ToyDiffusion):
+    """Per-rank data through a resumable loader; optionally coupled in the loader (num_workers=0)."""
+
+    def __init__(self, worker: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.worker = worker
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=5) if self.worker else None
+        return ResumableLoader(self._dataset(), batch_size=8, collate_fn=collate)
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["callback", "worker"])
+def test_ddp_resume_mid_epoch_draws_the_same_noise_on_every_rank(tmp_path, worker):
+    # 2 ranks, 4 batches per epoch: interrupted after 2 steps (mid-epoch), resumed to 6 steps.
+    # Every later step's noise on every rank must equal the uninterrupted run's element-wise.
+    # Catches a draw counter, seed or worker stream position that is not restored on all ranks.
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    runs = {}
+    for name, steps, path in [("first", 2, None), ("resumed", 6, "ckpt"), ("uninterrupted", 6, None)]:
+        out = tmp_path / name
+        out.mkdir()
+        coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=3)
+        callbacks = [coupling, Dump(out, coupling)] + ([ckpt] if name == "first" else [])
+        t = trainer(callbacks=callbacks, devices=2, strategy="ddp_fork", max_steps=steps,
+                    use_distributed_sampler=False, enable_checkpointing=name == "first")  # fmt: skip
+        ckpt_path = next((tmp_path / "ckpt").glob("*step=2*.ckpt")) if path else None
+        t.fit(ResumableFed(worker, sizes=(32, 32)), ckpt_path=ckpt_path)
+        runs[name] = [torch.load(out / f"rank{r}.pt", weights_only=False)["records"] for r in range(2)]
+    for r in range(2):
+        interrupted = runs["first"][r] + runs["resumed"][r]
+        assert len(interrupted) == len(runs["uninterrupted"][r]) == 6
+        for a, b in zip(interrupted, runs["uninterrupted"][r], strict=True):
+            assert torch.equal(a["x0"], b["x0"])
+            assert torch.equal(a["noise"], b["noise"])
+    assert not torch.equal(runs["uninterrupted"][0][3]["noise"], runs["uninterrupted"][1][3]["noise"])

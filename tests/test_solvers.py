@@ -29,7 +29,19 @@ from lightning_immiscible.solvers import (
 )
 from lightning_immiscible.solvers_approx import solve_greedy
 
-EXACT = [name for name, spec in SOLVERS.items() if spec.exact]
+# Every exact backend the library knows, installed or not: a missing optional package shows as a
+# skipped test (with the package to install), not as a test that silently never ran.
+OPTIONAL_PACKAGES = {"lapjv": "lapjv", "lapx": "lapx"}
+EXACT = sorted({"scipy", *OPTIONAL_PACKAGES, *(name for name, spec in SOLVERS.items() if spec.exact)})
+
+
+def _require(solver: str) -> None:
+    if solver not in ("auto", "greedy") and solver not in SOLVERS:
+        pytest.skip(
+            f"solver {solver!r} is not installed (pip install {OPTIONAL_PACKAGES.get(solver, solver)})"
+        )
+
+
 PKG_DIR = str(Path(lightning_immiscible.__file__).parent)
 
 
@@ -73,8 +85,15 @@ DEGENERATE = {
     "rank1": np.outer(np.arange(20.0), np.ones(20)),
     "identity": np.eye(25),
     "huge_offset": np.random.default_rng(1).random((30, 30)) * 1e3 + 1e12,
+    "huge_scale": np.random.default_rng(3).random((30, 30)) * 1e42,  # beyond float32's range
     "negative": -np.random.default_rng(2).random((30, 30)) * 100,
 }
+
+
+# Compared after removing a case's common offset (same optimum), so the tolerance is tight: on the
+# raw 1e12 + [0, 1e3) cost a relative 1e-12 admits swaps worth ~30, the very failure to catch.
+OFFSET = {"huge_offset": 1e12}
+SCALE = {"huge_scale": 1e42}
 
 
 def test_registry_has_scipy_and_an_approximate_solver():
@@ -170,6 +189,7 @@ def test_every_choice_of_auto_reaches_the_same_optimum_value(dim):
 @pytest.mark.parametrize("solver", EXACT)
 @pytest.mark.parametrize("b", [3, 17, 64, 200])
 def test_exact_solvers_reach_the_scipy_optimum_on_random_costs(solver, b):
+    _require(solver)
     rng = np.random.default_rng(b)
     # 1e-9: lapjv stops up to a few 1e-10 above the optimum on 2-D points (see the auto tests)
     for cost in (rng.random((b, b)), _image_cost(b, 48, b), _points_cost(b, b), _points_cost(b, b, True)):
@@ -181,18 +201,31 @@ def test_exact_solvers_reach_the_scipy_optimum_on_random_costs(solver, b):
 @pytest.mark.parametrize("solver", [*EXACT, "auto"])
 @pytest.mark.parametrize("case", sorted(DEGENERATE))
 def test_exact_solvers_on_degenerate_costs(solver, case):
+    # Catches lapjv fed the raw 1e12-offset cost (its absolute tolerance gives a non-optimal
+    # assignment) and costs beyond float32's range (lapjv solves in float32: inf entries).
+    _require(solver)
     cost = DEGENERATE[case]
     col = solve(cost, solver)
     assert _is_perm(col, len(cost))
-    assert _objective(cost, col) == pytest.approx(_optimum(cost), rel=1e-12, abs=1e-9)
+    residual = (cost - OFFSET.get(case, 0.0)) / SCALE.get(case, 1.0)
+    assert _objective(residual, col) == pytest.approx(_optimum(residual), rel=1e-12, abs=1e-9)
+
+
+def test_solve_rescales_costs_beyond_float32_for_every_solver():
+    # Catches a float32 backend fed costs above 3.4e38 (inf inside lapjv/greedy: a SciPy error,
+    # a non-permutation or corrupted memory).
+    cost = DEGENERATE["huge_scale"]
+    for solver in [s for s in EXACT if s in SOLVERS] + ["greedy"]:
+        col = solve(cost, solver)
+        assert _objective(cost / 1e42, col) == pytest.approx(_optimum(cost / 1e42), rel=1e-12)
 
 
 def test_empty_cost_gives_an_empty_assignment():
-    for solver in [*EXACT, "greedy"]:
+    for solver in [s for s in EXACT if s in SOLVERS] + ["greedy"]:
         assert solve(np.zeros((0, 0)), solver).shape == (0,)
 
 
-@pytest.mark.parametrize("case", sorted(DEGENERATE))
+@pytest.mark.parametrize("case", sorted(set(DEGENERATE) - set(SCALE)))  # solve() rescales those
 def test_greedy_returns_a_permutation_on_degenerate_costs(case):
     cost = DEGENERATE[case]
     for fixup in (0, 64):
@@ -245,6 +278,7 @@ def test_checked_backend_falls_back_to_scipy_on_bad_output_or_error():
 
 @pytest.mark.parametrize("solver", [*EXACT, "greedy"])
 def test_couple_accepts_every_solver_and_keeps_the_noise_multiset(solver):
+    _require(solver)
     gen = torch.Generator().manual_seed(6)
     x0, noise = torch.rand(96, 3, 4, 4, generator=gen), torch.randn(96, 3, 4, 4, generator=gen)
     res = couple(x0, noise, method="lsa", solver=solver)

@@ -14,6 +14,7 @@ from lightning_immiscible.workers import (
     BATCH_KEY,
     INDEX_KEY,
     NOISE_KEY,
+    POSITION_KEY,
     STATS_KEY,
     CouplingCollate,
     split_coupled_batch,
@@ -39,7 +40,8 @@ def test_tuple_batch_is_wrapped_and_split_back():
     collate = CouplingCollate("lsa", seed=1)
     samples = [(x, torch.tensor(i)) for i, x in enumerate(_images(8))]
     batch = collate(samples)
-    assert set(batch) == {BATCH_KEY, NOISE_KEY, INDEX_KEY, STATS_KEY}
+    assert set(batch) == {BATCH_KEY, NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY}
+    assert batch[POSITION_KEY].tolist() == [0, 0, 0]  # rank 0, epoch 0, first batch
     inner, noise = split_coupled_batch(batch)
     x0, labels = inner
     assert noise.shape == x0.shape == (8, 3, 8, 8) and labels.tolist() == list(range(8))
@@ -87,8 +89,10 @@ def test_main_process_stream_is_reproducible_and_leaves_global_rng_alone():
 
 
 def test_set_epoch_changes_the_stream():
-    epoch0 = _noises(_loader(CouplingCollate("none", seed=3), workers=0))
-    collate = CouplingCollate("none", seed=3)  # same seed, fresh batch counter
+    collate = CouplingCollate("none", seed=3)
+    epoch0 = _noises(_loader(collate, workers=0))
+    collate.set_epoch(0)  # the same epoch again: the same positions, the same noise
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, _noises(_loader(collate, workers=0)), strict=True))
     collate.set_epoch(1)
     assert not torch.equal(_noises(_loader(collate, workers=0))[0], epoch0[0])
 
@@ -101,9 +105,30 @@ def test_workers_draw_different_noise_and_are_reproducible_under_a_seed():
     # Batches 0 and 1 come from workers 0 and 1 with the same batch counter: they must differ.
     flat = torch.stack([n.flatten() for n in run1])
     assert torch.cdist(flat, flat).add(torch.eye(4) * 1e9).min() > 1.0
-    # A new epoch (new worker seeds from the DataLoader's generator) draws new noise.
+    # The noise is a function of (seed, rank, epoch, batch position), not of the workers' seeds:
+    # the same positions with one worker or two give the same noise; a new epoch gives new noise.
+    assert all(torch.equal(a, b) for a, b in zip(run1, _noises(_loader(collate, workers=1)), strict=True))
+    collate.set_epoch(1)
     epoch2 = _noises(_loader(collate, workers=2, seed=1))
     assert not any(torch.equal(a, b) for a, b in zip(run1, epoch2, strict=True))
+
+
+def test_noise_is_the_documented_function_of_seed_rank_epoch_and_position():
+    # Oracle written out from the documented derivation (NumPy SeedSequence -> torch.Generator).
+    # Catches a stream without the rank (every DDP rank would draw the same noise) or with
+    # hidden state (a resumed run could not reproduce it).
+    import numpy as np
+
+    collate = CouplingCollate("none", seed=7, rank=3)
+    collate.set_epoch(2)
+    noises = _noises(_loader(collate, workers=2))
+    for index, noise in enumerate(noises):
+        words = np.random.SeedSequence([7, 2, 3, 2, index]).generate_state(2)
+        gen = torch.Generator().manual_seed(((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1))
+        assert torch.equal(noise, torch.randn(noise.shape, generator=gen))
+    other_rank = CouplingCollate("none", seed=7, rank=4)
+    other_rank.set_epoch(2)
+    assert not torch.equal(_noises(_loader(other_rank, workers=2))[0], noises[0])
 
 
 def test_worker_noise_is_standard_gaussian():

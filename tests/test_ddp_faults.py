@@ -1,0 +1,140 @@
+"""Faults on real 2-process CPU DDP (gloo, ddp_fork): every rank fails with a clear message, fast.
+
+What each fault looks like to a user is described in docs/multi-node.md ("When a rank fails").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ToyDiffusion, trainer
+from tests.test_ddp import RecordingCoupling
+
+pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
+
+
+class FaultOnRankOne(ToyDiffusion):
+    """``immiscible_data`` misbehaves on rank 1 only; rank 0 is healthy."""
+
+    def __init__(self, fault: str, **kwargs):
+        super().__init__(**kwargs)
+        self.fault = fault
+
+    def immiscible_data(self, batch):
+        x = batch[0]
+        if self.global_rank != 1:
+            return x
+        if self.fault == "exception":
+            raise KeyError("no 'image' key in this batch")
+        if self.fault == "integer":
+            return (x * 100).long()
+        if self.fault == "shape":
+            return x[:, :6]
+        if self.fault == "empty":
+            return x[:0]
+        if self.fault == "stall":
+            time.sleep(120)
+            return x
+        if self.fault == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        x = x.clone()
+        x[0, 0] = float("nan")
+        return x
+
+
+def _children() -> list[int]:
+    """Live child processes of this process (zombies excluded), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _fail(tmp_path, fault, **coupling_kwargs) -> tuple[list[str], float]:
+    coupling = RecordingCoupling(tmp_path, seed=1, **coupling_kwargs)
+    t = trainer(callbacks=[coupling], devices=2, strategy="ddp_fork", max_steps=2)
+    start = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
+        t.fit(FaultOnRankOne(fault, sizes=(16,), batch_size=8))
+    elapsed = time.monotonic() - start
+    assert _children() == [], "a rank outlived the failed fit"
+    errors = [tmp_path / f"error{r}.pt" for r in range(2)]
+    return [torch.load(e)["error"] if e.exists() else "" for e in errors], elapsed
+
+
+@pytest.mark.parametrize(
+    ("fault", "kwargs", "rank1", "rank0"),
+    [
+        ("exception", {}, "KeyError", "rank 1 raised an exception while preparing its batch"),
+        ("integer", {}, "has dtype torch.int64", "rank 1 got invalid input (dtype)"),
+        ("shape", {}, "different item shapes", "different item shapes"),
+        ("empty", {}, "batch has 0 items", "rank 1 got invalid input (empty)"),
+        ("nan", {"scope": "node", "collective_timeout_s": 30}, "NaN/Inf", "(non_finite)"),
+        ("integer", {"scope": 2, "collective_timeout_s": 30}, "has dtype torch.int64", "(dtype)"),
+        ("nan", {"scope": "local"}, "NaN/Inf", "rank 1 got invalid input (non_finite)"),
+        ("nan", {"method": "knn"}, "NaN/Inf", "rank 1 got invalid input (non_finite)"),
+    ],
+    ids=["exception", "integer", "shapes_differ", "empty", "node_subgroup", "int_subgroup", "local", "knn"],
+)
+def test_bad_input_on_one_rank_fails_every_rank_with_a_clear_message(tmp_path, fault, kwargs, rank1, rank0):
+    # Catches: a rank that fails alone while the others hang in (or die later in) a collective with
+    # gloo's raw error -- the case for knn and scope="local" before they exchanged a header, and for
+    # errors only one rank can see (an exception in immiscible_data, a 0-item batch).
+    errors, elapsed = _fail(tmp_path, fault, **kwargs)
+    assert rank1 in errors[1]
+    assert rank0 in errors[0]
+    assert elapsed < 60  # at once: no collective waits for its timeout
+
+
+def test_a_rank_stalled_inside_the_coupling_fails_the_group_within_the_timeout(tmp_path):
+    # Rank 1 hangs inside immiscible_data (120 s); rank 0 waits in the header exchange for
+    # collective_timeout_s, fails with the group's message, and the launcher ends rank 1: no orphan.
+    # Catches a timeout that does not apply to the coupling's collectives, and a stuck rank left
+    # running after the others failed.
+    errors, elapsed = _fail(tmp_path, "stall", collective_timeout_s=3)
+    assert "header all_gather collective of coupling group 0 (ranks [0, 1]) failed" in errors[0]
+    assert "collective_timeout_s" in errors[0]
+    assert elapsed < 60
+
+
+def test_ranks_with_different_batch_counts_fail_at_the_first_batch_of_the_next_epoch(tmp_path):
+    # Rank 0 has 3 batches per epoch, rank 1 has 2 (no DistributedSampler to even them out):
+    # rank 0's third batch of epoch 0 would be coupled with rank 1's first batch of epoch 1.
+    # Catches a header without the epoch (the draw counters agree: both are at draw 2).
+    coupling = RecordingCoupling(tmp_path, method="lsa", scope="global", seed=1)
+    t = trainer(
+        callbacks=[coupling], devices=2, strategy="ddp_fork", max_epochs=3, use_distributed_sampler=False
+    )
+    start = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
+        t.fit(ToyDiffusion(sizes=(24, 16), batch_size=8))
+    assert time.monotonic() - start < 60
+    assert _children() == []
+    for r in range(2):
+        error = torch.load(tmp_path / f"error{r}.pt")["error"]
+        assert "Ranks reached the coupling at different batches" in error
+        assert "[[0, 2], [1, 2]]" in error  # (epoch, draw) of rank 0 and rank 1
+
+
+def test_a_killed_rank_ends_the_fit_within_bounded_time_and_leaves_no_rank_behind(tmp_path):
+    # Rank 1 is killed (SIGKILL) inside the coupling hook while rank 0 waits in the header
+    # exchange: gloo reports the closed connection at once, rank 0 fails with the group's message
+    # (the launcher itself reports "process 1 terminated with signal SIGKILL"). Catches a
+    # surviving rank blocked in a collective after its peer died, and an orphaned rank.
+    errors, elapsed = _fail(tmp_path, "killed", collective_timeout_s=20)
+    assert errors[1] == ""  # the killed rank had no chance to record anything
+    assert "header all_gather collective of coupling group 0 (ranks [0, 1]) failed" in errors[0]
+    assert elapsed < 15  # well before the 20 s timeout: the peer's death is noticed, not waited out
