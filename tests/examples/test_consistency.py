@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from example_projects.common.data import synthetic_tensor
 from example_projects.common.fid import TinyExtractor
+from example_projects.common.unet import UNet
 from example_projects.consistency import ConsistencyTraining, cli_main
 from example_projects.consistency.callbacks import ConsistencyFID, ConsistencyGrid, cm_fid_metric_name
 from example_projects.consistency.training import (
@@ -29,7 +30,7 @@ from example_projects.consistency.training import (
 from lightning_immiscible import ImmiscibleCoupling
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
-TINY = dict(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, total_steps=8)
+TINY = dict(image_size=8, total_steps=8)
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +39,14 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["example_projects.consistency"])
 
 
+def tiny_net() -> UNet:
+    return UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1)
+
+
 def tiny_model(**kwargs) -> ConsistencyTraining:
-    return ConsistencyTraining(**{**TINY, "optimizer": "adam", "lr": 1e-3, "ema_decay": 0.9, **kwargs})
+    return ConsistencyTraining(
+        tiny_net(), **{**TINY, "optimizer": "adam", "lr": 1e-3, "ema_decay": 0.9, **kwargs}
+    )
 
 
 # --- the discretisation curriculum and the iCT building blocks ----------------------------------------
@@ -155,7 +162,9 @@ class FreshTargetNoise(ConsistencyTraining):
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 def test_shared_noise_check_catches_a_broken_target():
-    spy, x0, coupled = _step_with_prepared_noise(FreshTargetNoise(**{**TINY, "optimizer": "adam"}))
+    spy, x0, coupled = _step_with_prepared_noise(
+        FreshTargetNoise(tiny_net(), **{**TINY, "optimizer": "adam"})
+    )
     with pytest.raises(AssertionError):
         assert_student_and_target_share(spy.calls, x0, coupled)
 
@@ -250,12 +259,15 @@ def _cli_args(tmp_path: Path, *configs: str) -> list[str]:
         "--data.dataset=synthetic",
         "--data.root=null",
         "--data.image_size=8",
+        "--data.channels=1",
         "--data.batch_size=4",
         "--data.num_synthetic=16",
-        "--model.channel_mult=[1, 2]",
-        "--model.attn_resolutions=[]",
-        "--model.base_channels=8",
-        "--model.num_res_blocks=1",
+        "--model.net.init_args.in_channels=1",
+        "--model.net.init_args.image_size=8",
+        "--model.net.init_args.channel_mult=[1, 2]",
+        "--model.net.init_args.attn_resolutions=[]",
+        "--model.net.init_args.base_channels=8",
+        "--model.net.init_args.num_res_blocks=1",
         "--fid.num_samples=4",
         "--grid.num_images=2",
     ]

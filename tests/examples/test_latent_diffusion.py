@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from example_projects.common.data import ImageDataModule
 from example_projects.common.fid import FIDCallback, fid_metric_name
+from example_projects.common.unet import UNet
 from example_projects.latent_diffusion import ClassGrid, DiffusersCodec, LatentDiffusion, cli_main, guided_eps
 from example_projects.latent_diffusion.codecs import STAGE1_COMMAND, load_codec
 from lightning_immiscible import ImmiscibleCoupling
@@ -82,8 +83,9 @@ def stage2_ckpt(ae_ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _tiny_model(ae: str, **kwargs: Any) -> LatentDiffusion:
-    args = dict(autoencoder_path=ae, base_channels=16, channel_mult=(1, 2), num_res_blocks=1) | kwargs
-    return LatentDiffusion(**args)
+    """Stage 2 on the stage-1 latents (4 x 8 x 8) with a small UNet (conditional when num_classes is set)."""
+    net = UNet(4, 16, (1, 2), 1, image_size=8, num_classes=kwargs.get("num_classes"))
+    return LatentDiffusion(net, **(dict(autoencoder_path=ae) | kwargs))
 
 
 def test_stage1_checkpoint_has_scaling_factor(ae_ckpt: str) -> None:
