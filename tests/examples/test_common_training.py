@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from example_projects.common.data import synthetic_tensor
+from example_projects.common.tiny_net import TinyConvNet
 from example_projects.common.training import check_sample_shape, eval_mode, warmup_optimizer
 from example_projects.common.unet import UNet
 from example_projects.consistency import ConsistencyTraining
@@ -19,7 +20,6 @@ from example_projects.consistency import cli_main as consistency_cli
 from example_projects.ddim import DDIMDiffusion
 from example_projects.ddim import cli_main as ddim_cli
 from example_projects.ddim.schedule import eps_loss
-from tests.examples.support import TinyNet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,29 +139,16 @@ def test_a_network_with_the_wrong_output_channels_fails_instead_of_broadcasting(
 # ----------------------------------------------------------------------------- the injected network
 
 
-def _network_overlay(tmp_path: Path) -> str:
-    """The README's recipe: a config that replaces only ``model.net`` with another class."""
-    path = tmp_path / "my_network.yaml"
-    path.write_text(
-        "model:\n"
-        "  net:\n"
-        "    class_path: tests.examples.support.TinyNet\n"
-        "    init_args:\n"
-        "      in_channels: 1\n"
-        "      width: 8\n"
-    )
-    return str(path)
-
-
 @pytest.mark.parametrize(("example", "cli_main"), [("ddim", ddim_cli), ("consistency", consistency_cli)])
 def test_another_network_class_from_the_config_builds_and_fits(example, cli_main, tmp_path: Path) -> None:
-    """Swapping the network is a config edit: the quickstart with ``model.net`` replaced fits 2 steps."""
+    """Swapping the network is a config edit: the quickstart with the shipped ``tiny_network.yaml``
+    (only ``model.net`` replaced) builds that class, not the UNet, and fits 2 steps."""
     configs = ROOT / "example_projects" / example / "configs"
     cli = cli_main(
         [
             "fit",
             *("--config", str(configs / "quickstart.yaml")),
-            *("--config", _network_overlay(tmp_path)),
+            *("--config", str(configs / "tiny_network.yaml")),
             *("--config", str(configs / "immiscible.yaml")),
             "--data.dataset=synthetic",
             "--data.channels=1",
@@ -177,6 +164,6 @@ def test_another_network_class_from_the_config_builds_and_fits(example, cli_main
     )
     assert cli.trainer.global_step == 2
     trained = cli.model.net if example == "ddim" else cli.model.denoiser.net
-    assert type(trained) is TinyNet
+    assert type(trained) is TinyConvNet
     assert not any(isinstance(m, UNet) for m in cli.model.modules())
     assert int(cli.model.ema.num_updates) == 2

@@ -28,6 +28,7 @@ from example_projects.consistency.training import (
     sampling_sigmas,
 )
 from lightning_immiscible import ImmiscibleCoupling
+from tests.examples.support import logged_values
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
 TINY = dict(image_size=8, total_steps=8)
@@ -333,6 +334,29 @@ def test_published_settings_in_the_configs_parse_unchanged(base):
     if base != "quickstart.yaml":
         assert (h.s0, h.s1, h.optimizer, h.lr) == (10, 1280, "radam", 1e-4)
         assert cli.config.fid.feature == 2048 and cli.config.fid.num_samples == 50_000
+
+
+@pytest.mark.parametrize(("overlay", "coupled"), [("immiscible.yaml", True), ("baseline.yaml", False)])
+def test_every_logged_reduction_is_positive_when_coupled_and_zero_for_the_baseline(
+    tmp_path, overlay, coupled
+):
+    """Every step's ``immiscible/reduction_pct``, read from the CSV as floats (``"0.0"`` is truthy).
+
+    Batch 16: an exact assignment that re-pairs nothing (identity already optimal) is then
+    vanishingly unlikely, so 0 in a coupled run means the coupling did not run.
+    """
+    args = [a for a in _cli_args(tmp_path, "quickstart.yaml", overlay) if a != "--trainer.logger=false"]
+    cli = cli_main(
+        [
+            *args,
+            "--data.batch_size=16",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    reductions = logged_values(Path(cli.trainer.logger.log_dir) / "metrics.csv", "immiscible/reduction_pct")
+    assert len(reductions) == 2
+    assert all(r > 0 for r in reductions) if coupled else all(r == 0.0 for r in reductions)
 
 
 def test_overlays_compose_to_one_coupling(tmp_path):
