@@ -1,8 +1,8 @@
 """Stage 2: latent diffusion (epsilon prediction on autoencoder latents), optionally class-conditional.
 
-The coupling acts on latents: :meth:`LatentDiffusion.immiscible_data` encodes the batch's images,
-and ``ImmiscibleMixin`` caches that per batch, so the encoder runs once per training batch although
-both the ``ImmiscibleCoupling`` callback and ``training_step`` ask for it. Only the noise is
+The coupling acts on latents: ``LatentDiffusion.immiscible_data`` encodes the batch's images; the
+``ImmiscibleCoupling`` callback calls it once per training batch and ``training_step`` reads that
+encoding back with ``self.coupled_data(batch)``, so the encoder runs once per batch. Only the noise is
 re-paired; each latent keeps its own label. Classifier-free guidance (Ho & Salimans 2022): labels
 are dropped to the "null" class with probability ``cond_drop_prob`` in training, and sampling uses
 ``eps = eps_uncond + w (eps_cond - eps_uncond)``.
@@ -168,7 +168,7 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        z0 = self.immiscible_data(batch)  # cached: the callback's encoding of this same batch
+        z0 = self.coupled_data(batch)  # the callback's encoding of this batch: the encoder runs once
         noise = self.noise_like(z0)  # coupled with the latents when ImmiscibleCoupling is active
         y = self.drop_labels(self.labels(batch))  # labels stay with their images: never re-paired
         t = torch.randint(0, self.hparams.num_timesteps, (z0.shape[0],), device=z0.device)

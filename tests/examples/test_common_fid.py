@@ -154,7 +154,7 @@ def test_fake_samples_do_not_depend_on_the_world_size() -> None:
         seen: list[torch.Tensor] = []
         model.sample = lambda noise, steps: (seen.extend(noise), noise.clamp(-1, 1))[1]
         for rank in range(world):
-            fid._update_fake(SimpleNamespace(global_rank=rank, world_size=world), model, 1)
+            fid.update_fake(SimpleNamespace(global_rank=rank, world_size=world), model, 1)
         return seen
 
     one, three = drawn(1), drawn(3)

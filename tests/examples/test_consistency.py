@@ -27,7 +27,7 @@ from example_projects.consistency.training import (
     sample_pairs,
     sampling_sigmas,
 )
-from lightning_immiscible import ImmiscibleCoupling
+from lightning_immiscible import CoupledBatch, CouplingResult, ImmiscibleCoupling
 from tests.examples.support import logged_values
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
@@ -137,7 +137,8 @@ def _step_with_prepared_noise(model: ConsistencyTraining) -> tuple[Spy, Tensor, 
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     batch = (x0, torch.zeros(6, dtype=torch.long))
     coupled = torch.randn(6, 1, 8, 8).flip(0)  # stands in for the callback's re-paired noise
-    model._immiscible_set(batch, x0, coupled)
+    result = CouplingResult(coupled, torch.arange(6), 1.0, 1.0)
+    model.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=0))
     spy = Spy(model.denoiser)
     model.denoiser = spy
     model.training_step(batch, 0)

@@ -157,7 +157,7 @@ def test_coupled_noise_reaches_x_t_in_a_real_fit(tmp_path: Path) -> None:
         return original_noise_like(x0)
 
     def loss(x0, noise, t):
-        records.append((x0, noise, t, model.__dict__["_immiscible_noise"]))
+        records.append((x0, noise, t, model.coupled_batch.noise))
         return original_loss(x0, noise, t)
 
     model.noise_like, model.loss = noise_like, loss

@@ -233,9 +233,9 @@ class _Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.labels.append(batch[1].clone())
-        cached_batch, x0 = pl_module.__dict__["_immiscible_data_cache"]
-        assert cached_batch is batch
-        self.coupling.append((x0, pl_module.__dict__["_immiscible_noise"], batch[0]))
+        coupled = pl_module.coupled_batch
+        assert coupled is not None and coupled.batch is batch
+        self.coupling.append((coupled.x0, coupled.noise, batch[0]))
 
 
 def test_coupling_on_latents_labels_kept_encoder_once(ae_ckpt: str, tmp_path: Path) -> None:

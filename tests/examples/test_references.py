@@ -24,7 +24,7 @@ def _exists(ref: str, source: Path) -> bool:
 
 
 def test_every_file_the_examples_refer_to_exists() -> None:
-    """Catches a reference to a file that was never written or has moved (e.g. a ``gpu.yaml``)."""
+    """Catches a file named in a comment or a doc but never committed, or moved since."""
     missing = []
     for source in sorted(EXAMPLES.rglob("*")):
         if source.suffix not in (".py", ".yaml", ".md"):
@@ -37,8 +37,8 @@ def test_every_file_the_examples_refer_to_exists() -> None:
 
 def test_the_scan_sees_a_missing_file(tmp_path: Path) -> None:
     """The scan itself: a made-up config name in an example's text is reported."""
-    text = "2048 is the standard (see gpu.yaml); see .../quickstart.yaml and configs/cifar10.yaml"
+    text = "2048 is the standard (see tpu.yaml); see .../quickstart.yaml and configs/cifar10.yaml"
     refs = REFERENCE.findall(text)
-    assert refs == ["gpu.yaml", ".../quickstart.yaml", "configs/cifar10.yaml"]
+    assert refs == ["tpu.yaml", ".../quickstart.yaml", "configs/cifar10.yaml"]
     source = EXAMPLES / "ddim" / "README.md"
     assert [_exists(r, source) for r in refs] == [False, True, True]
