@@ -63,17 +63,17 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
     """DDPM on the latents of a frozen autoencoder, sampled with DDIM and decoded to images.
 
     Args:
+        net: The epsilon predictor on latents, ``net(z_t, t, y)``: ``(B, c, h, w)``, ``(B,)``
+            timesteps and ``(B,)`` labels or ``None`` -> ``(B, c, h, w)``; label ``num_classes``
+            means "no class". In a config: ``model.init_args.net.class_path`` + ``init_args`` (the
+            configs use the shared [UNet][example_projects.common.unet.UNet], whose ``in_channels``,
+            ``image_size`` and ``num_classes`` must be the latents' ``c``, ``h`` and ``num_classes``).
         autoencoder_kind: ``"ours"`` (a stage-1 checkpoint) or ``"diffusers"`` (a pretrained
             ``AutoencoderKL``; needs the optional ``diffusers`` package).
         autoencoder_path: The stage-1 checkpoint, or a diffusers directory / Hub id.
         autoencoder_subfolder: diffusers only (``"vae"`` inside a Stable Diffusion repository).
         in_channels: Image channels (linked to the data).
         image_size: Image height = width (linked to the data).
-        net: The epsilon predictor on latents, ``net(z_t, t, y)``: ``(B, c, h, w)``, ``(B,)``
-            timesteps and ``(B,)`` labels or ``None`` -> ``(B, c, h, w)``; label ``num_classes``
-            means "no class". In a config: ``model.init_args.net.class_path`` + ``init_args`` (the
-            configs use the shared [UNet][example_projects.common.unet.UNet], whose ``in_channels``,
-            ``image_size`` and ``num_classes`` must be the latents' ``c``, ``h`` and ``num_classes``).
         num_classes: Number of classes for class-conditional training (``None``: unconditional).
         cond_drop_prob: Probability of dropping a label to the null class (classifier-free guidance).
         guidance_scale: ``w`` used by :meth:`sample` (FID, grids) when labels are given.
@@ -116,6 +116,11 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
             autoencoder_kind, autoencoder_path, in_channels, image_size, autoencoder_subfolder
         )
         self.latent_dims = tuple(self.codec.latent_shape())
+        if num_classes and getattr(net, "class_emb", ...) is None:  # the shared UNet without labels
+            raise ValueError(
+                f"model.init_args.num_classes={num_classes}, but the network has no class embedding: "
+                f"set model.init_args.net.init_args.num_classes: {num_classes} as well."
+            )
         self.net = net
         self.ema = EMA(self.net, ema_decay, ema_warmup)
         self.register_buffer(

@@ -138,6 +138,13 @@ def test_another_network_class_from_the_config_builds_and_fits(ae_ckpt: str, tmp
     assert not any(isinstance(m, UNet) for m in cli.model.modules())
 
 
+def test_labels_without_a_class_embedding_fail_at_construction(ae_ckpt: str) -> None:
+    """Catches a class-conditional config whose network ignores labels (it would train unconditional)."""
+    unconditional_unet = UNet(4, 16, (1, 2), 1, image_size=8)
+    with pytest.raises(ValueError, match=r"net\.init_args\.num_classes: 10"):
+        LatentDiffusion(unconditional_unet, autoencoder_path=ae_ckpt, num_classes=10)
+
+
 def test_finetune_config_starts_from_checkpoint(stage2_ckpt: str, ae_ckpt: str, tmp_path: Path) -> None:
     args = [
         *_stage2_args(tmp_path, ae_ckpt, "quickstart", "finetune", "immiscible"),
