@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import statistics
 import time
 from collections.abc import Mapping
@@ -80,7 +79,8 @@ class ImmiscibleCoupling(Callback):
             the choice is logged once per pool shape), or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers].
         k: Candidates per item for ``method="knn"``.
-        seed: Seed of the noise stream; ``None`` draws one on rank 0 and shares it with all ranks.
+        seed: Seed of the noise stream; ``None``: rank 0's `torch.initial_seed()` at fit start,
+            shared with all ranks, so `seed_everything(s)` makes the coupled noise reproducible.
         log_every_n_steps: Log the coupling metrics every this many coupled batches (0: never).
         prog_bar: Also show ``reduction_pct`` and ``assign_ms`` in the progress bar.
         max_step_fraction: Share of the training step the assignment may take: above it the
@@ -197,7 +197,9 @@ class ImmiscibleCoupling(Callback):
         # the run uses, never a freshly drawn one that the checkpoint then replaces.
         restored = self._restored_seed
         if self.seed is None:
-            self.seed = int(trainer.strategy.broadcast(secrets.randbits(62), src=0))
+            # Rank 0's torch seed: `seed_everything(s)` (LightningCLI's `seed_everything: s`) makes
+            # the coupling reproducible too, and every rank uses rank 0's value either way.
+            self.seed = int(trainer.strategy.broadcast(torch.initial_seed() % 2**62, src=0))
         rank_zero_info(
             f"ImmiscibleCoupling: method={self.spec.method}, scope={self.scope!r}, "
             f"world size {trainer.world_size}, seed={self.seed}"
