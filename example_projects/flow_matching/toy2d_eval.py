@@ -12,12 +12,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
-from example_projects.flow_matching.metrics2d import length_ratio, path_straightness, w2_exact
+from example_projects.flow_matching.metrics2d import path_straightness, w2_exact
 from example_projects.flow_matching.targets2d import gaussian, sample_target
 
 
 class Toy2DEval(L.Callback):
-    """After each validation epoch: ``toy/w2_euler{k}``, ``toy/straightness``, ``toy/length_ratio``.
+    """After each validation epoch: ``toy/w2_euler{k}``, and ``toy/straightness``.
 
     The generated samples start from a fixed noise sample and are compared with a fixed target
     sample of the same size by an exact assignment (see
@@ -74,7 +74,6 @@ class Toy2DEval(L.Callback):
             metrics[f"toy/w2_euler{steps}"] = w2_exact(samples[steps], ref)
         path = pl_module.sample(noise, self.path_steps, return_path=True).cpu()
         metrics["toy/straightness"] = path_straightness(path)
-        metrics["toy/length_ratio"] = length_ratio(path)
         return metrics, samples, path
 
     @override
