@@ -27,7 +27,6 @@ import statistics
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,23 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _bare_package() -> None:
-    """Registers `lightning_immiscible` without running its __init__ (which imports Lightning).
-
-    The pure modules used here need only torch, NumPy and SciPy, so the benchmark also runs on a
-    GPU machine where Lightning is not installed.
-    """
-    try:
-        import lightning_immiscible  # noqa: F401
-    except ImportError as err:
-        print(f"note: package __init__ failed ({err}); importing the pure modules only", flush=True)
-        pkg = types.ModuleType("lightning_immiscible")
-        pkg.__path__ = [str(ROOT / "lightning_immiscible")]
-        sys.modules["lightning_immiscible"] = pkg
-
-
-_bare_package()
+# The package imports Lightning only with its Lightning adapters: this script needs torch, NumPy and
+# SciPy alone, so it also runs on a GPU machine without Lightning.
 from lightning_immiscible.coupling import couple  # noqa: E402
 from lightning_immiscible.solvers import SOLVERS, available_solvers, resolve_solver  # noqa: E402
 from lightning_immiscible.workers import CouplingCollate, split_coupled_batch  # noqa: E402

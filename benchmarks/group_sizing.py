@@ -16,14 +16,15 @@ import sys
 
 import torch
 
-from lightning_immiscible.distributed import _MAX_DIMS
+from lightning_immiscible.coupling import CouplingSpec
+from lightning_immiscible.distributed import HEADER_SIZE
 from lightning_immiscible.sizing import time_assignment
 from lightning_immiscible.solvers import available_solvers, resolve_solver
 
 
 def bytes_per_rank(pool: int, batch: int) -> int:
     """What one rank sends per step in a group pooling ``pool`` items (uniform batches)."""
-    return (4 + _MAX_DIMS) * 8 + batch * pool * 4 + 3 * 8
+    return HEADER_SIZE * 8 + batch * pool * 4 + 3 * 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
             if solver == "scipy" and pool > args.scipy_max:
                 continue
             times = [
-                time_assignment(pool, (args.dim,), args.batch, solver=solver, device=args.device, seed=s)
+                time_assignment(
+                    pool, (args.dim,), args.batch, CouplingSpec(solver=solver), device=args.device, seed=s
+                )
                 for s in range(args.repeats)
             ]
             rows.append(

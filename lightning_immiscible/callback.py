@@ -5,26 +5,33 @@ from __future__ import annotations
 import secrets
 import statistics
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_immiscible.coupling import METHODS, METRICS, PRECISIONS, CouplingInputError, CouplingResult
-from lightning_immiscible.distributed import (
-    GroupCouplingConfig,
-    RankGroup,
-    build_rank_group,
-    couple_in_group,
-    partition_ranks,
+from lightning_immiscible.batches import same_batch
+from lightning_immiscible.coupling import (
+    CouplingInputError,
+    CouplingResult,
+    CouplingSpec,
+    Method,
+    Metric,
+    Precision,
 )
-from lightning_immiscible.mixin import ImmiscibleMixin
+from lightning_immiscible.distributed import RankGroup, build_rank_group, couple_in_group, partition_ranks
+from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
-from lightning_immiscible.solvers import resolve_solver
+from lightning_immiscible.workers import NOISE_KEY, WorkerCoupling
+
+#: Which ranks pool their batches for one assignment (an int: groups of that many ranks).
+Scope = Literal["global", "local", "node", "auto"]
 
 #: Pools at least this large get an up-front warning: LSA is about cubic in the pool size.
 LARGE_POOL = 4096
@@ -35,10 +42,14 @@ class ImmiscibleCoupling(Callback):
     r"""Pairs each training batch with its noise by Immiscible Diffusion's assignment.
 
     Li et al., "Immiscible Diffusion: Accelerating Diffusion Training with Noise Assignment",
-    NeurIPS 2024. In ``on_train_batch_start`` the callback takes ``x0 = pl_module.immiscible_data(batch)``,
-    draws Gaussian noise, re-pairs it with ``x0`` (across the ranks of its coupling group) and hands
-    it to the module, whose ``noise_like(x0)`` then returns it. It logs ``immiscible/cost_before``,
-    ``immiscible/cost_after``, ``immiscible/reduction_pct`` and ``immiscible/assign_ms``.
+    NeurIPS 2024. In `on_train_batch_start` the callback takes `x0 = pl_module.immiscible_data(batch)`
+    (once per batch), draws Gaussian noise, re-pairs it with `x0` (across the ranks of its coupling
+    group) and hands a [CoupledBatch][lightning_immiscible.mixin.CoupledBatch] to the module's
+    `receive_coupled_batch`; the module's `noise_like(x0)` and `coupled_data(batch)` read it, and
+    the callback releases it in `on_train_batch_end` (and `on_exception`). Batches that a
+    DataLoader worker already coupled ([CouplingCollate][lightning_immiscible.workers.CouplingCollate])
+    are used as they are. It logs `immiscible/cost_before`, `immiscible/cost_after`,
+    `immiscible/reduction_pct` and `immiscible/assign_ms`.
 
     The noise stream is a pure function of ``(seed, group, draw)``, where ``draw`` counts coupled
     micro-batches; both are checkpointed, so a resumed run draws the same noise as an uninterrupted
@@ -59,7 +70,7 @@ class ImmiscibleCoupling(Callback):
         precision: Cost-matrix matmul precision: ``"auto"`` (fp16 on CUDA, fp32 on CPU),
             ``"fp32"``, ``"bf16"``, ``"fp16"``.
         solver: Assignment solver, ``"auto"`` = fastest installed exact one (see
-            :func:`lightning_immiscible.available_solvers`).
+            [available_solvers][lightning_immiscible.solvers.available_solvers]).
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None`` draws one on rank 0 and shares it with all ranks.
         log_every_n_steps: Log the coupling metrics every this many coupled batches (0: never).
@@ -71,26 +82,45 @@ class ImmiscibleCoupling(Callback):
             group's default). Only applies to sub-groups (``scope`` other than ``"global"``).
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
 
-    Example::
+    Attributes:
+        spec: The [CouplingSpec][lightning_immiscible.coupling.CouplingSpec] built from `method`,
+            `metric`, `precision`, `solver`, `k` and `check_finite` (validated in the constructor).
+        draws: Coupled micro-batches so far: the noise stream's position (checkpointed).
+        last_result: The [CouplingResult][lightning_immiscible.coupling.CouplingResult] of the
+            latest batch (`None` before the first).
+        auto_group_size: The group size `scope="auto"` chose (`None` until it decided).
 
+    Examples:
+        ```python
         import lightning as L
         from lightning_immiscible import ImmiscibleCoupling, ImmiscibleMixin
 
         class Diffusion(ImmiscibleMixin, L.LightningModule):
             def training_step(self, batch, batch_idx):
-                x0 = self.immiscible_data(batch)
+                x0 = self.coupled_data(batch)        # immiscible_data(batch), computed once
                 noise = self.noise_like(x0)          # was: torch.randn_like(x0)
                 ...
 
         trainer = L.Trainer(callbacks=[ImmiscibleCoupling(method="lsa", scope="global")])
+        ```
+
+        In a LightningCLI YAML (the choices are `Literal` types: `--trainer.callbacks.help
+        lightning_immiscible.ImmiscibleCoupling` lists them, and a typo fails at parse time):
+
+        ```yaml
+        trainer:
+          callbacks:
+            - class_path: lightning_immiscible.ImmiscibleCoupling
+              init_args: {method: lsa, scope: global}
+        ```
     """
 
     def __init__(
         self,
-        method: str = "lsa",
-        metric: str = "l2",
-        scope: str | int = "global",
-        precision: str = "auto",
+        method: Method = "lsa",
+        metric: Metric = "l2",
+        scope: Scope | int = "global",
+        precision: Precision = "auto",
         solver: str = "auto",
         k: int = 4,
         seed: int | None = None,
@@ -100,15 +130,9 @@ class ImmiscibleCoupling(Callback):
         collective_timeout_s: float | None = None,
         check_finite: bool = True,
     ) -> None:
-        _check_choice("method", method, METHODS)
-        _check_choice("metric", metric, METRICS)
-        _check_choice("precision", precision, PRECISIONS)
+        self.spec = CouplingSpec(method, metric, precision, solver, k, check_finite)
         if scope != "auto":
             partition_ranks(scope, 1, 1)  # validates the scope's spelling now, not at fit time
-        resolve_solver(solver)
-        if k < 1:
-            raise ValueError(f"k must be >= 1 (candidates per item for knn), got {k}.")
-        self.config = GroupCouplingConfig(method, metric, precision, solver, k, check_finite)
         self.scope = scope
         self.seed = seed
         self.log_every_n_steps = log_every_n_steps
@@ -127,31 +151,43 @@ class ImmiscibleCoupling(Callback):
         self._worker_ms = 0.0
 
     @property
+    def config(self) -> CouplingSpec:
+        """The former name of `spec` (the same [CouplingSpec][lightning_immiscible.coupling.CouplingSpec])."""
+        return self.spec
+
+    @property
     def state_key(self) -> str:
         """One coupling stream per method and scope in a checkpoint."""
-        return self._generate_state_key(method=self.config.method, scope=self.scope)
+        return self._generate_state_key(method=self.spec.method, scope=self.scope)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(pl_module, ImmiscibleMixin):
-            raise TypeError(
-                f"ImmiscibleCoupling needs a LightningModule that mixes in ImmiscibleMixin "
-                f"(class {type(pl_module).__name__}(ImmiscibleMixin, L.LightningModule)) and calls "
-                "self.noise_like(x0) instead of torch.randn_like(x0) in training_step."
+        as_immiscible_module(pl_module)
+        if trainer.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"ImmiscibleCoupling: the Trainer runs {trainer.world_size} processes but "
+                "torch.distributed has no initialised process group, so the ranks could not tell "
+                "their noise apart (every rank would draw the same pool). Use a strategy that "
+                "initialises one (e.g. strategy='ddp', 'ddp_spawn', 'fsdp'), or run one process."
             )
         self._world_size = trainer.world_size
         if self.seed is None:
             self.seed = int(trainer.strategy.broadcast(secrets.randbits(62), src=0))
         rank_zero_info(
-            f"ImmiscibleCoupling: method={self.config.method}, scope={self.scope!r}, "
+            f"ImmiscibleCoupling: method={self.spec.method}, scope={self.scope!r}, "
             f"world size {trainer.world_size}, seed={self.seed}"
         )
 
+    @property
+    def group(self) -> RankGroup:
+        """This rank's coupling group (a group of one until the first coupled batch)."""
+        return self._group
+
     def effective_scope(self) -> str | int:
         """The scope used now: ``knn`` is always local; ``auto`` is local until its probe decides."""
-        if self.config.method == "knn":
+        if self.spec.method == "knn":
             return "local"
         if self.scope == "auto":
             return self.auto_group_size or "local"
@@ -169,19 +205,19 @@ class ImmiscibleCoupling(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        module = as_immiscible_module(pl_module)
         self._ensure_group(trainer)
         self._batch_start = time.perf_counter()
         draw, self.draws = self.draws, self.draws + 1
-        batch = pl_module._immiscible_unwrap(batch)  # type: ignore[attr-defined]
-        x0, error = self._data(pl_module, batch)
-        worker = pl_module.__dict__.pop("_immiscible_worker", None)
+        x0, error = _data(module, batch)
+        worker = _worker_coupling(module, batch)
         if worker is not None and x0 is not None:
-            result = self._from_worker(x0, *worker)
+            result = self._from_worker(x0, worker)
         else:
             with _no_autocast(x0):
-                result = couple_in_group(x0, self._group, int(self.seed or 0), draw, self.config, error)
-        assert x0 is not None
-        pl_module._immiscible_set(batch, x0, result.noise)  # type: ignore[attr-defined]
+                result = couple_in_group(x0, self._group, int(self.seed or 0), draw, self.spec, error)
+        assert x0 is not None  # couple_in_group raised otherwise
+        module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
         self.last_result = result
         self._last_batch_shape, self._last_device = tuple(x0.shape), x0.device
         self._warn_small_batch(x0, result)
@@ -192,7 +228,7 @@ class ImmiscibleCoupling(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        pl_module._immiscible_clear()  # type: ignore[attr-defined]
+        as_immiscible_module(pl_module).release_coupled_batch()
         if self.last_result is not None and len(self._overhead) < _WARMUP_BATCHES + 2:
             step_ms = (time.perf_counter() - self._batch_start) * 1e3
             self._overhead.append((self.last_result.assign_ms, step_ms))
@@ -205,7 +241,7 @@ class ImmiscibleCoupling(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         if isinstance(pl_module, ImmiscibleMixin):
-            pl_module._immiscible_clear()
+            pl_module.release_coupled_batch()
 
     def _decide_group_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``scope="auto"``: rank 0 measures candidate pools, every rank adopts its choice."""
@@ -218,9 +254,7 @@ class ImmiscibleCoupling(Callback):
                 self._last_batch_shape[1:],
                 step_ms,
                 self.max_step_fraction,
-                metric=self.config.metric,
-                precision=self.config.precision,
-                solver=self.config.solver,
+                self.spec,
                 device=self._last_device,
             )
             size = decision.size
@@ -253,39 +287,31 @@ class ImmiscibleCoupling(Callback):
         else:
             self.auto_group_size = state_dict.get("auto_group_size")
 
-    def _data(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor | None, BaseException | None]:
-        """Gets ``x0``; an error is returned, not raised, so the group can fail together."""
-        try:
-            return pl_module.immiscible_data(batch), None  # type: ignore[attr-defined]
-        except Exception as exc:
-            return None, exc
+    def _from_worker(self, x0: Tensor, worker: WorkerCoupling) -> CouplingResult:
+        """Noise a [CouplingCollate][lightning_immiscible.workers.CouplingCollate] coupled in a worker.
 
-    def _from_worker(self, x0: Tensor, noise: Tensor, stats: Tensor, index: Tensor) -> CouplingResult:
-        """Noise a :class:`~lightning_immiscible.workers.CouplingCollate` coupled in a DataLoader worker.
-
-        The training step pays nothing for it: ``assign_ms`` is 0 on the critical path and the
-        worker's time is logged as ``immiscible/worker_assign_ms``.
+        The training step pays nothing for it: `assign_ms` is 0 on the critical path and the
+        worker's time is logged as `immiscible/worker_assign_ms`.
         """
-        if noise.shape != x0.shape:
+        if worker.noise.shape != x0.shape:
             raise CouplingInputError(
-                f"The batch carries worker-coupled noise of shape {tuple(noise.shape)} but "
+                f"The batch carries worker-coupled noise of shape {tuple(worker.noise.shape)} but "
                 f"immiscible_data(batch) has shape {tuple(x0.shape)}: CouplingCollate couples the "
                 "collated data tensor, so use it only when immiscible_data returns that tensor.",
                 "shape",
             )
         if "worker" not in self._warned:
             self._warned.add("worker")
-            local = self.config.method == "knn" or self.effective_scope() == "local" or self._world_size == 1
+            local = self.spec.method == "knn" or self.effective_scope() == "local" or self._world_size == 1
             (rank_zero_info if local else rank_zero_warn)(
                 "ImmiscibleCoupling: batches carry noise coupled in DataLoader workers (CouplingCollate); "
                 "using it as is: the collate's method applies and its coupling is per rank, whatever "
                 f"this callback's scope ({self.scope!r})."
             )
-        before, after, worker_ms = (float(v) for v in stats)
-        self._worker_ms = worker_ms
-        index = torch.arange(x0.shape[0], device=x0.device)
+        self._worker_ms = worker.assign_ms
+        noise, index = worker.noise.to(x0), worker.index.to(x0.device)
         return CouplingResult(
-            noise.to(x0.dtype), index, before, after, 0.0, 0.0, "worker", self.config.metric
+            noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", self.spec.metric
         )
 
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
@@ -317,7 +343,7 @@ class ImmiscibleCoupling(Callback):
                 "ImmiscibleCoupling got a batch of 1 item: coupling needs a batch to re-pair, so the "
                 "noise is left as drawn. Use a batch size > 1 (or scope='global' to pool ranks)."
             )
-        if pool >= LARGE_POOL and self.config.method in ("lsa", "flip") and "large" not in self._warned:
+        if pool >= LARGE_POOL and self.spec.method in ("lsa", "flip") and "large" not in self._warned:
             self._warned.add("large")
             rank_zero_warn(
                 f"ImmiscibleCoupling: the assignment pool has about {pool} items; exact assignment is "
@@ -340,9 +366,26 @@ class ImmiscibleCoupling(Callback):
             )
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"ImmiscibleCoupling: unknown {name} {value!r}; choose one of {choices}.")
+def _data(module: ImmiscibleMixin, batch: Any) -> tuple[Tensor | None, BaseException | None]:
+    """Gets `x0`; an error is returned, not raised, so the ranks of a group can fail together."""
+    try:
+        return module.immiscible_data(batch), None
+    except Exception as exc:
+        return None, exc
+
+
+def _worker_coupling(module: ImmiscibleMixin, batch: Any) -> WorkerCoupling | None:
+    """The worker-coupled noise of this very batch, if the module unwrapped one."""
+    worker = module.worker_coupling
+    if worker is not None and same_batch(worker.batch, batch):
+        return worker
+    if isinstance(batch, Mapping) and NOISE_KEY in batch:
+        raise RuntimeError(
+            f"ImmiscibleCoupling: the training batch still carries CouplingCollate's {NOISE_KEY!r}: "
+            f"{type(module).__name__}.on_after_batch_transfer must return "
+            "super().on_after_batch_transfer(batch, dataloader_idx), which unwraps it."
+        )
+    return None
 
 
 def _no_autocast(x0: Tensor | None) -> torch.autocast:

@@ -1,46 +1,59 @@
 """Immiscible Diffusion's data-noise coupling as pure functions (torch + NumPy/SciPy, no Lightning).
 
 Li et al., "Immiscible Diffusion: Accelerating Diffusion Training with Noise Assignment", NeurIPS
-2024, Algorithm 1: before noising a minibatch ``x0`` (B items), re-pair the B i.i.d. Gaussian noise
+2024, Algorithm 1: before noising a minibatch `x0` (B items), re-pair the B i.i.d. Gaussian noise
 vectors with the data so that the total data-noise distance is minimal (a linear assignment).
 The noise multiset is unchanged, so the batch of noise is still Gaussian.
 
-Example::
+Every coupling path (this module's [couple][lightning_immiscible.coupling.couple], the group
+coupling of [couple_in_group][lightning_immiscible.distributed.couple_in_group], the
+`scope="auto"` sizing probe and the DataLoader-worker
+[CouplingCollate][lightning_immiscible.workers.CouplingCollate]) is configured by one
+[CouplingSpec][lightning_immiscible.coupling.CouplingSpec] and runs the same
+cost -> solve -> timing step, [assign][lightning_immiscible.coupling.assign].
 
+Examples:
+    ```python
     import torch
     from lightning_immiscible import couple
 
     x0 = torch.rand(64, 3, 32, 32) * 2 - 1
     res = couple(x0, torch.randn_like(x0), method="lsa", metric="l2")
-    x_t = alpha * x0 + sigma * res.noise        # res.noise[i] is paired with x0[i]
+    x_t = 0.8 * x0 + 0.6 * res.noise  # res.noise[i] is paired with x0[i]
+    ```
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from lightning_immiscible.solvers import solve
+from lightning_immiscible.costs import (
+    METRICS,
+    PRECISIONS,
+    Metric,
+    Precision,
+    check_choice,
+    cost_matrix,
+    paired_distance,
+)
+from lightning_immiscible.solvers import resolve_solver, solve
 
 Method = Literal["lsa", "knn", "flip", "none"]
-Metric = Literal["l2", "sqeuclidean", "l1"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
-METHODS: tuple[str, ...] = ("lsa", "knn", "flip", "none")
-METRICS: tuple[str, ...] = ("l2", "sqeuclidean", "l1")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 class CouplingInputError(ValueError, TypeError):
-    """Invalid input to the coupling (NaN/Inf, integer tensors, mismatched shapes, ...).
+    """Invalid input to the coupling (NaN/Inf, integer tensors, mismatched shapes, unknown settings).
 
-    Subclasses both ``ValueError`` and ``TypeError``. ``reason`` is a short machine-readable key
-    (one of :data:`INPUT_ERROR_REASONS`) that ranks exchange so all of them fail together.
+    Subclasses both `ValueError` and `TypeError`. `reason` is a short machine-readable key (one of
+    `INPUT_ERROR_REASONS`) that ranks exchange so all of them fail together.
     """
 
     def __init__(self, message: str, reason: str = "invalid") -> None:
@@ -59,21 +72,108 @@ INPUT_ERROR_REASONS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class CouplingResult:
-    """The outcome of :func:`couple`.
+class CouplingSpec:
+    """How to couple: one validated, immutable description used by every coupling path.
+
+    [couple][lightning_immiscible.coupling.couple] builds one from its keyword arguments;
+    [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling],
+    [CouplingCollate][lightning_immiscible.workers.CouplingCollate],
+    [couple_in_group][lightning_immiscible.distributed.couple_in_group] and the `scope="auto"`
+    sizing probe hold one and pass it down whole. Each setting is checked once, when the spec is
+    made, so a typo fails before any data is touched.
 
     Attributes:
-        noise: ``(B, *dims)``, like ``x0``: ``noise[i]`` is the noise paired with ``x0[i]``.
-        index: ``(B,)`` int64. For ``lsa``/``flip``/``none``: ``noise == input_noise[index]``.
-            For ``knn``: ``index[i]`` is the candidate chosen for item ``i``.
-        cost_before: Mean distance (in ``metric``) of the pairs before re-pairing: ``x0[i]`` with
-            ``input_noise[i]`` (``knn``: with candidate 0).
-        cost_after: Mean distance of the returned pairs ``x0[i]``, ``noise[i]``.
-        cost_ms: Wall time of the cost matrix (including the device-to-host copy), ms.
-        solve_ms: Wall time of the assignment solver, ms.
-        method: The coupling method used.
-        metric: The distance used for the costs.
+        method: `"lsa"` (the paper: exact assignment minimising the total distance), `"knn"`
+            (nearest of `k` candidates per item), `"flip"` (the paper's non-OT ablation: assign
+            against `-noise`, diffuse with `noise`) or `"none"` (identity, the baseline).
+        metric: `"l2"` (the paper's), `"sqeuclidean"` or `"l1"`.
+        precision: Cost-matrix matmul precision: `"auto"` (fp16 on CUDA, fp32 elsewhere),
+            `"fp32"`, `"bf16"`, `"fp16"`.
+        solver: `"auto"` (the fastest installed exact solver) or a name from
+            [available_solvers][lightning_immiscible.solvers.available_solvers]. A plain `str`, not a
+            `Literal`: the solver registry is open
+            ([register_solver][lightning_immiscible.solvers.register_solver] adds names at run time),
+            so the name is checked against the registry when the spec is made.
+        k: Candidates per item that the library draws for `"knn"` (group and worker coupling).
+            [couple][lightning_immiscible.coupling.couple] reads `k` from the shape of the noise
+            it is given instead.
+        check_finite: Scan the inputs for NaN/Inf first (recommended; one device sync).
 
+    Raises:
+        CouplingInputError: On an unknown method, metric, precision or solver, or `k < 1`
+            (a `ValueError`).
+
+    Examples:
+        ```python
+        import torch
+        from lightning_immiscible import CouplingSpec
+
+        spec = CouplingSpec(method="lsa", metric="sqeuclidean")
+        x0 = torch.rand(16, 8) * 2 - 1
+        res = spec.couple(x0, torch.randn_like(x0))
+        ```
+    """
+
+    method: Method = "lsa"
+    metric: Metric = "l2"
+    precision: Precision = "auto"
+    solver: str = "auto"
+    k: int = 4
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            check_choice("method", self.method, METHODS)
+            check_choice("metric", self.metric, METRICS)
+            check_choice("precision", self.precision, PRECISIONS)
+            resolve_solver(self.solver)
+        except ValueError as exc:
+            raise CouplingInputError(str(exc)) from exc
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise CouplingInputError(f"k must be >= 1 (candidates per item for knn), got {self.k!r}.")
+
+    def couple(self, x0: Tensor, noise: Tensor) -> CouplingResult:
+        """Re-pairs `noise` with `x0` as this spec says; see [couple][lightning_immiscible.coupling.couple].
+
+        Args:
+            x0: `(B, *dims)` floating-point data.
+            noise: `(B, *dims)` Gaussian noise; for `"knn"` `(B, k, *dims)` candidates per item.
+
+        Returns:
+            The [CouplingResult][lightning_immiscible.coupling.CouplingResult].
+        """
+        check_inputs(x0, noise, self.method, self.check_finite)
+        if self.method == "knn":
+            return _couple_knn(x0, noise, self.metric)
+        b = x0.shape[0]
+        before = paired_distance(x0, noise, self.metric) if b else x0.new_zeros(0)
+        if self.method == "none" or b <= 1:
+            index = torch.arange(b, device=x0.device)
+            return CouplingResult(
+                noise, index, _mean(before), _mean(before), method=self.method, metric=self.metric
+            )
+        found = assign(x0, noise, self)
+        paired = noise[found.index]
+        after = paired_distance(x0, paired, self.metric)
+        return found.result(paired, _mean(before), _mean(after), self)
+
+
+@dataclass(frozen=True)
+class CouplingResult:
+    """The outcome of [couple][lightning_immiscible.coupling.couple].
+
+    Attributes:
+        noise: `(B, *dims)`, like `x0`: `noise[i]` is the noise paired with `x0[i]`.
+        index: `(B,)` int64. For `lsa`/`flip`/`none`: `noise == input_noise[index]`.
+            For `knn`: `index[i]` is the candidate chosen for item `i`.
+        cost_before: Mean distance (in `metric`) of the pairs before re-pairing: `x0[i]` with
+            `input_noise[i]` (`knn`: with candidate 0).
+        cost_after: Mean distance of the returned pairs `x0[i]`, `noise[i]`.
+        cost_ms: Wall time of the cost matrix (including gathering rows across ranks and the
+            device-to-host copy), ms.
+        solve_ms: Wall time of the assignment solver, ms.
+        method: The coupling method used (`"worker"` for noise coupled in a DataLoader worker).
+        metric: The distance used for the costs.
     """
 
     noise: Tensor
@@ -98,32 +198,80 @@ class CouplingResult:
         return 100.0 * (self.cost_before - self.cost_after) / self.cost_before
 
 
-def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: bool = True) -> None:
-    """Validates ``x0`` and ``noise`` for :func:`couple`.
+@dataclass(frozen=True)
+class Assignment:
+    """One solved assignment: the columns of this process's rows and what they cost in time.
+
+    Attributes:
+        index: `(b,)` int64 on the data's device: the noise (pool) item assigned to each row.
+        cost_ms: Cost rows, their gathering across ranks and the device-to-host copy, ms.
+        solve_ms: The solver, ms.
+    """
+
+    index: Tensor
+    cost_ms: float
+    solve_ms: float
+
+    def result(
+        self, noise: Tensor, cost_before: float, cost_after: float, spec: CouplingSpec
+    ) -> CouplingResult:
+        """The [CouplingResult][lightning_immiscible.coupling.CouplingResult] of this assignment."""
+        return CouplingResult(
+            noise, self.index, cost_before, cost_after, self.cost_ms, self.solve_ms, spec.method, spec.metric
+        )
+
+
+def assign(
+    x: Tensor,
+    noise: Tensor,
+    spec: CouplingSpec,
+    *,
+    gather_rows: Callable[[Tensor], Tensor] | None = None,
+    offset: int = 0,
+) -> Assignment:
+    """Cost -> solve -> timing: the one assignment step of every coupling path.
+
+    Computes this process's cost rows (`x` against `noise`, or `-noise` for `"flip"`), turns them
+    into the full square matrix with `gather_rows` (all ranks of a group; the identity for a
+    single process), solves it with `spec.solver` and returns the columns of this process's rows.
 
     Args:
-        x0: ``(B, *dims)`` floating-point data.
-        noise: ``(B, *dims)``; for ``knn`` ``(B, k, *dims)``.
-        method: One of :data:`METHODS`.
+        x: `(b, *dims)` this process's data.
+        noise: `(B, *dims)` the noise (a group's shared pool), `B >= b`.
+        spec: Metric, precision, solver and method.
+        gather_rows: Maps the `(b, B)` local rows to the `(B, B)` matrix of all rows in rank order;
+            `None` when `x` is the whole batch.
+        offset: Row of `x[0]` in the full matrix.
+
+    Returns:
+        The [Assignment][lightning_immiscible.coupling.Assignment]; `index` has shape `(b,)`.
+    """
+    start = time.perf_counter()
+    rows = cost_matrix(x, -noise if spec.method == "flip" else noise, spec.metric, spec.precision)
+    full = (rows if gather_rows is None else gather_rows(rows)).cpu()
+    mid = time.perf_counter()
+    col = solve(full.double().numpy(), spec.solver)
+    end = time.perf_counter()
+    index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
+    return Assignment(index, (mid - start) * 1e3, (end - mid) * 1e3)
+
+
+def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: bool = True) -> None:
+    """Validates `x0` and `noise` for [couple][lightning_immiscible.coupling.couple].
+
+    Args:
+        x0: `(B, *dims)` floating-point data.
+        noise: `(B, *dims)`; for `knn` `(B, k, *dims)`.
+        method: One of `METHODS`.
         check_finite: Whether to scan both tensors for NaN/Inf (one device sync).
 
     Raises:
         CouplingInputError: With a message that says what is wrong and how to fix it.
-
     """
     if method not in METHODS:
-        raise CouplingInputError(f"Unknown method {method!r}; choose one of {METHODS}.", "invalid")
+        raise CouplingInputError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     for name, t in (("x0", x0), ("noise", noise)):
-        if not isinstance(t, Tensor):
-            raise CouplingInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}.", "dtype")
-        if not t.is_floating_point():
-            raise CouplingInputError(
-                f"{name} has dtype {t.dtype}; the coupling needs floating-point tensors. Convert it "
-                f"(e.g. {name}.float(), images scaled as your model sees them) before coupling.",
-                "dtype",
-            )
-        if t.ndim < 1:
-            raise CouplingInputError(f"{name} must have a batch dimension, got a 0-d tensor.", "shape")
+        _check_tensor(name, t)
     expected = (x0.shape[0], noise.shape[1], *x0.shape[1:]) if method == "knn" else x0.shape
     if method == "knn" and noise.ndim != x0.ndim + 1:
         raise CouplingInputError(
@@ -142,101 +290,34 @@ def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: b
     if check_finite:
         # The group coupling validates x0 alone as check_inputs(x0, x0): scan it once.
         for name, t in (("x0", x0),) if noise is x0 else (("x0", x0), ("noise", noise)):
-            bad = t.numel() - int(torch.isfinite(t).sum())
-            if bad:
-                raise CouplingInputError(
-                    f"{name} contains {bad} NaN/Inf value(s) (shape {tuple(t.shape)}); fix the data "
-                    "pipeline or the model output that produced it before coupling.",
-                    "non_finite",
-                )
+            _check_finite(name, t)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Maps a ``precision`` name to the dtype of the cost matrix's matmul inputs.
-
-    ``auto`` is fp16 on CUDA (tensor cores; inputs are norm-scaled so fp16 cannot overflow) and
-    fp32 elsewhere (half-precision matmul is several times slower than fp32 on CPUs).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _HALF.get(precision, torch.float32)
-
-
-def _gram(x: Tensor, n: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x @ n.T`` as fp32 ``(b, B)``; half-precision inputs are normalised first.
-
-    Each row is divided by its fp32 norm before the cast, so every half-precision product lies in
-    [-1, 1] (no overflow, full mantissa used); the norms are multiplied back in fp32.
-    """
-    if dtype == torch.float32:
-        return x @ n.T
-    xn = torch.linalg.vector_norm(x, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    nn_ = torch.linalg.vector_norm(n, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    unit = (x / xn[:, None]).to(dtype) @ (n / nn_[:, None]).to(dtype).T
-    return unit.float() * xn[:, None] * nn_[None, :]
+def _check_tensor(name: str, t: object) -> None:
+    if not isinstance(t, Tensor):
+        raise CouplingInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}.", "dtype")
+    if not t.is_floating_point():
+        raise CouplingInputError(
+            f"{name} has dtype {t.dtype}; the coupling needs floating-point tensors. Convert it "
+            f"(e.g. {name}.float(), images scaled as your model sees them) before coupling.",
+            "dtype",
+        )
+    if t.ndim < 1:
+        raise CouplingInputError(f"{name} must have a batch dimension, got a 0-d tensor.", "shape")
 
 
-def cost_matrix(x: Tensor, noise: Tensor, metric: str = "l2", precision: str = "auto") -> Tensor:
-    """Pairwise data-noise distances, never through a ``(b, B, D)`` broadcast tensor.
-
-    Args:
-        x: ``(b, *dims)`` data (any float dtype).
-        noise: ``(B, *dims)`` noise.
-        metric: ``l2`` (Euclidean), ``sqeuclidean`` or ``l1``.
-        precision: Matmul input precision for ``l2``/``sqeuclidean`` (see :func:`resolve_precision`);
-            ``l1`` always uses fp32 ``torch.cdist`` (no tensor-core path exists for it).
-
-    Returns:
-        ``(b, B)`` fp32 tensor on ``x``'s device: ``C[i, j] = metric(x[i], noise[j])``.
-
-    """
-    if metric not in METRICS:
-        raise ValueError(f"Unknown metric {metric!r}; choose one of {METRICS}.")
-    xf = x.reshape(x.shape[0], -1).float()
-    nf = noise.reshape(noise.shape[0], -1).float()
-    if metric == "l1":
-        return torch.cdist(xf, nf, p=1.0)
-    # ||x||^2 and ||n||^2 in fp32: only the cross term sees the reduced precision.
-    sq = xf.square().sum(1)[:, None] + nf.square().sum(1)[None, :]
-    cost = (sq - 2.0 * _gram(xf, nf, resolve_precision(precision, x.device))).clamp_min_(0.0)
-    return cost.sqrt_() if metric == "l2" else cost
-
-
-def paired_distance(x: Tensor, noise: Tensor, metric: str = "l2") -> Tensor:
-    """Distance of each pair ``(x[i], noise[i])``, exact in fp32.
-
-    Args:
-        x: ``(B, *dims)``.
-        noise: ``(B, *dims)``.
-        metric: One of :data:`METRICS`.
-
-    Returns:
-        ``(B,)`` fp32 distances.
-
-    """
-    diff = (x.float() - noise.float()).reshape(x.shape[0], -1)
-    if metric == "l1":
-        return diff.abs().sum(1)
-    sq = diff.square().sum(1)
-    return sq.sqrt() if metric == "l2" else sq
+def _check_finite(name: str, t: Tensor) -> None:
+    bad = t.numel() - int(torch.isfinite(t).sum())
+    if bad:
+        raise CouplingInputError(
+            f"{name} contains {bad} NaN/Inf value(s) (shape {tuple(t.shape)}); fix the data "
+            "pipeline or the model output that produced it before coupling.",
+            "non_finite",
+        )
 
 
 def _mean(t: Tensor) -> float:
     return float(t.mean()) if t.numel() else 0.0
-
-
-def _timed_cost(x0: Tensor, target: Tensor, metric: str, precision: str) -> tuple[Tensor, float]:
-    start = time.perf_counter()
-    cost = cost_matrix(x0, target, metric, precision).cpu()
-    return cost, (time.perf_counter() - start) * 1e3
-
-
-def _timed_solve(cost: Tensor, solver: str, device: torch.device) -> tuple[Tensor, float]:
-    start = time.perf_counter()
-    col = solve(cost.double().numpy(), solver)
-    return torch.from_numpy(col).to(device), (time.perf_counter() - start) * 1e3
 
 
 def _couple_knn(x0: Tensor, noise: Tensor, metric: str) -> CouplingResult:
@@ -261,45 +342,47 @@ def couple(
     x0: Tensor,
     noise: Tensor,
     *,
-    method: Method | str = "lsa",
-    metric: Metric | str = "l2",
-    precision: Precision | str = "auto",
+    method: Method = "lsa",
+    metric: Metric = "l2",
+    precision: Precision = "auto",
     solver: str = "auto",
     check_finite: bool = True,
 ) -> CouplingResult:
-    """Re-pairs ``noise`` with ``x0`` (Immiscible Diffusion, Li et al. 2024, Algorithm 1).
+    """Re-pairs `noise` with `x0` (Immiscible Diffusion, Li et al. 2024, Algorithm 1).
+
+    A shorthand for `CouplingSpec(method, metric, precision, solver, check_finite=...).couple(x0,
+    noise)`: hold a [CouplingSpec][lightning_immiscible.coupling.CouplingSpec] to reuse one setting.
 
     Args:
-        x0: ``(B, *dims)`` floating-point data batch (images, latents, any shape).
-        noise: ``(B, *dims)`` i.i.d. Gaussian noise; for ``method="knn"`` ``(B, k, *dims)``
+        x0: `(B, *dims)` floating-point data batch (images, latents, any shape).
+        noise: `(B, *dims)` i.i.d. Gaussian noise; for `method="knn"` `(B, k, *dims)`
             candidates per item.
-        method: ``lsa`` (the paper: exact assignment minimising the total distance), ``knn``
-            (nearest of k candidates per item), ``flip`` (the paper's non-OT ablation: assign
-            against ``-noise``, diffuse with ``noise``), ``none`` (identity, the baseline).
-        metric: ``l2`` (the paper's), ``sqeuclidean`` or ``l1``.
-        precision: Cost-matrix matmul precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32``,
-            ``bf16``, ``fp16``.
-        solver: Assignment solver name (``auto`` = fastest installed exact solver), see
-            :mod:`lightning_immiscible.solvers`.
+        method: `lsa` (the paper: exact assignment minimising the total distance), `knn`
+            (nearest of k candidates per item), `flip` (the paper's non-OT ablation: assign
+            against `-noise`, diffuse with `noise`), `none` (identity, the baseline).
+        metric: `l2` (the paper's), `sqeuclidean` or `l1`.
+        precision: Cost-matrix matmul precision: `auto` (fp16 on CUDA, fp32 on CPU), `fp32`,
+            `bf16`, `fp16`.
+        solver: Assignment solver name (`auto` = fastest installed exact solver), see
+            [available_solvers][lightning_immiscible.solvers.available_solvers].
         check_finite: Scan inputs for NaN/Inf first (recommended; costs one device sync).
 
     Returns:
-        A :class:`CouplingResult`; ``result.noise`` is on ``x0``'s device with ``noise``'s dtype.
+        A [CouplingResult][lightning_immiscible.coupling.CouplingResult]; `result.noise` is on
+        `x0`'s device with `noise`'s dtype.
 
     Raises:
-        CouplingInputError: For NaN/Inf, non-float tensors or mismatched shapes.
+        CouplingInputError: For NaN/Inf, non-float tensors, mismatched shapes or unknown settings.
 
+    Examples:
+        ```python
+        import torch
+        from lightning_immiscible import couple
+
+        x0 = torch.rand(32, 3, 8, 8) * 2 - 1
+        res = couple(x0, torch.randn_like(x0), method="lsa")
+        assert res.cost_after <= res.cost_before
+        ```
     """
-    check_inputs(x0, noise, method, check_finite)
-    b = x0.shape[0]
-    if method == "knn":
-        return _couple_knn(x0, noise, metric)
-    before = paired_distance(x0, noise, metric) if b else x0.new_zeros(0)
-    if method == "none" or b <= 1:
-        index = torch.arange(b, device=x0.device)
-        return CouplingResult(noise, index, _mean(before), _mean(before), method=method, metric=metric)
-    cost, cost_ms = _timed_cost(x0, -noise if method == "flip" else noise, metric, precision)
-    index, solve_ms = _timed_solve(cost, solver, x0.device)
-    paired = noise[index]
-    after = paired_distance(x0, paired, metric)
-    return CouplingResult(paired, index, _mean(before), _mean(after), cost_ms, solve_ms, method, metric)
+    spec = CouplingSpec(method, metric, precision, solver, check_finite=check_finite)
+    return spec.couple(x0, noise)

@@ -15,7 +15,6 @@ Works without a process group (single process, or ``scope="local"``): then no co
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,18 +26,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_immiscible.costs import paired_distance
 from lightning_immiscible.coupling import (
     INPUT_ERROR_REASONS,
+    Assignment,
     CouplingInputError,
     CouplingResult,
+    CouplingSpec,
+    assign,
     check_inputs,
-    cost_matrix,
-    couple,
-    paired_distance,
 )
-from lightning_immiscible.solvers import solve
 
-_MAX_DIMS = 6  # item dims sent in the header; shapes with more dims are compared by numel only
+HEADER_DIMS = 6
+"""Item dims sent in the per-step header; shapes with more dims are compared by numel only."""
+HEADER_SIZE = 4 + HEADER_DIMS
+"""Length of the per-step int64 header each rank sends: `[b, status, ndim, numel, dims...]`."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,12 @@ def partition_ranks(scope: str | int, world_size: int, ranks_per_node: int) -> l
 
 
 def build_rank_group(scope: str | int, ranks_per_node: int = 1, timeout_s: float | None = None) -> RankGroup:
-    """Creates this rank's :class:`RankGroup` (a collective call when subgroups are needed).
+    """Creates this rank's `RankGroup` (a collective call when subgroups are needed).
 
     Every rank must call it, in the same order, since ``torch.distributed.new_group`` is collective.
 
     Args:
-        scope: See :func:`partition_ranks`.
+        scope: See [partition_ranks][lightning_immiscible.distributed.partition_ranks].
         ranks_per_node: Processes per node.
         timeout_s: Timeout for the subgroup's collectives (``None``: the backend's default).
 
@@ -179,19 +181,19 @@ def _comm_device(group: RankGroup, fallback: torch.device) -> torch.device:
 
 def _header(x: Tensor | None, error: BaseException | None) -> Tensor:
     """``[b, status, ndim, numel, dims...]`` int64; status 0 = ok, else 1 + reason index."""
-    head = torch.zeros(4 + _MAX_DIMS, dtype=torch.int64)
+    head = torch.zeros(HEADER_SIZE, dtype=torch.int64)
     if error is not None or x is None:
         reason = getattr(error, "reason", "invalid")
         head[1] = 1 + (INPUT_ERROR_REASONS.index(reason) if reason in INPUT_ERROR_REASONS else 0)
         return head
     dims = tuple(x.shape[1:])
     head[0], head[2], head[3] = x.shape[0], len(dims), int(np.prod(dims, dtype=np.int64))
-    head[4 : 4 + min(len(dims), _MAX_DIMS)] = torch.tensor(dims[:_MAX_DIMS], dtype=torch.int64)
+    head[4 : 4 + min(len(dims), HEADER_DIMS)] = torch.tensor(dims[:HEADER_DIMS], dtype=torch.int64)
     return head
 
 
 def _exchange_headers(group: RankGroup, head: Tensor, device: torch.device) -> Tensor:
-    """All-gathers the headers of the group's ranks: ``(W, 4 + _MAX_DIMS)``."""
+    """All-gathers the headers of the group's ranks: ``(W, HEADER_SIZE)``."""
     if group.process_group is None:
         return head[None]
     head = head.to(_comm_device(group, device))
@@ -250,25 +252,18 @@ def _group_mean(group: RankGroup, values: list[Tensor], device: torch.device) ->
     return [float(s) / count if count else 0.0 for s in sums[:-1]]
 
 
-@dataclass(frozen=True)
-class GroupCouplingConfig:
-    """What :func:`couple_in_group` needs besides the data (the callback's settings)."""
-
-    method: str = "lsa"
-    metric: str = "l2"
-    precision: str = "auto"
-    solver: str = "auto"
-    k: int = 4
-    check_finite: bool = True
+GroupCouplingConfig = CouplingSpec
+"""The former name of [CouplingSpec][lightning_immiscible.coupling.CouplingSpec], kept so that code
+written against it keeps working (same fields, same order)."""
 
 
 def _validate_local(
-    x: Tensor | None, error: BaseException | None, cfg: GroupCouplingConfig
+    x: Tensor | None, error: BaseException | None, spec: CouplingSpec
 ) -> BaseException | None:
     if error is not None or x is None:
         return error or CouplingInputError("No data tensor to couple.", "no_tensor")
     try:
-        check_inputs(x, x, "lsa", cfg.check_finite)  # x0 against itself: dtype, ndim, NaN/Inf
+        check_inputs(x, x, "lsa", spec.check_finite)  # x0 against itself: dtype, ndim, NaN/Inf
     except CouplingInputError as exc:
         return exc
     return None
@@ -279,68 +274,67 @@ def couple_in_group(
     group: RankGroup,
     seed: int,
     draw_index: int,
-    cfg: GroupCouplingConfig,
+    spec: CouplingSpec,
     error: BaseException | None = None,
 ) -> CouplingResult:
-    """Couples this rank's ``x`` with noise from its group's shared pool (DESIGN §4).
+    """Couples this rank's `x` with noise from its group's shared pool (the steps in this module's docs).
 
-    Every rank of ``group`` must call it for the same ``draw_index``. Bad input on any rank (passed
-    as ``error`` or found here) raises on every rank of the group after one header exchange.
+    Every rank of `group` must call it for the same `draw_index`. Bad input on any rank (passed
+    as `error` or found here) raises on every rank of the group after one header exchange.
 
     Args:
-        x: ``(b_r, *dims)`` this rank's data (``None`` when ``error`` is given).
-        group: This rank's :class:`RankGroup`.
+        x: `(b_r, *dims)` this rank's data (`None` when `error` is given).
+        group: This rank's [RankGroup][lightning_immiscible.distributed.RankGroup].
         seed: Run seed, equal on all ranks.
         draw_index: Counter of coupled micro-batches, equal on all ranks.
-        cfg: Method, metric, precision, solver, knn ``k``.
-        error: An exception this rank hit while preparing ``x`` (shared with the group, re-raised).
+        spec: Method, metric, precision, solver, knn `k`
+            ([CouplingSpec][lightning_immiscible.coupling.CouplingSpec]).
+        error: An exception this rank hit while preparing `x` (shared with the group, re-raised).
 
     Returns:
-        The local :class:`CouplingResult`: ``noise`` ``(b_r, *dims)``; ``index`` ``(b_r,)`` into the
-        group pool (for ``knn``: the chosen candidate); costs are group-wide means.
+        The local [CouplingResult][lightning_immiscible.coupling.CouplingResult]: `noise`
+        `(b_r, *dims)`; `index` `(b_r,)` into the group pool (for `knn`: the chosen candidate);
+        costs are group-wide means.
 
+    Examples:
+        ```python
+        import torch
+        from lightning_immiscible import CouplingSpec
+        from lightning_immiscible.distributed import build_rank_group, couple_in_group
+
+        group = build_rank_group("global")  # every rank, same order; one process: a group of one
+        x0 = torch.rand(8, 16) * 2 - 1
+        res = couple_in_group(x0, group, seed=0, draw_index=0, spec=CouplingSpec("lsa"))
+        ```
     """
-    error = _validate_local(x, error, cfg)
+    error = _validate_local(x, error, spec)
     device = x.device if x is not None else torch.device("cpu")
     heads = _exchange_headers(group, _header(x, error), device)
     _agree_or_raise(group, heads, error)
     assert x is not None
+    if spec.method == "knn":
+        return _knn_local(x, seed, draw_index, spec)
     sizes = [int(s) for s in heads[:, 0]]
-    if cfg.method == "knn":
-        return _knn_local(x, seed, draw_index, cfg)
     offset, total = sum(sizes[: group.ranks.index(_rank())]), sum(sizes)
     pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
-    mine = torch.arange(offset, offset + x.shape[0], device=device)
-    index, cost_ms, solve_ms = mine, 0.0, 0.0
-    if cfg.method != "none" and total > 1:
-        index, cost_ms, solve_ms = _assign(x, pool, group, sizes, offset, cfg)
-    noise = pool[index].to(x.dtype)
-    before, after = _group_mean(
-        group, [paired_distance(x, pool[mine], cfg.metric), paired_distance(x, noise, cfg.metric)], device
-    )
-    return CouplingResult(noise, index, before, after, cost_ms, solve_ms, cfg.method, cfg.metric)
+    mine = pool[offset : offset + x.shape[0]]
+    found = Assignment(torch.arange(offset, offset + x.shape[0], device=device), 0.0, 0.0)
+    if spec.method != "none" and total > 1:
+        found = assign(
+            x, pool, spec, gather_rows=lambda rows: _gather_rows(group, rows, sizes), offset=offset
+        )
+    noise = pool[found.index].to(x.dtype)
+    distances = [paired_distance(x, mine, spec.metric), paired_distance(x, noise, spec.metric)]
+    before, after = _group_mean(group, distances, device)
+    return found.result(noise, before, after, spec)
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _assign(
-    x: Tensor, pool: Tensor, group: RankGroup, sizes: list[int], offset: int, cfg: GroupCouplingConfig
-) -> tuple[Tensor, float, float]:
-    """Cost rows, gather, solve: returns this rank's pool indices and the two timings (ms)."""
-    start = time.perf_counter()
-    rows = cost_matrix(x, -pool if cfg.method == "flip" else pool, cfg.metric, cfg.precision)
-    full = _gather_rows(group, rows.cpu(), sizes)
-    mid = time.perf_counter()
-    col = solve(full.double().numpy(), cfg.solver)
-    end = time.perf_counter()
-    index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
-    return index, (mid - start) * 1e3, (end - mid) * 1e3
-
-
-def _knn_local(x: Tensor, seed: int, draw_index: int, cfg: GroupCouplingConfig) -> CouplingResult:
+def _knn_local(x: Tensor, seed: int, draw_index: int, spec: CouplingSpec) -> CouplingResult:
     """Knn needs no cross-item matching: each rank draws its own candidates, no collective."""
     # a per-rank stream, whatever the scope
-    cand = draw_pool((x.shape[0], cfg.k, *x.shape[1:]), seed, _rank(), draw_index, x.device, stream=1)
-    return couple(x, cand.to(x.dtype), method="knn", metric=cfg.metric, check_finite=False)
+    cand = draw_pool((x.shape[0], spec.k, *x.shape[1:]), seed, _rank(), draw_index, x.device, stream=1)
+    return CouplingSpec("knn", spec.metric, check_finite=False).couple(x, cand.to(x.dtype))

@@ -1,189 +1,224 @@
-"""``ImmiscibleMixin``: the LightningModule side of the coupling.
+"""`ImmiscibleMixin`: the LightningModule side of the coupling, and the object it receives.
 
-Mix it into a ``LightningModule`` and replace ``torch.randn_like(x0)`` with ``self.noise_like(x0)``.
-The :class:`~lightning_immiscible.callback.ImmiscibleCoupling` callback prepares the coupled noise
-for each training batch; without it (or in validation / sampling) ``noise_like`` is plain
-``torch.randn_like``.
+Mix it into a `LightningModule` and replace `torch.randn_like(x0)` with `self.noise_like(x0)`.
+The hand-off is explicit: for each training batch,
+[ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] calls
+[immiscible_data][lightning_immiscible.mixin.ImmiscibleMixin.immiscible_data] once, couples the
+noise and passes a [CoupledBatch][lightning_immiscible.mixin.CoupledBatch] to
+[receive_coupled_batch][lightning_immiscible.mixin.ImmiscibleMixin.receive_coupled_batch]; the
+training step reads it through `noise_like` (and `coupled_data`); the callback releases it when the
+batch ends or fails. Without the callback (or in validation and sampling) `noise_like` is plain
+`torch.randn_like`. Nothing here rewrites a method the user wrote.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_immiscible.coupling import CouplingInputError
-from lightning_immiscible.workers import INDEX_KEY, NOISE_KEY, STATS_KEY, split_coupled_batch
+from lightning_immiscible.batches import DATA_KEYS, find_data_tensor, same_batch
+from lightning_immiscible.coupling import CouplingResult
+from lightning_immiscible.workers import WorkerCoupling
 
-#: Dict keys searched first (in this order) by the default :meth:`ImmiscibleMixin.immiscible_data`.
-DATA_KEYS: tuple[str, ...] = ("x0", "image", "images", "pixel_values", "latents", "input", "inputs", "x")
-
-
-def find_data_tensor(batch: Any) -> Tensor:
-    """Finds the data tensor ``x0`` in a batch.
-
-    A tensor is returned as is; in a dict the first of :data:`DATA_KEYS` that holds a floating
-    tensor wins, else the first floating tensor value; in a tuple/list the first floating tensor.
-
-    Args:
-        batch: A tensor, a (possibly nested) tuple/list/dict of tensors and other objects.
-
-    Returns:
-        The ``(B, *dims)`` floating-point data tensor.
-
-    Raises:
-        CouplingInputError: If the batch holds no floating-point tensor.
-
-    """
-    found = _search(batch)
-    if found is None:
-        raise CouplingInputError(
-            f"Found no floating-point tensor in the batch (type {type(batch).__name__}). Override "
-            "`immiscible_data(self, batch)` in your LightningModule to return the data tensor x0 "
-            "(shape (B, ...)) that the noise is added to.",
-            "no_tensor",
-        )
-    return found
+__all__ = ["DATA_KEYS", "CoupledBatch", "ImmiscibleMixin", "find_data_tensor"]
 
 
-def _search(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch if batch.is_floating_point() else None
-    if isinstance(batch, Mapping):
-        for key in DATA_KEYS:
-            if key in batch and isinstance(batch[key], Tensor) and batch[key].is_floating_point():
-                return batch[key]
-        return next((t for t in map(_search, batch.values()) if t is not None), None)
-    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
-        return next((t for t in map(_search, batch) if t is not None), None)
-    return None
+@dataclass(frozen=True)
+class CoupledBatch:
+    """What the callback prepared for one training batch: the data, its coupled noise, the record.
 
+    Made by [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] in
+    `on_train_batch_start`, held by the module for that batch only
+    ([ImmiscibleMixin.coupled_batch][lightning_immiscible.mixin.ImmiscibleMixin.coupled_batch]).
 
-def _cache_per_batch(fn: Callable[[Any, Any], Tensor]) -> Callable[[Any, Any], Tensor]:
-    """Caches ``immiscible_data(batch)`` for the batch the callback prepared (by identity).
-
-    So an expensive override (e.g. a VAE encoder) runs once per training batch, although both the
-    callback and ``training_step`` call it.
+    Attributes:
+        batch: The batch as `training_step` receives it (a worker-coupled batch already unwrapped).
+        x0: `(B, *dims)`, what `immiscible_data(batch)` returned: the tensor the noise is paired with.
+        result: The coupling's [CouplingResult][lightning_immiscible.coupling.CouplingResult]
+            (`result.method == "worker"` when a DataLoader worker coupled the batch).
+        draw: The callback's counter of coupled micro-batches for this batch (the noise stream's
+            position).
     """
 
-    @functools.wraps(fn)
-    def wrapper(self: Any, batch: Any) -> Tensor:
-        cached = self.__dict__.get("_immiscible_data_cache")
-        if cached is not None and cached[0] is batch:
-            return cached[1]
-        return fn(self, batch)
+    batch: Any
+    x0: Tensor
+    result: CouplingResult
+    draw: int
 
-    wrapper._immiscible_cached = True  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _unwrap_worker_batches(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``training_step`` receives the inner batch of a ``CouplingCollate`` batch, unwrapped."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
-        return fn(self, self._immiscible_unwrap(batch), *args, **kwargs)
-
-    wrapper._immiscible_unwraps = True  # type: ignore[attr-defined]
-    return wrapper
+    @property
+    def noise(self) -> Tensor:
+        """`(B, *dims)` the coupled noise: `noise[i]` is paired with `x0[i]`."""
+        return self.result.noise
 
 
 class ImmiscibleMixin:
-    """Adds ``noise_like`` and ``immiscible_data`` to a ``LightningModule``.
+    """Adds `noise_like`, `immiscible_data` and the coupled-batch hand-off to a `LightningModule`.
 
-    Example::
+    Put it before `LightningModule` in the bases. In `training_step`, get `x0` and draw the noise
+    with `noise_like(x0)` instead of `torch.randn_like(x0)`; use that one noise for both the noised
+    input and the target. With an expensive `immiscible_data` override (an encoder), read `x0` with
+    `coupled_data(batch)`: it returns the callback's `x0` for this batch, so the override runs once.
+
+    The mixin overrides one Lightning hook, `on_after_batch_transfer`, to unwrap batches coupled in
+    DataLoader workers ([CouplingCollate][lightning_immiscible.workers.CouplingCollate]); if you
+    override that hook too, return `super().on_after_batch_transfer(batch, dataloader_idx)` from it.
+
+    Examples:
+        ```python
+        import lightning as L
+        import torch.nn.functional as F
+        from lightning_immiscible import ImmiscibleCoupling, ImmiscibleMixin
 
         class Diffusion(ImmiscibleMixin, L.LightningModule):
             def training_step(self, batch, batch_idx):
-                x0 = self.immiscible_data(batch)
-                noise = self.noise_like(x0)        # coupled when ImmiscibleCoupling is active
+                x0 = self.coupled_data(batch)       # = immiscible_data(batch), computed once
+                noise = self.noise_like(x0)         # coupled when ImmiscibleCoupling is active
                 t = torch.randint(0, 1000, (x0.shape[0],), device=x0.device)
                 x_t = a[t] * x0 + s[t] * noise
                 return F.mse_loss(self.model(x_t, t), noise)
 
         trainer = L.Trainer(callbacks=[ImmiscibleCoupling(method="lsa")])
+        ```
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("immiscible_data")
-        if own is not None and not getattr(own, "_immiscible_cached", False):
-            cls.immiscible_data = _cache_per_batch(own)  # type: ignore[method-assign]
-        step = cls.__dict__.get("training_step")
-        if step is not None and not getattr(step, "_immiscible_unwraps", False):
-            cls.training_step = _unwrap_worker_batches(step)  # type: ignore[attr-defined]
+    # Class-level defaults: the mixin needs no __init__, so it composes with any module signature.
+    _coupled_batch: CoupledBatch | None = None
+    _worker_coupling: WorkerCoupling | None = None
+    _warned_recomputed = False
 
     def immiscible_data(self, batch: Any) -> Tensor:
-        """Returns the data tensor ``x0`` (``(B, *dims)``, floating point) the noise is paired with.
+        """Returns the data tensor `x0` (`(B, *dims)`, floating point) the noise is paired with.
 
-        Override it when the noise is added to something else than the batch's first floating
-        tensor, e.g. latents (``return self.vae.encode(batch["image"])``) or a dict entry. An
-        override is called once per training batch: the callback's result is reused when
-        ``training_step`` calls it with the same batch.
+        The override point: override it when the noise is added to something else than the batch's
+        first floating tensor, e.g. latents (`return self.vae.encode(batch["image"])`) or a dict
+        entry. The callback calls it once per training batch; read its result in `training_step`
+        with [coupled_data][lightning_immiscible.mixin.ImmiscibleMixin.coupled_data].
+
+        Args:
+            batch: The batch as `training_step` receives it.
+
+        Returns:
+            `(B, *dims)` floating-point data; by default
+            [find_data_tensor(batch)][lightning_immiscible.batches.find_data_tensor].
         """
         return find_data_tensor(batch)
 
-    def _immiscible_unwrap(self, batch: Any) -> Any:
-        """Unwraps a :class:`~lightning_immiscible.workers.CouplingCollate` batch (else returns it).
-
-        The callback calls it first (and keeps the worker-coupled noise); ``training_step`` is
-        wrapped to call it too, so it receives the same inner batch object the callback saw.
-        """
-        if not (isinstance(batch, Mapping) and NOISE_KEY in batch):
-            return batch
-        cached = self.__dict__.get("_immiscible_unwrapped")
-        if cached is not None and cached[0] is batch:
-            return cached[1]
-        inner, _ = split_coupled_batch(batch)
-        self.__dict__["_immiscible_unwrapped"] = (batch, inner)
-        self.__dict__["_immiscible_worker"] = (batch[NOISE_KEY], batch[STATS_KEY], batch[INDEX_KEY])
-        return inner
-
-    def noise_like(self, x0: Tensor) -> Tensor:
-        """Drop-in for ``torch.randn_like(x0)``: the coupled noise for this training batch.
+    def coupled_data(self, batch: Any) -> Tensor:
+        """`x0` for `batch`: the callback's for the batch it coupled, else `immiscible_data(batch)`.
 
         Args:
-            x0: ``(B, *dims)``, the tensor returned by :meth:`immiscible_data` for this batch.
+            batch: The batch `training_step` received.
 
         Returns:
-            ``(B, *dims)`` noise on ``x0``'s device and dtype. The coupled noise when the callback
-            prepared it for this batch and its shape matches ``x0``; otherwise (no callback,
-            validation, sampling, another shape) fresh ``torch.randn_like(x0)``. Coupled noise is
-            handed out for one batch only, never carried over to a later one.
-
+            `(B, *dims)`: `coupled_batch.x0` when the callback coupled this batch (the same tensor
+            object, so an expensive `immiscible_data` ran only once), otherwise a fresh
+            `immiscible_data(batch)` (no callback, validation, another batch).
         """
-        prepared: Tensor | None = self.__dict__.get("_immiscible_noise")
-        if prepared is None or not getattr(self, "training", True):
+        coupled = self._coupled_batch
+        if coupled is not None and self._in_training() and same_batch(coupled.batch, batch):
+            return coupled.x0
+        return self.immiscible_data(batch)
+
+    def noise_like(self, x0: Tensor) -> Tensor:
+        """Drop-in for `torch.randn_like(x0)`: the coupled noise for this training batch.
+
+        Args:
+            x0: `(B, *dims)`, the tensor from `coupled_data(batch)` (or `immiscible_data(batch)`).
+
+        Returns:
+            `(B, *dims)` noise on `x0`'s device and dtype: the coupled noise when the callback
+            prepared it for this batch and its shape matches `x0`; otherwise (no callback,
+            validation, sampling, another shape) fresh `torch.randn_like(x0)`. Coupled noise is
+            handed out for one batch only, never carried over to a later one.
+        """
+        coupled = self._coupled_batch
+        if coupled is None or not self._in_training():
             return torch.randn_like(x0)
-        if prepared.shape != x0.shape:
+        if coupled.noise.shape != x0.shape:
             rank_zero_warn(
                 f"noise_like(x0) got shape {tuple(x0.shape)} but the coupled noise of this batch has "
-                f"shape {tuple(prepared.shape)}; returning uncoupled torch.randn_like(x0). Pass the "
-                "tensor returned by immiscible_data(batch).",
+                f"shape {tuple(coupled.noise.shape)}; returning uncoupled torch.randn_like(x0). Pass the "
+                "tensor returned by coupled_data(batch).",
             )
             return torch.randn_like(x0)
-        return prepared.to(device=x0.device, dtype=x0.dtype)
+        if x0 is not coupled.x0:
+            self._warn_recomputed()
+        return coupled.noise.to(device=x0.device, dtype=x0.dtype)
+
+    @property
+    def coupled_batch(self) -> CoupledBatch | None:
+        """The [CoupledBatch][lightning_immiscible.mixin.CoupledBatch] of the current training batch.
+
+        Set by the callback in `on_train_batch_start`, `None` outside a coupled training batch.
+        """
+        return self._coupled_batch
 
     @property
     def immiscible_noise_ready(self) -> bool:
         """Whether coupled noise is prepared for the current training batch."""
-        return self.__dict__.get("_immiscible_noise") is not None
+        return self._coupled_batch is not None
 
-    def _immiscible_set(self, batch: Any, x0: Tensor, noise: Tensor) -> None:
-        """Called by the callback: stores ``x0`` (per batch) and its coupled ``noise``."""
-        self.__dict__["_immiscible_data_cache"] = (batch, x0)
-        self.__dict__["_immiscible_noise"] = noise
+    @property
+    def worker_coupling(self) -> WorkerCoupling | None:
+        """The noise a DataLoader worker coupled with the current batch, if it did (else `None`)."""
+        return self._worker_coupling
 
-    def _immiscible_clear(self) -> None:
-        """Called by the callback at batch end: nothing prepared leaks into a later batch."""
-        for key in (
-            "_immiscible_data_cache",
-            "_immiscible_noise",
-            "_immiscible_worker",
-            "_immiscible_unwrapped",
-        ):
-            self.__dict__.pop(key, None)
+    def receive_coupled_batch(self, coupled: CoupledBatch) -> None:
+        """Takes the callback's hand-off for the current training batch (the callback calls it)."""
+        self._coupled_batch = coupled
+
+    def release_coupled_batch(self) -> None:
+        """Drops the current batch's hand-off (the callback calls it at batch end and on errors).
+
+        So nothing prepared for one batch leaks into a later batch, validation or sampling.
+        """
+        self._coupled_batch = None
+        self._worker_coupling = None
+
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Unwraps a [CouplingCollate][lightning_immiscible.workers.CouplingCollate] batch.
+
+        The hooks and `training_step` then see the inner batch; the worker's noise is kept in
+        [worker_coupling][lightning_immiscible.mixin.ImmiscibleMixin.worker_coupling] for the
+        callback. Other batches pass through. Call `super()` if you override this hook.
+        """
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
+        self._worker_coupling = WorkerCoupling.from_batch(batch)
+        return batch if self._worker_coupling is None else self._worker_coupling.batch
+
+    def _in_training(self) -> bool:
+        return bool(getattr(self, "training", True))
+
+    def _warn_recomputed(self) -> None:
+        """Hints once when `training_step` recomputed an overridden `immiscible_data`."""
+        overridden = type(self).immiscible_data is not ImmiscibleMixin.immiscible_data
+        if overridden and not self._warned_recomputed:
+            self._warned_recomputed = True
+            rank_zero_warn(
+                "noise_like(x0) got a tensor other than the x0 the callback coupled for this batch: "
+                f"{type(self).__name__}.immiscible_data ran again in training_step. The coupled noise "
+                "is returned, but read x0 with `x0 = self.coupled_data(batch)` so an expensive "
+                "immiscible_data runs once per batch and the noise is paired with that very x0."
+            )
+
+
+def as_immiscible_module(pl_module: pl.LightningModule) -> ImmiscibleMixin:
+    """Returns `pl_module` typed as an [ImmiscibleMixin][lightning_immiscible.mixin.ImmiscibleMixin].
+
+    Raises:
+        TypeError: If the module does not mix it in, with the fix.
+    """
+    if not isinstance(pl_module, ImmiscibleMixin):
+        raise TypeError(
+            f"ImmiscibleCoupling needs a LightningModule that mixes in ImmiscibleMixin "
+            f"(class {type(pl_module).__name__}(ImmiscibleMixin, L.LightningModule)) and calls "
+            "self.noise_like(x0) instead of torch.randn_like(x0) in training_step."
+        )
+    return pl_module

@@ -2,26 +2,27 @@
 
 Exact assignment is about cubic in the pooled batch, while the training step's time does not grow
 with the group, so the useful group size depends on the batch, the data size, the solver and the
-step time. :func:`choose_group_size` measures the assignment at each candidate pool size (on
-synthetic data of the real shape, on this rank's device) and keeps the largest that fits.
+step time. [choose_group_size][lightning_immiscible.sizing.choose_group_size] measures the
+assignment at each candidate pool size (on synthetic data of the real shape, on this rank's device)
+and keeps the largest that fits.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from lightning_immiscible.coupling import cost_matrix
-from lightning_immiscible.solvers import solve
+from lightning_immiscible.costs import cost_matrix
+from lightning_immiscible.coupling import CouplingSpec, assign
+
+DEFAULT_SPEC = CouplingSpec()
 
 
 @dataclass(frozen=True)
 class GroupSizeDecision:
-    """The outcome of :func:`choose_group_size`.
+    """The outcome of [choose_group_size][lightning_immiscible.sizing.choose_group_size].
 
     Attributes:
         size: Chosen number of ranks per coupling group.
@@ -53,28 +54,32 @@ def time_assignment(
     pool: int,
     item_shape: Sequence[int],
     local_batch: int,
+    spec: CouplingSpec = DEFAULT_SPEC,
     *,
-    metric: str = "l2",
-    precision: str = "auto",
-    solver: str = "auto",
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> float:
-    """Times one assignment step for a pool of ``pool`` items, in ms.
+    """Times one assignment step for a pool of `pool` items, in ms.
 
-    Covers what a rank does per step: its ``(local_batch, pool)`` cost rows and the ``(pool, pool)``
-    solve, on Gaussian-like data of shape ``(*, *item_shape)``. Communication is not included.
+    Runs what a rank runs per step, [assign][lightning_immiscible.coupling.assign]: its
+    `(local_batch, pool)` cost rows and the `(pool, pool)` solve, on Gaussian-like data of shape
+    `(*, *item_shape)`. Communication is not included: the other ranks' rows are computed here
+    beforehand and stand in for the gathered ones.
+
+    Args:
+        pool: Items in the group's pool (group size x local batch).
+        item_shape: Shape of one item (`x0.shape[1:]`).
+        local_batch: Items per rank.
+        spec: Metric, precision, solver and method of the coupling.
+        device: Where to compute the cost rows.
+        seed: Seed of the synthetic data.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     data = torch.randn((pool, *item_shape), generator=gen, device=device) * 0.5
     noise = torch.randn((pool, *item_shape), generator=gen, device=device)
-    full = cost_matrix(data, noise, metric, precision).cpu().double().numpy()  # the gathered matrix
-    start = time.perf_counter()
-    cost_matrix(data[:local_batch], noise, metric, precision).cpu()  # this rank's rows
-    rows_ms = (time.perf_counter() - start) * 1e3
-    start = time.perf_counter()
-    solve(full, solver)
-    return rows_ms + (time.perf_counter() - start) * 1e3
+    others = cost_matrix(data, -noise if spec.method == "flip" else noise, spec.metric, spec.precision)
+    found = assign(data[:local_batch], noise, spec, gather_rows=lambda rows: others)
+    return found.cost_ms + found.solve_ms
 
 
 def choose_group_size(
@@ -83,7 +88,9 @@ def choose_group_size(
     item_shape: Sequence[int],
     step_ms: float,
     fraction: float,
-    **timing_kwargs: Any,
+    spec: CouplingSpec = DEFAULT_SPEC,
+    *,
+    device: torch.device | str = "cpu",
 ) -> GroupSizeDecision:
     """Picks the largest group size whose measured assignment time is within ``fraction * step_ms``.
 
@@ -96,7 +103,8 @@ def choose_group_size(
         item_shape: Shape of one item (``x0.shape[1:]``).
         step_ms: Training-step time without the assignment, ms.
         fraction: Share of the step the assignment may take.
-        **timing_kwargs: ``metric``, ``precision``, ``solver``, ``device`` for :func:`time_assignment`.
+        spec: The coupling's settings (metric, precision, solver).
+        device: Where to time the cost rows (this rank's device).
     """
     budget = fraction * step_ms
     timings: dict[int, float] = {}
@@ -104,7 +112,7 @@ def choose_group_size(
     for size in candidate_sizes(world_size):
         if size * local_batch <= 1:
             continue
-        timings[size] = time_assignment(size * local_batch, item_shape, local_batch, **timing_kwargs)
+        timings[size] = time_assignment(size * local_batch, item_shape, local_batch, spec, device=device)
         if timings[size] > budget:
             break
         chosen = size

@@ -4,7 +4,8 @@ Every solver takes a ``(B, B)`` float64 NumPy cost matrix and returns ``col`` of
 (int64) such that row ``i`` is assigned column ``col[i]``, i.e. a permutation that minimises
 ``cost[arange(B), col].sum()`` (exactly for exact solvers, approximately otherwise).
 
-Solvers are looked up by name in :data:`SOLVERS`; :func:`register_solver` adds one, so
+Solvers are looked up by name in `SOLVERS`;
+[register_solver][lightning_immiscible.solvers.register_solver] adds one, so
 ``couple(..., solver="my_solver")`` works for user-supplied solvers too.
 
 Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``docs/performance.md``):
@@ -16,7 +17,7 @@ Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``d
   is installed.
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment``, the paper's solver.
 - ``greedy`` (approximate): candidate greedy on the centred cost
-  (:func:`lightning_immiscible.solvers_approx.solve_greedy`); at B = 2048 it needs 12-20 % of
+  ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]); at B = 2048 it needs 12-20 % of
   ``lapjv``'s solver time and keeps about 98 % of the exact distance reduction.
 
 Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
@@ -90,7 +91,7 @@ def _is_permutation(col: np.ndarray, b: int) -> bool:
     return bool(seen.all())
 
 
-def _first_permutation(out: object, b: int) -> np.ndarray | None:
+def permutation_in(out: object, b: int) -> np.ndarray | None:
     """Finds the row-to-column array in a backend's return value, whatever its tuple layout.
 
     ``lapjv`` >= 1.3 returns ``(x, y, (cost, u, v))``; older builds and ``lapx`` return
@@ -104,12 +105,12 @@ def _first_permutation(out: object, b: int) -> np.ndarray | None:
     return None
 
 
-def _checked(backend: Callable[[np.ndarray], object]) -> SolverFn:
+def checked_backend(backend: Callable[[np.ndarray], object]) -> SolverFn:
     """Wraps an optional exact backend: bad layouts, errors or non-permutations fall back to SciPy."""
 
     def fn(cost: np.ndarray) -> np.ndarray:
         try:
-            col = _first_permutation(backend(cost), cost.shape[0])
+            col = permutation_in(backend(cost), cost.shape[0])
         except (ValueError, RuntimeError, TypeError, MemoryError):
             col = None
         return col if col is not None else solve_scipy(cost)
@@ -131,13 +132,17 @@ def _register_optional() -> None:
     try:
         import lapjv as _lapjv  # MIT; the fastest dense exact solver measured here
 
-        register_solver("lapjv", _checked(lambda c: _lapjv.lapjv(_shift_rows(c))), exact=True, priority=10)
+        register_solver(
+            "lapjv", checked_backend(lambda c: _lapjv.lapjv(_shift_rows(c))), exact=True, priority=10
+        )
     except ImportError:
         pass
     try:
         import lap as _lap  # lapx, MIT
 
-        register_solver("lapx", _checked(lambda c: _lap.lapjv(c, return_cost=False)), exact=True, priority=20)
+        register_solver(
+            "lapx", checked_backend(lambda c: _lap.lapjv(c, return_cost=False)), exact=True, priority=20
+        )
     except ImportError:
         pass
 
@@ -180,7 +185,7 @@ def solve(cost: np.ndarray, solver: str = "auto") -> np.ndarray:
 
     Args:
         cost: ``(B, B)`` cost matrix (any float dtype; converted to float64).
-        solver: A name from :func:`available_solvers` or ``"auto"``.
+        solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers] or ``"auto"``.
 
     Returns:
         ``(B,)`` int64 array ``col`` with row ``i`` assigned to column ``col[i]``.

@@ -1,6 +1,7 @@
-"""Approximate linear-assignment solvers (registered in :mod:`lightning_immiscible.solvers`).
+"""Approximate linear-assignment solvers (registered in `lightning_immiscible.solvers`).
 
-``greedy`` (:func:`solve_greedy`) trades a little of the distance reduction for a large speed-up of
+``greedy`` ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy])
+trades a little of the distance reduction for a large speed-up of
 the solver. Measured on this project's costs (natural-image-like data against Gaussian noise, L2,
 2-core CPU, ``benchmarks/assignment.py``; see ``docs/performance.md``): at B = 2048 it needs
 12-20 % of ``lapjv``'s solver time (4-8 % of SciPy's) and keeps 98 % of the exact distance

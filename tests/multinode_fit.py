@@ -27,7 +27,7 @@ def main(out: Path, scopes: list[str]) -> None:
         )
         t.fit(module)
         torch.save(
-            {"records": module.records, "group": coupling._group.ranks, "index": coupling._group.index},
+            {"records": module.records, "group": coupling.group.ranks, "index": coupling.group.index},
             out / f"{scope}_rank{t.global_rank}.pt",
         )
 

@@ -146,8 +146,8 @@ def test_module_without_mixin_is_rejected_at_setup():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "ot"}, "unknown method"),
-        ({"metric": "cos"}, "unknown metric"),
+        ({"method": "ot"}, "Unknown method"),
+        ({"metric": "cos"}, "Unknown metric"),
         ({"scope": "cluster"}, "Unknown scope"),
         ({"solver": "magic"}, "Unknown solver"),
         ({"k": 0}, "k must be >= 1"),
@@ -170,7 +170,7 @@ def test_configurable_from_lightning_cli_yaml(tmp_path):
     cbs = [c for c in cli.trainer.callbacks if isinstance(c, ImmiscibleCoupling)]
     assert len(cbs) == 1
     cb = cbs[0]
-    assert (cb.config.method, cb.config.metric, cb.scope, cb.seed, cb.log_every_n_steps) == (
+    assert (cb.spec.method, cb.spec.metric, cb.scope, cb.seed, cb.log_every_n_steps) == (
         "flip",
         "sqeuclidean",
         2,
@@ -203,3 +203,63 @@ def test_worker_coupled_noise_is_used_and_the_batch_unwrapped():
         res = couple(rec["x0"], rec["noise"])
         assert torch.equal(res.index, torch.arange(8))  # already optimal: lsa keeps it
     assert float(t.callback_metrics["immiscible/reduction_pct"]) > 0
+
+
+def test_the_hand_off_is_the_coupled_batch_and_is_released_after_each_batch():
+    # Catches: a hand-off that outlives its batch (validation or the next batch would see it), one
+    # whose x0 is not what immiscible_data returned, and a draw counter that is not the stream's.
+    class Inspecting(ToyDiffusion):
+        def training_step(self, batch, batch_idx):
+            coupled = self.coupled_batch
+            assert coupled is not None and coupled.batch is batch and coupled.x0 is batch[0]
+            self.seen.append((coupled.draw, coupled.noise.clone(), coupled.result.index.clone()))
+            return super().training_step(batch, batch_idx)
+
+    module, cb = Inspecting(), ImmiscibleCoupling(seed=8)
+    module.seen = []
+    _fit(module, cb, max_steps=3, limit_val_batches=1, val_check_interval=2)
+    assert [draw for draw, _, _ in module.seen] == [0, 1, 2]
+    for (draw, noise, index), rec in zip(module.seen, module.records, strict=True):
+        pool = draw_pool(rec["x0"].shape, 8, 0, draw)
+        assert torch.equal(noise, rec["noise"]) and torch.equal(noise, pool[index])
+    assert module.coupled_batch is None and module.worker_coupling is None
+    assert module.val_noise_was_coupled == [False]
+
+
+def test_the_hand_off_is_released_when_the_training_step_fails():
+    class Failing(ToyDiffusion):
+        def training_step(self, batch, batch_idx):
+            assert self.coupled_batch is not None
+            raise RuntimeError("boom")
+
+    module = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(module, ImmiscibleCoupling(seed=1), max_steps=1)
+    assert module.coupled_batch is None  # released in on_exception, not left for a later fit
+
+
+def test_world_size_above_one_without_a_process_group_is_a_clear_error():
+    # Catches: every rank silently drawing the same pool (group 0 on each) when the strategy has
+    # no torch.distributed process group.
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(world_size=2, num_devices=2, global_rank=0, strategy=None)
+    with pytest.raises(RuntimeError, match=r"runs 2 processes but torch\.distributed has no initialised"):
+        ImmiscibleCoupling(seed=0).setup(fake, ToyDiffusion(), "fit")
+
+
+def test_an_on_after_batch_transfer_override_without_super_names_the_fix():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_immiscible.workers import CouplingCollate
+
+    class NoSuper(ToyDiffusion):
+        def train_dataloader(self):
+            data = TensorDataset(torch.rand(16, 12) * 2 - 1)
+            return DataLoader(data, batch_size=8, collate_fn=CouplingCollate("lsa", seed=3))
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return batch  # forgets super(): the worker batch stays wrapped
+
+    with pytest.raises(RuntimeError, match=r"must return\s+super\(\)\.on_after_batch_transfer"):
+        _fit(NoSuper(), ImmiscibleCoupling(seed=1), max_steps=1)

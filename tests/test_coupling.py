@@ -1,12 +1,14 @@
-"""Invariants of the pure coupling (DESIGN §5): direction, optimality, permutation, marginal, bad input."""
+"""Invariants of the pure coupling: direction, optimality, permutation, marginal, bad input, the spec."""
 
 import itertools
+from dataclasses import FrozenInstanceError
 
 import pytest
 import torch
 from scipy import stats
+from scipy.optimize import linear_sum_assignment
 
-from lightning_immiscible import CouplingInputError, cost_matrix, couple, paired_distance
+from lightning_immiscible import CouplingInputError, CouplingSpec, cost_matrix, couple, paired_distance
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -155,3 +157,37 @@ def test_output_keeps_device_and_dtype_of_inputs():
     res = couple(x0, noise)
     assert res.noise.dtype == torch.float64 and res.index.dtype == torch.int64
     assert res.noise.device == x0.device
+
+
+def test_spec_is_validated_once_and_couple_keywords_build_the_same_spec():
+    # Catches: a spec that accepts typos (each would only fail deep inside a fit), and couple()'s
+    # keywords drifting from CouplingSpec.couple (the results would differ).
+    x0, noise = _data(24, 3, 4, 4), torch.randn(24, 3, 4, 4, generator=_gen(14))
+    spec = CouplingSpec(method="flip", metric="sqeuclidean", precision="fp32", solver="scipy")
+    via_spec = spec.couple(x0, noise)
+    via_keywords = couple(x0, noise, method="flip", metric="sqeuclidean", precision="fp32", solver="scipy")
+    assert torch.equal(via_spec.index, via_keywords.index) and via_spec.method == "flip"
+    cost = cost_matrix(x0, -noise, "sqeuclidean", "fp32").double().numpy()
+    rows, cols = linear_sum_assignment(cost)  # the oracle: scipy on the cost built here
+    assert via_spec.index[torch.from_numpy(rows)].tolist() == cols.tolist()
+    for bad, match in [
+        ({"method": "ot"}, "Unknown method 'ot'; choose one of lsa, knn, flip, none"),
+        ({"metric": "cos"}, "Unknown metric 'cos'; choose one of l2, sqeuclidean, l1"),
+        ({"precision": "fp8"}, "Unknown precision 'fp8'; choose one of auto, fp32, bf16, fp16"),
+        ({"solver": "magic"}, "Unknown solver 'magic'"),
+        ({"k": 0}, "k must be >= 1"),
+        ({"k": True}, "k must be >= 1"),
+    ]:
+        with pytest.raises(CouplingInputError, match=match):
+            CouplingSpec(**bad)
+    with pytest.raises(FrozenInstanceError):
+        spec.method = "lsa"  # type: ignore[misc]
+
+
+def test_group_coupling_config_is_the_spec_under_its_former_name():
+    from lightning_immiscible.distributed import GroupCouplingConfig
+
+    assert GroupCouplingConfig is CouplingSpec
+    assert GroupCouplingConfig("knn", "l1", "auto", "auto", 3, False) == CouplingSpec(
+        method="knn", metric="l1", k=3, check_finite=False
+    )

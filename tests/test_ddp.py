@@ -133,7 +133,7 @@ def test_only_distance_rows_cross_the_network_never_noise_or_data(tmp_path, monk
     ranks = _run(tmp_path, module, coupling, max_steps=2)
     # per step: one header all_gather, one cost-row all_gather, one stats all_reduce
     assert ranks[0]["calls"] == ranks[1]["calls"] == {"all_gather": 4, "all_reduce": 2}
-    header = 2 * (4 + li_dist._MAX_DIMS) * 8  # int64 header, once per step
+    header = 2 * li_dist.HEADER_SIZE * 8  # int64 header, once per step
     rows = (8 * 16 + 8 * 12) * 4  # each rank sends max(b_r) x B fp32 rows: B=16, then B=12
     stats = 2 * 3 * 8  # sums before / after and the count, float64
     expected = {"all_gather": header + rows, "all_reduce": stats}

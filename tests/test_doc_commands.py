@@ -221,7 +221,7 @@ def dry_run(words: tuple[str, ...], workdir: Path, monkeypatch: pytest.MonkeyPat
         hub_ids.append(path)
         return _FakeVAE()
 
-    monkeypatch.setattr("example_projects.latent_diffusion.codecs._load_diffusers_vae", fake_hub)
+    monkeypatch.setattr("example_projects.latent_diffusion.codecs.load_diffusers_vae", fake_hub)
     _simulate_gpu_node(monkeypatch)
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sys, "argv", ["cli"])

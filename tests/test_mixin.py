@@ -1,10 +1,17 @@
-"""ImmiscibleMixin: finding x0 in batches, noise_like's fallbacks, once-per-batch data."""
+"""ImmiscibleMixin: finding x0 in batches, the coupled-batch hand-off, noise_like's fallbacks."""
 
 import lightning as L
 import pytest
 import torch
 
-from lightning_immiscible import CouplingInputError, ImmiscibleMixin, find_data_tensor
+from lightning_immiscible import (
+    CoupledBatch,
+    CouplingInputError,
+    CouplingResult,
+    ImmiscibleMixin,
+    find_data_tensor,
+)
+from lightning_immiscible.workers import BATCH_KEY, NOISE_KEY, STATS_KEY, CouplingCollate
 
 
 class Plain(ImmiscibleMixin, L.LightningModule):
@@ -49,32 +56,68 @@ def test_noise_like_without_callback_is_randn_like():
     assert not module.immiscible_noise_ready
 
 
+def _coupled(batch, x0, noise, draw=0):
+    result = CouplingResult(noise, torch.arange(noise.shape[0]), 1.0, 0.5)
+    return CoupledBatch(batch=batch, x0=x0, result=result, draw=draw)
+
+
 def test_noise_like_returns_prepared_noise_once_per_batch_only():
     module = Plain()
     x0, prepared = torch.randn(3, 2), torch.randn(3, 2)
-    module._immiscible_set(batch=x0, x0=x0, noise=prepared)
+    module.receive_coupled_batch(_coupled(x0, x0, prepared))
+    assert module.coupled_batch is not None and module.coupled_batch.noise is prepared
     assert torch.equal(module.noise_like(x0), prepared)
     module.eval()  # validation / sampling never get the training batch's noise
     assert not torch.equal(module.noise_like(x0), prepared)
     module.train()
-    module._immiscible_clear()
+    module.release_coupled_batch()
+    assert module.coupled_batch is None and not module.immiscible_noise_ready
     assert not torch.equal(module.noise_like(x0), prepared)
 
 
 def test_noise_like_with_other_shape_warns_and_falls_back():
     module = Plain()
-    module._immiscible_set(batch=None, x0=torch.zeros(3, 2), noise=torch.randn(3, 2))
+    module.receive_coupled_batch(_coupled(None, torch.zeros(3, 2), torch.randn(3, 2)))
     with pytest.warns(UserWarning, match="returning uncoupled"):
         n = module.noise_like(torch.zeros(4, 2))
     assert n.shape == (4, 2)
 
 
-def test_overridden_immiscible_data_runs_once_for_the_prepared_batch():
+def test_coupled_data_reads_the_callbacks_x0_so_an_override_runs_once():
+    # Catches: coupled_data recomputing immiscible_data (calls would be 2), or returning the
+    # coupled x0 for another batch (the last assertion).
     module = Encoded()
     batch = {"image": torch.ones(2, 3)}
-    x0 = module.immiscible_data(batch)  # what the callback does
-    module._immiscible_set(batch, x0, torch.randn(2, 3))
-    again = module.immiscible_data(batch)  # what training_step does
-    assert again is x0 and module.calls == 1
-    module.immiscible_data({"image": torch.ones(2, 3)})  # another batch: computed afresh
-    assert module.calls == 2
+    x0 = module.immiscible_data(batch)  # what the callback does, once
+    module.receive_coupled_batch(_coupled(batch, x0, torch.randn(2, 3)))
+    assert module.coupled_data(batch) is x0 and module.calls == 1
+    rebuilt = {"image": batch["image"]}  # e.g. DDP's input handling: a new dict, the same tensors
+    assert module.coupled_data(rebuilt) is x0 and module.calls == 1
+    other = {"image": torch.ones(2, 3)}
+    assert module.coupled_data(other) is not x0 and module.calls == 2  # another batch: computed afresh
+
+
+def test_recomputing_an_overridden_immiscible_data_gets_a_one_time_hint():
+    module = Encoded()
+    batch = {"image": torch.ones(2, 3)}
+    noise = torch.randn(2, 3)
+    module.receive_coupled_batch(_coupled(batch, module.immiscible_data(batch), noise))
+    with pytest.warns(UserWarning, match="coupled_data"):
+        again = module.noise_like(module.immiscible_data(batch))  # the old pattern: encodes twice
+    assert torch.equal(again, noise) and module.calls == 2
+
+
+def test_worker_batches_are_unwrapped_in_on_after_batch_transfer():
+    # Catches: the inner batch not handed on (training_step would get the dict), or the
+    # worker's noise not kept for the callback.
+    module = Plain()
+    samples = [(x, torch.tensor(i)) for i, x in enumerate(torch.rand(6, 4))]
+    wrapped = CouplingCollate("lsa", seed=0)(samples)
+    inner = module.on_after_batch_transfer(wrapped, 0)
+    assert isinstance(inner, list | tuple) and inner[0] is wrapped[BATCH_KEY][0]
+    worker = module.worker_coupling
+    assert worker is not None and worker.batch is inner and worker.noise is wrapped[NOISE_KEY]
+    stats = wrapped[STATS_KEY].tolist()
+    assert (worker.cost_before, worker.cost_after, worker.assign_ms) == tuple(stats)
+    plain = (torch.rand(6, 4),)
+    assert module.on_after_batch_transfer(plain, 0) is plain and module.worker_coupling is None

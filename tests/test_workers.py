@@ -87,9 +87,8 @@ def test_main_process_stream_is_reproducible_and_leaves_global_rng_alone():
 
 
 def test_set_epoch_changes_the_stream():
-    collate = CouplingCollate("none", seed=3)
-    epoch0 = _noises(_loader(collate, workers=0))
-    collate._counter = 0
+    epoch0 = _noises(_loader(CouplingCollate("none", seed=3), workers=0))
+    collate = CouplingCollate("none", seed=3)  # same seed, fresh batch counter
     collate.set_epoch(1)
     assert not torch.equal(_noises(_loader(collate, workers=0))[0], epoch0[0])
 
@@ -131,5 +130,5 @@ def test_collate_is_picklable_and_validates_arguments():
     assert pickle.loads(pickle.dumps(CouplingCollate("knn", k=2, seed=1))).k == 2
     with pytest.raises(ValueError, match="Unknown method"):
         CouplingCollate("sinkhorn")
-    with pytest.raises(ValueError, match="k >= 1"):
+    with pytest.raises(ValueError, match="k must be >= 1"):
         CouplingCollate("knn", k=0)

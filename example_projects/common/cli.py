@@ -3,7 +3,9 @@
 ``fid:``, ``grid:``, ``progress_bar:`` and ``summary:`` are config groups of their own, so
 ``trainer.callbacks`` holds only the coupling and an overlay that sets it (``immiscible.yaml``,
 ``baseline.yaml``) replaces exactly that one entry. The model's image shape follows the data
-(``data.channels``: 1 for MNIST, else 3; ``data.image_size``).
+(``data.channels``: 1 for MNIST, else 3; ``data.image_size``). The network is its own config
+entry (``model.net``: ``class_path`` + ``init_args``), so trying another network is a YAML edit;
+its input size is set there, next to its other arguments.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from example_projects.common.progress import ImmiscibleProgressBar, RunSummary
 class ExampleCLI(LightningCLI):
     """LightningCLI with the examples' callback groups; subclasses pick the FID and grid classes.
 
-    Example::
-
+    Examples:
+        ```python
         class MyCLI(ExampleCLI):
             fid_class = MyFID
 
         MyCLI(MyModel, ImageDataModule, args=["fit", "--config", "my.yaml"])
+        ```
     """
 
     #: The callback behind ``fid:``.

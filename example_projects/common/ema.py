@@ -15,6 +15,17 @@ class EMA(nn.Module):
     then saved and restored with every checkpoint. Its parameters do not require gradients, so
     optimizers and DDP ignore them. Sampling and FID should use ``self.ema.model``.
 
+    Call [update][example_projects.common.ema.EMA.update] once per optimizer step, after it: from
+    the module's ``optimizer_step`` hook, which Lightning calls once per step also with
+    ``accumulate_grad_batches > 1`` (``on_train_batch_end`` runs once per micro-batch).
+
+    Examples:
+        ```python
+        def optimizer_step(self, *args, **kwargs):
+            super().optimizer_step(*args, **kwargs)
+            self.ema.update(self.net)
+        ```
+
     Args:
         model: The network to track (copied once; the copy is frozen and kept in eval mode).
         decay: The EMA decay (0.9999 in DDPM/DDIM for CIFAR-10).

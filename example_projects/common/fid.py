@@ -170,7 +170,7 @@ class FIDCallback(L.Callback):
             self._prepare_real(trainer, pl_module)
         for steps in self.sampling_steps:
             self.metric.reset()  # fake statistics only (reset_real_features=False)
-            self._update_fake(trainer, pl_module, steps)
+            self.update_fake(trainer, pl_module, steps)
             name = fid_metric_name(self.feature, self.num_samples, steps, sampler=self.sampler_tag)
             value = self.metric.compute()
             self.last[name] = float(value)
@@ -178,7 +178,7 @@ class FIDCallback(L.Callback):
         # The evaluation's cost stays visible next to the training step's (sampling + Inception).
         pl_module.log("timing/fid_eval_s", time.perf_counter() - start)
 
-    def _update_fake(self, trainer: L.Trainer, pl_module: Any, steps: int) -> None:
+    def update_fake(self, trainer: L.Trainer, pl_module: Any, steps: int) -> None:
         """Generates this rank's share of the fake samples and adds them to the metric.
 
         Rank r takes chunks r, r + W, ... of ``batch_size`` samples; chunk c's starting noise comes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from example_projects.common.ema import EMA
-from example_projects.common.unet import UNet
+from example_projects.common.training import (
+    OptimizerName,
+    check_prediction,
+    check_sample_shape,
+    eval_mode,
+    warmup_optimizer,
+)
 from example_projects.consistency.training import (
     consistency_loss,
     discretisation_steps,
@@ -24,8 +30,6 @@ from example_projects.consistency.training import (
     sampling_sigmas,
 )
 from lightning_immiscible import ImmiscibleMixin
-
-OPTIMIZERS = ("radam", "adam")
 
 
 class ConsistencyFunction(nn.Module):
@@ -51,7 +55,7 @@ class ConsistencyFunction(nn.Module):
         c_out = (s - self.sigma_min) * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
         c_noise = 250.0 * sigma.to(x.dtype).clamp_min(1e-20).log()
-        return c_skip * x + c_out * self.net(c_in * x, c_noise).to(x.dtype)
+        return c_skip * x + c_out * check_prediction(self.net(c_in * x, c_noise), x).to(x.dtype)
 
 
 class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
@@ -63,13 +67,13 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
     re-paired with the batch; with ``method="none"`` or no callback this is plain iCT.
 
     Args:
-        in_channels: Image channels (must match the data).
-        image_size: Image height = width.
-        base_channels: UNet width.
-        channel_mult: UNet width multipliers per level.
-        num_res_blocks: Residual blocks per level.
-        attn_resolutions: Resolutions with self-attention.
-        dropout: Dropout (iCT: 0.3 on CIFAR-10); student and target share the masks.
+        net: The network ``F`` inside the consistency function: ``(B, C, H, W)`` and ``(B,)`` float
+            noise embeddings ``250 ln sigma`` -> ``(B, C, H, W)``. In a config:
+            ``model.net.class_path`` + ``init_args`` (the configs use the shared
+            [UNet][example_projects.common.unet.UNet]; its dropout is iCT's 0.3 on CIFAR-10, and
+            student and target share the masks).
+        in_channels: Image channels (linked to ``data.channels`` by the CLI).
+        image_size: Image height = width (linked to ``data.image_size`` by the CLI).
         sigma_min: Smallest noise level (0.002).
         sigma_max: Largest noise level (80).
         sigma_data: Data standard deviation (0.5).
@@ -87,17 +91,21 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
         warmup_steps: Linear learning-rate warm-up steps.
         ema_decay: EMA decay of the weights used for sampling and FID (iCT: 0.99993 on CIFAR-10).
         ema_warmup: Ramp the EMA decay up over the first updates (off for the published setting).
+
+    Examples:
+        ```python
+        from example_projects.common.unet import UNet
+
+        net = UNet(in_channels=1, image_size=16, base_channels=24, channel_mult=(1, 2))
+        model = ConsistencyTraining(net)
+        ```
     """
 
     def __init__(
         self,
+        net: nn.Module,
         in_channels: int = 1,
         image_size: int = 32,
-        base_channels: int = 32,
-        channel_mult: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attn_resolutions: Sequence[int] = (),
-        dropout: float = 0.0,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         sigma_data: float = 0.5,
@@ -109,7 +117,7 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
         p_std: float = 2.0,
         huber_c: float | None = None,
         mid_sigma: float = 0.821,
-        optimizer: str = "radam",
+        optimizer: OptimizerName = "radam",
         lr: float = 1e-4,
         betas: Sequence[float] = (0.9, 0.999),
         warmup_steps: int = 0,
@@ -117,22 +125,15 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
         ema_warmup: bool = False,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}.")
+        if optimizer not in get_args(OptimizerName):
+            raise ValueError(f"Unknown optimizer {optimizer!r}; expected one of {get_args(OptimizerName)}.")
         if not 0 < sigma_min < mid_sigma < sigma_max:
             raise ValueError(
                 f"Need 0 < sigma_min < mid_sigma < sigma_max, got {sigma_min}, {mid_sigma}, {sigma_max}."
             )
-        self.save_hyperparameters()
-        net = UNet(
-            in_channels,
-            base_channels,
-            tuple(channel_mult),
-            num_res_blocks,
-            tuple(attn_resolutions),
-            dropout,
-            image_size,
-        )
+        # The network's own config lives in the CLI's saved config.yaml; load a checkpoint in
+        # Python with `ConsistencyTraining.load_from_checkpoint(path, net=UNet(...))`.
+        self.save_hyperparameters(ignore=["net"])
         self.denoiser = ConsistencyFunction(net, sigma_data, sigma_min)
         self.ema = EMA(self.denoiser, ema_decay, ema_warmup)
 
@@ -169,17 +170,10 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
         c = self.hparams.huber_c or huber_c(tuple(x0.shape[1:]))
         return consistency_loss(denoiser or self.denoiser, x0, noise, sigma, sigma_next, c)
 
-    def _check_batch(self, x0: Tensor) -> None:
-        if tuple(x0.shape[1:]) != self.sample_shape():
-            raise ValueError(
-                f"Data of shape {tuple(x0.shape[1:])} does not match the model's (C, H, W) "
-                f"{self.sample_shape()}: set model.in_channels / model.image_size to match data."
-            )
-
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = self.immiscible_data(batch)
-        self._check_batch(x0)
+        check_sample_shape(x0, self.sample_shape())
         noise = self.noise_like(x0)  # coupled noise when ImmiscibleCoupling is active
         num = self.num_levels()
         sigma, sigma_next = sample_pairs(
@@ -200,7 +194,9 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
         self.log("val/loss", self.loss(x0, noise, sigma, sigma_next, self.ema.model), sync_dist=True)
 
     @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimizer step, after it: with gradient accumulation too (never per micro-batch).
         self.ema.update(self.denoiser)
 
     @torch.no_grad()
@@ -224,19 +220,11 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
             generator = torch.Generator().manual_seed(
                 zlib.crc32(noise.detach().float().cpu().numpy().tobytes())
             )
-        denoiser = self.ema.model if use_ema else self.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
-            sigmas = sampling_sigmas(steps, h.sigma_max, h.mid_sigma, h.rho)
+        sigmas = sampling_sigmas(steps, h.sigma_max, h.mid_sigma, h.rho)
+        with eval_mode(self.ema.model if use_ema else self.denoiser) as denoiser:
             return multistep_sample(denoiser, noise, sigmas, h.sigma_min, generator)
-        finally:
-            denoiser.train(was_training)
 
     @override
     def configure_optimizers(self) -> Any:
-        cls = torch.optim.RAdam if self.hparams.optimizer == "radam" else torch.optim.Adam
-        opt = cls(self.denoiser.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return warmup_optimizer(self.denoiser.parameters(), h.lr, h.warmup_steps, h.optimizer, h.betas)

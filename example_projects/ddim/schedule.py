@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from example_projects.common.training import check_prediction
+
 #: ``model(x_t, t) -> eps``: ``(B, C, H, W)``, ``(B,)`` -> ``(B, C, H, W)``.
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 SCHEDULES = ("linear", "cosine")
@@ -67,7 +69,7 @@ def eps_loss(model: EpsModel, x0: Tensor, noise: Tensor, t: Tensor, alphas_cumpr
         Scalar mean squared error.
     """
     x_t = q_sample(x0, noise, t, alphas_cumprod)
-    return F.mse_loss(model(x_t, t), noise)
+    return F.mse_loss(check_prediction(model(x_t, t), noise), noise)
 
 
 def ddim_timesteps(num_steps: int, num_timesteps: int = 1000) -> Tensor:

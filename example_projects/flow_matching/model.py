@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from example_projects.common.ema import EMA
+from example_projects.common.training import check_prediction, check_sample_shape, eval_mode, warmup_optimizer
 from example_projects.flow_matching.objective import TimeSampling, flow_matching_loss, sample_time
 from example_projects.flow_matching.samplers import SAMPLERS, SamplerName, integrate
 from lightning_immiscible import ImmiscibleMixin
@@ -74,7 +75,8 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
     def velocity(self, net: nn.Module) -> Any:
         """``net`` as a velocity field ``v(x_t, t)`` with ``t`` in ``[0, 1]``."""
         scale = self.hparams.time_scale
-        return lambda x, t: net(x, t * scale)
+        # A wrong output shape fails here instead of being broadcast against the target.
+        return lambda x, t: check_prediction(net(x, t * scale), x)
 
     def loss(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Flow-matching loss for ``(B, C, H, W)`` data, its paired noise and ``(B,)`` times."""
@@ -92,18 +94,10 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
             device=self.device,
         )
 
-    def _check_batch(self, x0: Tensor) -> None:
-        if tuple(x0.shape[1:]) != self.sample_shape():
-            raise ValueError(
-                f"Data of shape {tuple(x0.shape[1:])} does not match the model's (C, H, W) "
-                f"{self.sample_shape()}: set model.in_channels / model.image_size (and the network's "
-                "in_channels / image_size) to match the data."
-            )
-
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = self.immiscible_data(batch)
-        self._check_batch(x0)
+        check_sample_shape(x0, self.sample_shape())
         noise = self.noise_like(x0)  # coupled noise when ImmiscibleCoupling is active
         loss = self.loss(x0, noise, self.sample_times(x0.shape[0]))
         self.log("train/loss", loss, prog_bar=True)
@@ -119,8 +113,9 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
         self.log("val/loss", loss, sync_dist=True)
 
     @override
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        # Once per optimizer step (after it), also with gradient accumulation.
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimizer step, after it: with gradient accumulation too (never per micro-batch).
         self.ema.update(self.net)
 
     @contextlib.contextmanager
@@ -143,18 +138,10 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
         Deterministic: draw ``noise`` from a seeded generator for reproducible samples. Heun
         costs two network evaluations per step.
         """
-        net = self.ema.model if use_ema else self.net
-        was_training = net.training
-        net.eval()
-        try:
+        with eval_mode(self.ema.model if use_ema else self.net) as net:
             x = integrate(self.velocity(net), noise, steps, sampler or self.sampler)  # type: ignore[arg-type]
-        finally:
-            net.train(was_training)
         return x.clamp(-1, 1)
 
     @override
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_optimizer(self.net.parameters(), self.hparams.lr, self.hparams.warmup_steps)

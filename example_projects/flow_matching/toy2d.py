@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from example_projects.common.training import eval_mode
 from example_projects.flow_matching.objective import TimeSampling, flow_matching_loss, sample_time
 from example_projects.flow_matching.samplers import SamplerName, integrate
 from example_projects.flow_matching.targets2d import TargetName, sample_target
@@ -125,12 +126,8 @@ class Toy2DFlow(ImmiscibleMixin, L.LightningModule):
         self, noise: Tensor, steps: int, sampler: SamplerName = "euler", return_path: bool = False
     ) -> Tensor:
         """Integrates the learned field from ``(B, 2)`` noise; the path with ``return_path``."""
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            return integrate(self.net, noise, steps, sampler, return_path)
-        finally:
-            self.net.train(was_training)
+        with eval_mode(self.net) as net:
+            return integrate(net, noise, steps, sampler, return_path)
 
     @override
     def configure_optimizers(self) -> Any:

@@ -15,9 +15,6 @@ from example_projects.common.cli import ExampleCLI
 from example_projects.common.data import ImageDataModule
 from example_projects.latent_diffusion.grids import ClassGrid
 
-#: Config groups that only make sense for a model that samples (stage 2).
-SAMPLING_GROUPS = ("fid", "grid")
-
 
 class LatentCLI(ExampleCLI):
     """LightningCLI over any LightningModule (``model.class_path`` picks the stage).
@@ -36,12 +33,12 @@ class LatentCLI(ExampleCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Drops the sampling callbacks when the model cannot sample (the stage-1 autoencoder)."""
-        keys = self._parser(self.subcommand).callback_keys
-        skip = () if callable(getattr(self.model, "sample", None)) else SAMPLING_GROUPS
-        extra = [self._get(self.config_init, key) for key in keys if key not in skip]
-        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(config, extra)
+        """The trainer, without the sampling callbacks when the model cannot sample (stage 1)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not callable(getattr(self.model, "sample", None)):
+            sampling = (self.fid_class, self.grid_class)
+            trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, sampling)]
+        return trainer
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LatentCLI:

@@ -132,7 +132,7 @@ def load_codec(
     if kind not in KINDS:
         raise ValueError(f"Unknown autoencoder kind {kind!r}; expected one of {KINDS}.")
     if kind == "diffusers":
-        return DiffusersCodec(_load_diffusers_vae(path, subfolder), in_channels, image_size)
+        return DiffusersCodec(load_diffusers_vae(path, subfolder), in_channels, image_size)
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"Stage-1 autoencoder checkpoint {path!r} not found. Train stage 1 first:\n  {STAGE1_COMMAND}\n"
@@ -158,7 +158,8 @@ def _check_own(ae: LatentAutoencoder, path: str, in_channels: int, image_size: i
         )
 
 
-def _load_diffusers_vae(path: str, subfolder: str | None) -> Any:
+def load_diffusers_vae(path: str, subfolder: str | None) -> Any:
+    """Loads a diffusers `AutoencoderKL` from a hub id or a local folder (`diffusers` is optional)."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:

@@ -1,8 +1,8 @@
 """Stage 2: latent diffusion (epsilon prediction on autoencoder latents), optionally class-conditional.
 
-The coupling acts on latents: :meth:`LatentDiffusion.immiscible_data` encodes the batch's images,
-and ``ImmiscibleMixin`` caches that per batch, so the encoder runs once per training batch although
-both the ``ImmiscibleCoupling`` callback and ``training_step`` ask for it. Only the noise is
+The coupling acts on latents: ``LatentDiffusion.immiscible_data`` encodes the batch's images; the
+``ImmiscibleCoupling`` callback calls it once per training batch and ``training_step`` reads that
+encoding back with ``self.coupled_data(batch)``, so the encoder runs once per batch. Only the noise is
 re-paired; each latent keeps its own label. Classifier-free guidance (Ho & Salimans 2022): labels
 are dropped to the "null" class with probability ``cond_drop_prob`` in training, and sampling uses
 ``eps = eps_uncond + w (eps_cond - eps_uncond)``.
@@ -10,7 +10,6 @@ are dropped to the "null" class with probability ``cond_drop_prob`` in training,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from example_projects.common.ema import EMA
-from example_projects.common.unet import UNet
+from example_projects.common.training import eval_mode, warmup_optimizer
 from example_projects.ddim.schedule import ddim_sample, eps_loss, make_betas
 from example_projects.latent_diffusion.codecs import DEFAULT_AUTOENCODER_PATH, load_codec
 from lightning_immiscible import ImmiscibleMixin
@@ -64,6 +63,11 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
     """DDPM on the latents of a frozen autoencoder, sampled with DDIM and decoded to images.
 
     Args:
+        net: The epsilon predictor on latents, ``net(z_t, t, y)``: ``(B, c, h, w)``, ``(B,)``
+            timesteps and ``(B,)`` labels or ``None`` -> ``(B, c, h, w)``; label ``num_classes``
+            means "no class". In a config: ``model.init_args.net.class_path`` + ``init_args`` (the
+            configs use the shared [UNet][example_projects.common.unet.UNet], whose ``in_channels``,
+            ``image_size`` and ``num_classes`` must be the latents' ``c``, ``h`` and ``num_classes``).
         autoencoder_kind: ``"ours"`` (a stage-1 checkpoint) or ``"diffusers"`` (a pretrained
             ``AutoencoderKL``; needs the optional ``diffusers`` package).
         autoencoder_path: The stage-1 checkpoint, or a diffusers directory / Hub id.
@@ -73,11 +77,6 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         num_classes: Number of classes for class-conditional training (``None``: unconditional).
         cond_drop_prob: Probability of dropping a label to the null class (classifier-free guidance).
         guidance_scale: ``w`` used by :meth:`sample` (FID, grids) when labels are given.
-        base_channels: UNet width.
-        channel_mult: UNet width multipliers (one downsampling between levels).
-        num_res_blocks: Residual blocks per level.
-        attn_resolutions: Latent resolutions with self-attention.
-        dropout: UNet dropout.
         num_timesteps: Diffusion steps T.
         schedule: ``linear`` or ``cosine`` betas.
         lr: Adam learning rate (a smaller one for fine-tuning).
@@ -90,6 +89,7 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
 
     def __init__(
         self,
+        net: nn.Module,
         autoencoder_kind: str = "ours",
         autoencoder_path: str = DEFAULT_AUTOENCODER_PATH,
         autoencoder_subfolder: str | None = None,
@@ -98,11 +98,6 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         num_classes: int | None = None,
         cond_drop_prob: float = 0.1,
         guidance_scale: float = 1.0,
-        base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        dropout: float = 0.0,
         num_timesteps: int = 1000,
         schedule: str = "linear",
         lr: float = 1e-3,
@@ -114,22 +109,19 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}.")
-        self.save_hyperparameters()
+        # The network's own config lives in the CLI's saved config.yaml; load a checkpoint in
+        # Python with `LatentDiffusion.load_from_checkpoint(path, net=UNet(...))`.
+        self.save_hyperparameters(ignore=["net"])
         self.codec = load_codec(
             autoencoder_kind, autoencoder_path, in_channels, image_size, autoencoder_subfolder
         )
-        c, h, w = self.codec.latent_shape()
-        self.latent_dims = (c, h, w)
-        self.net = UNet(
-            c,
-            base_channels,
-            tuple(channel_mult),
-            num_res_blocks,
-            tuple(attn_resolutions),
-            dropout,
-            h,
-            num_classes,
-        )
+        self.latent_dims = tuple(self.codec.latent_shape())
+        if num_classes and getattr(net, "class_emb", ...) is None:  # the shared UNet without labels
+            raise ValueError(
+                f"model.init_args.num_classes={num_classes}, but the network has no class embedding: "
+                f"set model.init_args.net.init_args.num_classes: {num_classes} as well."
+            )
+        self.net = net
         self.ema = EMA(self.net, ema_decay, ema_warmup)
         self.register_buffer(
             "alphas_cumprod", torch.cumprod(1 - make_betas(schedule, num_timesteps), 0).float()
@@ -181,7 +173,7 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        z0 = self.immiscible_data(batch)  # cached: the callback's encoding of this same batch
+        z0 = self.coupled_data(batch)  # the callback's encoding of this batch: the encoder runs once
         noise = self.noise_like(z0)  # coupled with the latents when ImmiscibleCoupling is active
         y = self.drop_labels(self.labels(batch))  # labels stay with their images: never re-paired
         t = torch.randint(0, self.hparams.num_timesteps, (z0.shape[0],), device=z0.device)
@@ -199,8 +191,9 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         self.log("val/loss", loss, sync_dist=True)
 
     @override
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        # Once per optimizer step (after it), also with gradient accumulation.
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimizer step, after it: with gradient accumulation too (never per micro-batch).
         self.ema.update(self.net)
 
     @torch.no_grad()
@@ -213,11 +206,8 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         use_ema: bool = True,
     ) -> Tensor:
         """DDIM (eta = 0) from ``(B, c, h, w)`` noise to ``(B, c, h, w)`` latents (not clipped)."""
-        net = self.ema.model if use_ema else self.net
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        was_training = net.training
-        net.eval()
-        try:
+        with eval_mode(self.ema.model if use_ema else self.net) as net:
             return ddim_sample(
                 lambda x, t: guided_eps(net, x, t, labels, scale, self.null_label),
                 noise,
@@ -225,8 +215,6 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
                 steps,
                 clip=False,
             )
-        finally:
-            net.train(was_training)
 
     @torch.no_grad()
     def sample(
@@ -249,7 +237,4 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_optimizer(self.net.parameters(), self.hparams.lr, self.hparams.warmup_steps)

@@ -154,10 +154,102 @@ def test_fake_samples_do_not_depend_on_the_world_size() -> None:
         seen: list[torch.Tensor] = []
         model.sample = lambda noise, steps: (seen.extend(noise), noise.clamp(-1, 1))[1]
         for rank in range(world):
-            fid._update_fake(SimpleNamespace(global_rank=rank, world_size=world), model, 1)
+            fid.update_fake(SimpleNamespace(global_rank=rank, world_size=world), model, 1)
         return seen
 
     one, three = drawn(1), drawn(3)
     assert len(one) == len(three) == 10
     key = lambda t: float(t.sum())  # noqa: E731
     assert sorted(map(key, one)) == sorted(map(key, three))
+
+
+# ------------------------------------------------------------------- FID values through the callback
+
+
+class _Replay(L.LightningModule):
+    """A "sampler" whose samples are given images: the real set itself, or Gaussian noise."""
+
+    def __init__(self, images: torch.Tensor | None) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.images, self.position = images, 0
+        self.returned: list[torch.Tensor] = []
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (1, 8, 8)
+
+    def sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        if self.images is None:  # pure noise, in the image range
+            out = noise.clamp(-1, 1)
+        else:  # the next len(noise) real images, cyclically
+            idx = (torch.arange(len(noise)) + self.position) % len(self.images)
+            self.position += len(noise)
+            out = self.images[idx].to(noise)
+        self.returned.append(out)
+        return out
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(torch.ones(1, 1)).sum()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fid_of(model: _Replay, dm: ImageDataModule, extractor: torch.nn.Module, tmp_path: Path) -> float:
+    """The value ``FIDCallback`` logs for ``model``'s samples against all of ``dm``'s real images."""
+    n = dm.num_synthetic  # num_samples = the whole real set: the callback embeds every real image
+    fid = FIDCallback(num_samples=n, sampling_steps=[1], extractor=extractor, batch_size=16)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[fid],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    return float(trainer.callback_metrics[fid_metric_name(extractor.num_features, n, 1)])
+
+
+def _frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID's definition on ``(N, D)`` feature sets, computed here with NumPy/SciPy (the oracle)."""
+    import numpy as np
+    from scipy import linalg
+
+    a, b = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+def test_fid_of_the_real_set_against_itself_is_zero_and_noise_is_far(tmp_path: Path) -> None:
+    """Through the real callback: identical feature sets give 0 (FID's definition); noise does not.
+
+    The noise value must also equal FID's formula on the same images' features. Catches a callback
+    that compares against other real images than it samples against (then self-FID > 0), mixes up
+    real and fake statistics, or reports a value other than the Frechet distance.
+    """
+    dm = ImageDataModule("synthetic", image_size=8, channels=1, batch_size=8, num_synthetic=48, val_size=8)
+    dm.setup()
+    real = torch.stack([dm.real_images()[i][0] for i in range(48)])
+    extractor = TinyExtractor(8)
+
+    self_fid = _fid_of(_Replay(real), dm, extractor, tmp_path / "self")
+    noise_model = _Replay(None)
+    noise_fid = _fid_of(noise_model, dm, extractor, tmp_path / "noise")
+
+    assert abs(self_fid) < 1e-6
+    fakes = torch.cat(noise_model.returned)
+    assert fakes.shape == (48, 1, 8, 8)
+    with torch.no_grad():
+        expected = _frechet_distance(extractor(to_uint8_rgb(fakes)), extractor(to_uint8_rgb(real)))
+    assert noise_fid == pytest.approx(expected, rel=1e-4)
+    assert noise_fid > 1e-2 and noise_fid > 1e4 * max(abs(self_fid), 1e-12)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from example_projects.common.data import synthetic_tensor
 from example_projects.common.fid import TinyExtractor
+from example_projects.common.unet import UNet
 from example_projects.consistency import ConsistencyTraining, cli_main
 from example_projects.consistency.callbacks import ConsistencyFID, ConsistencyGrid, cm_fid_metric_name
 from example_projects.consistency.training import (
@@ -26,10 +27,11 @@ from example_projects.consistency.training import (
     sample_pairs,
     sampling_sigmas,
 )
-from lightning_immiscible import ImmiscibleCoupling
+from lightning_immiscible import CoupledBatch, CouplingResult, ImmiscibleCoupling
+from tests.examples.support import logged_values
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
-TINY = dict(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, total_steps=8)
+TINY = dict(image_size=8, total_steps=8)
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +40,14 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["example_projects.consistency"])
 
 
+def tiny_net() -> UNet:
+    return UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1)
+
+
 def tiny_model(**kwargs) -> ConsistencyTraining:
-    return ConsistencyTraining(**{**TINY, "optimizer": "adam", "lr": 1e-3, "ema_decay": 0.9, **kwargs})
+    return ConsistencyTraining(
+        tiny_net(), **{**TINY, "optimizer": "adam", "lr": 1e-3, "ema_decay": 0.9, **kwargs}
+    )
 
 
 # --- the discretisation curriculum and the iCT building blocks ----------------------------------------
@@ -129,7 +137,8 @@ def _step_with_prepared_noise(model: ConsistencyTraining) -> tuple[Spy, Tensor, 
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     batch = (x0, torch.zeros(6, dtype=torch.long))
     coupled = torch.randn(6, 1, 8, 8).flip(0)  # stands in for the callback's re-paired noise
-    model._immiscible_set(batch, x0, coupled)
+    result = CouplingResult(coupled, torch.arange(6), 1.0, 1.0)
+    model.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=0))
     spy = Spy(model.denoiser)
     model.denoiser = spy
     model.training_step(batch, 0)
@@ -155,7 +164,9 @@ class FreshTargetNoise(ConsistencyTraining):
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 def test_shared_noise_check_catches_a_broken_target():
-    spy, x0, coupled = _step_with_prepared_noise(FreshTargetNoise(**{**TINY, "optimizer": "adam"}))
+    spy, x0, coupled = _step_with_prepared_noise(
+        FreshTargetNoise(tiny_net(), **{**TINY, "optimizer": "adam"})
+    )
     with pytest.raises(AssertionError):
         assert_student_and_target_share(spy.calls, x0, coupled)
 
@@ -250,12 +261,15 @@ def _cli_args(tmp_path: Path, *configs: str) -> list[str]:
         "--data.dataset=synthetic",
         "--data.root=null",
         "--data.image_size=8",
+        "--data.channels=1",
         "--data.batch_size=4",
         "--data.num_synthetic=16",
-        "--model.channel_mult=[1, 2]",
-        "--model.attn_resolutions=[]",
-        "--model.base_channels=8",
-        "--model.num_res_blocks=1",
+        "--model.net.init_args.in_channels=1",
+        "--model.net.init_args.image_size=8",
+        "--model.net.init_args.channel_mult=[1, 2]",
+        "--model.net.init_args.attn_resolutions=[]",
+        "--model.net.init_args.base_channels=8",
+        "--model.net.init_args.num_res_blocks=1",
         "--fid.num_samples=4",
         "--grid.num_images=2",
     ]
@@ -321,6 +335,29 @@ def test_published_settings_in_the_configs_parse_unchanged(base):
     if base != "quickstart.yaml":
         assert (h.s0, h.s1, h.optimizer, h.lr) == (10, 1280, "radam", 1e-4)
         assert cli.config.fid.feature == 2048 and cli.config.fid.num_samples == 50_000
+
+
+@pytest.mark.parametrize(("overlay", "coupled"), [("immiscible.yaml", True), ("baseline.yaml", False)])
+def test_every_logged_reduction_is_positive_when_coupled_and_zero_for_the_baseline(
+    tmp_path, overlay, coupled
+):
+    """Every step's ``immiscible/reduction_pct``, read from the CSV as floats (``"0.0"`` is truthy).
+
+    Batch 16: an exact assignment that re-pairs nothing (identity already optimal) is then
+    vanishingly unlikely, so 0 in a coupled run means the coupling did not run.
+    """
+    args = [a for a in _cli_args(tmp_path, "quickstart.yaml", overlay) if a != "--trainer.logger=false"]
+    cli = cli_main(
+        [
+            *args,
+            "--data.batch_size=16",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    reductions = logged_values(Path(cli.trainer.logger.log_dir) / "metrics.csv", "immiscible/reduction_pct")
+    assert len(reductions) == 2
+    assert all(r > 0 for r in reductions) if coupled else all(r == 0.0 for r in reductions)
 
 
 def test_overlays_compose_to_one_coupling(tmp_path):

@@ -16,9 +16,12 @@ from torch import Tensor, nn
 
 from example_projects.common.data import ImageDataModule
 from example_projects.common.fid import FIDCallback, fid_metric_name
+from example_projects.common.tiny_net import TinyConvNet
+from example_projects.common.unet import UNet
 from example_projects.latent_diffusion import ClassGrid, DiffusersCodec, LatentDiffusion, cli_main, guided_eps
 from example_projects.latent_diffusion.codecs import STAGE1_COMMAND, load_codec
 from lightning_immiscible import ImmiscibleCoupling
+from tests.examples.support import logged_values
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "latent_diffusion" / "configs"
 FAST = [
@@ -82,8 +85,9 @@ def stage2_ckpt(ae_ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _tiny_model(ae: str, **kwargs: Any) -> LatentDiffusion:
-    args = dict(autoencoder_path=ae, base_channels=16, channel_mult=(1, 2), num_res_blocks=1) | kwargs
-    return LatentDiffusion(**args)
+    """Stage 2 on the stage-1 latents (4 x 8 x 8) with a small UNet (conditional when num_classes is set)."""
+    net = UNet(4, 16, (1, 2), 1, image_size=8, num_classes=kwargs.get("num_classes"))
+    return LatentDiffusion(net, **(dict(autoencoder_path=ae) | kwargs))
 
 
 def test_stage1_checkpoint_has_scaling_factor(ae_ckpt: str) -> None:
@@ -104,6 +108,41 @@ def test_stage2_configs_run(configs: tuple[str, ...], ae_ckpt: str, tmp_path: Pa
     methods = [cb.config.method for cb in cli.trainer.callbacks if isinstance(cb, ImmiscibleCoupling)]
     assert methods == ["none" if "baseline" in configs else "lsa"]
     assert cli.model.hparams.num_classes == (10 if "class_conditional" in configs else None)
+
+
+@pytest.mark.parametrize(("overlay", "coupled"), [("immiscible", True), ("baseline", False)])
+def test_every_logged_reduction_is_positive_when_coupled_and_zero_for_the_baseline(
+    overlay: str, coupled: bool, ae_ckpt: str, tmp_path: Path
+) -> None:
+    """Every step's ``immiscible/reduction_pct`` on latents, read from the CSV as floats (batch 16)."""
+    args = [
+        a for a in _stage2_args(tmp_path, ae_ckpt, "quickstart", overlay) if a != "--trainer.logger=false"
+    ]
+    cli = cli_main(
+        [
+            *args,
+            "--data.batch_size=16",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    reductions = logged_values(Path(cli.trainer.logger.log_dir) / "metrics.csv", "immiscible/reduction_pct")
+    assert len(reductions) == 2
+    assert all(r > 0 for r in reductions) if coupled else all(r == 0.0 for r in reductions)
+
+
+def test_another_network_class_from_the_config_builds_and_fits(ae_ckpt: str, tmp_path: Path) -> None:
+    """Swapping the latent network is a config edit: the shipped ``tiny_network.yaml``, 2 steps."""
+    cli = cli_main(_stage2_args(tmp_path, ae_ckpt, "quickstart", "tiny_network", "immiscible"))
+    assert cli.trainer.global_step == 2 and type(cli.model.net) is TinyConvNet
+    assert not any(isinstance(m, UNet) for m in cli.model.modules())
+
+
+def test_labels_without_a_class_embedding_fail_at_construction(ae_ckpt: str) -> None:
+    """Catches a class-conditional config whose network ignores labels (it would train unconditional)."""
+    unconditional_unet = UNet(4, 16, (1, 2), 1, image_size=8)
+    with pytest.raises(ValueError, match=r"net\.init_args\.num_classes: 10"):
+        LatentDiffusion(unconditional_unet, autoencoder_path=ae_ckpt, num_classes=10)
 
 
 def test_finetune_config_starts_from_checkpoint(stage2_ckpt: str, ae_ckpt: str, tmp_path: Path) -> None:
@@ -201,9 +240,9 @@ class _Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.labels.append(batch[1].clone())
-        cached_batch, x0 = pl_module.__dict__["_immiscible_data_cache"]
-        assert cached_batch is batch
-        self.coupling.append((x0, pl_module.__dict__["_immiscible_noise"], batch[0]))
+        coupled = pl_module.coupled_batch
+        assert coupled is not None and coupled.batch is batch
+        self.coupling.append((coupled.x0, coupled.noise, batch[0]))
 
 
 def test_coupling_on_latents_labels_kept_encoder_once(ae_ckpt: str, tmp_path: Path) -> None:
