@@ -102,10 +102,12 @@ def test_samplers_integrate_the_straight_field_of_a_point_mass_exactly(sampler: 
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5])
-def test_heun_is_exact_for_a_time_affine_field_and_euler_is_not(steps: int) -> None:
-    """v(x, t) = a + b t: x(0) = x(1) - a - b / 2. Heun (trapezoid) is exact; Euler is off by b / (2 steps).
+def test_heun_corrects_all_steps_but_the_last_on_a_time_affine_field(steps: int) -> None:
+    """v(x, t) = a + b t: x(0) = x(1) - a - b / 2. The trapezoid is exact on each corrected step;
+    the last step into t = 0 is Euler (EDM), off by b / (2 steps^2); all-Euler is off by b / (2 steps).
 
-    Catches a Heun that silently falls back to Euler (no corrector) and a wrong time grid.
+    Catches a Heun without its corrector (it would equal Euler), one that also corrects at t = 0
+    (it would be exact), and a wrong time grid.
     """
     a, b = torch.tensor([0.3, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64)
     x1 = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -114,9 +116,9 @@ def test_heun_is_exact_for_a_time_affine_field_and_euler_is_not(steps: int) -> N
         return a + b * t[:, None]
 
     exact = x1 - a - b / 2
-    assert torch.allclose(integrate(field, x1, steps, "heun"), exact, atol=1e-12)
-    euler = integrate(field, x1, steps, "euler")
     # Euler evaluates at the left end (t_k, the larger time) of each step: error -b / (2 steps).
+    assert torch.allclose(integrate(field, x1, steps, "heun"), exact - b / (2 * steps**2), atol=1e-12)
+    euler = integrate(field, x1, steps, "euler")
     assert torch.allclose(euler, exact - b / (2 * steps), atol=1e-12)
     path = integrate(field, x1, steps, "euler", return_path=True)
     assert path.shape == (steps + 1, 4, 2) and torch.equal(path[0], x1) and torch.equal(path[-1], euler)
