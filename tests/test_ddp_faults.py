@@ -138,3 +138,43 @@ def test_a_killed_rank_ends_the_fit_within_bounded_time_and_leaves_no_rank_behin
     assert errors[1] == ""  # the killed rank had no chance to record anything
     assert "header all_gather collective of coupling group 0 (ranks [0, 1]) failed" in errors[0]
     assert elapsed < 15  # well before the 20 s timeout: the peer's death is noticed, not waited out
+
+
+class FaultOutsideTheCoupling(ToyDiffusion):
+    """Rank 1 crashes or stalls in ``training_step``, after its batch was coupled."""
+
+    def __init__(self, fault: str, **kwargs):
+        super().__init__(**kwargs)
+        self.fault = fault
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and self.fault == "crash":
+            raise RuntimeError("a bug in the user's training_step")
+        if self.global_rank == 1 and self.fault == "stall":
+            time.sleep(120)
+        return loss
+
+
+@pytest.mark.parametrize("fault", ["crash", "stall"])
+def test_a_rank_failing_outside_the_coupling_ends_the_fit_within_the_strategy_timeout(tmp_path, fault):
+    # Outside the coupling hook the healthy rank waits in DDP's gradient all-reduce, which only the
+    # strategy's own timeout bounds (collective_timeout_s cannot apply; the multi-node guide says
+    # so). With DDPStrategy(timeout=5 s) the fit must end well within a minute for a crashed and a
+    # stalled rank alike, and no rank may outlive it. Catches: the guide's advice not bounding the
+    # wait (a fit that hangs for the 30-minute default), and a stalled rank left running after its
+    # peer failed.
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = DDPStrategy(start_method="fork", timeout=timedelta(seconds=5))
+    coupling = RecordingCoupling(tmp_path, seed=1)
+    t = trainer(callbacks=[coupling], devices=2, strategy=strategy, max_steps=2)
+    start = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
+        t.fit(FaultOutsideTheCoupling(fault, sizes=(16,), batch_size=8))
+    assert time.monotonic() - start < 60
+    assert _children() == [], "a rank outlived the failed fit"
+    # The coupling itself never failed: what the user sees is the backend's or their own error.
+    assert not (tmp_path / "error0.pt").exists() and not (tmp_path / "error1.pt").exists()
