@@ -16,8 +16,8 @@ Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``d
   few 1e-10 (relative) above the optimum (an absolute tolerance), so ``auto`` does not use it on
   D <= 64.
 - ``lapjvr`` (exact, optional ``pip install lapx``, MIT): lapx's Rust Jonker-Volgenant
-  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 1.6-4.4x faster
-  than SciPy, 1.4-34x than ``lapjv``; the 64-D digits), on a par with ``lapjv`` at B <= 512
+  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 1.8-2.9x faster
+  than SciPy, 1.4-9.2x than ``lapjv``; the 64-D digits), on a par with ``lapjv`` at B <= 512
   elsewhere.
 - ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``; slower than ``lapjvr``
   everywhere measured, kept for users who name it.
