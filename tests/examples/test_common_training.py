@@ -20,6 +20,7 @@ from example_projects.consistency import cli_main as consistency_cli
 from example_projects.ddim import DDIMDiffusion
 from example_projects.ddim import cli_main as ddim_cli
 from example_projects.ddim.schedule import eps_loss
+from example_projects.flow_matching import cli_main as flow_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,7 +140,10 @@ def test_a_network_with_the_wrong_output_channels_fails_instead_of_broadcasting(
 # ----------------------------------------------------------------------------- the injected network
 
 
-@pytest.mark.parametrize(("example", "cli_main"), [("ddim", ddim_cli), ("consistency", consistency_cli)])
+@pytest.mark.parametrize(
+    ("example", "cli_main"),
+    [("ddim", ddim_cli), ("consistency", consistency_cli), ("flow_matching", flow_cli)],
+)
 def test_another_network_class_from_the_config_builds_and_fits(example, cli_main, tmp_path: Path) -> None:
     """Swapping the network is a config edit: the quickstart with the shipped ``tiny_network.yaml``
     (only ``model.net`` replaced) builds that class, not the UNet, and fits 2 steps."""
@@ -163,7 +167,7 @@ def test_another_network_class_from_the_config_builds_and_fits(example, cli_main
         ]
     )
     assert cli.trainer.global_step == 2
-    trained = cli.model.net if example == "ddim" else cli.model.denoiser.net
+    trained = cli.model.denoiser.net if example == "consistency" else cli.model.net
     assert type(trained) is TinyConvNet
     assert not any(isinstance(m, UNet) for m in cli.model.modules())
     assert int(cli.model.ema.num_updates) == 2

@@ -445,26 +445,3 @@ def test_toy2d_fit_logs_w2_straightness_and_a_picture(tmp_path: Path) -> None:
     assert (log_dir / "toy2d" / "latest.png").is_file() and (log_dir / "toy2d" / "step0000002.png").is_file()
 
 
-def test_another_network_class_from_the_config_builds_and_fits(tmp_path: Path) -> None:
-    """The shipped ``tiny_network.yaml`` (only ``model.net`` replaced) builds that class and fits."""
-    from example_projects.common.tiny_net import TinyConvNet
-    from example_projects.common.unet import UNet
-
-    cli = cli_main(
-        [
-            "fit",
-            *("--config", QUICK, "--config", str(CONFIGS / "tiny_network.yaml"), "--config", OVERLAYS["ot"]),
-            "--data.dataset=synthetic",
-            "--data.channels=1",
-            "--data.image_size=8",
-            "--data.num_synthetic=16",
-            "--data.batch_size=4",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0",
-            "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
-    )
-    assert cli.trainer.global_step == 2 and type(cli.model.net) is TinyConvNet
-    assert not any(isinstance(m, UNet) for m in cli.model.modules())
