@@ -443,5 +443,3 @@ def test_toy2d_fit_logs_w2_straightness_and_a_picture(tmp_path: Path) -> None:
     for key in ("toy/w2_euler1", "toy/w2_euler2", "toy/w2_euler4", "toy/straightness", "toy/w2_floor"):
         assert any(r.get(key) and math.isfinite(float(r[key])) for r in rows), key
     assert (log_dir / "toy2d" / "latest.png").is_file() and (log_dir / "toy2d" / "step0000002.png").is_file()
-
-
