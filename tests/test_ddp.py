@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -60,7 +61,10 @@ class RecordingCoupling(ImmiscibleCoupling):
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
-            torch.save({"error": message}, self.out / f"error{trainer.global_rank}.pt")
+            # Written whole or not at all: the launcher may end this rank mid-write.
+            tmp = self.out / f"error{trainer.global_rank}.tmp"
+            torch.save({"error": message}, tmp)
+            os.replace(tmp, self.out / f"error{trainer.global_rank}.pt")
             raise
 
 
