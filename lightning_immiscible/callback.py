@@ -29,7 +29,7 @@ from lightning_immiscible.coupling import (
 from lightning_immiscible.distributed import RankGroup, build_rank_group, couple_in_group, partition_ranks
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
-from lightning_immiscible.solvers import choose_exact_solver
+from lightning_immiscible.solver_race import AutoSolver
 from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling, find_collates
 
 #: Which ranks pool their batches for one assignment (an int: groups of that many ranks).
@@ -74,9 +74,13 @@ class ImmiscibleCoupling(Callback):
             checkpointed).
         precision: Cost-matrix matmul precision: ``"auto"`` (fp16 on CUDA, fp32 on CPU),
             ``"fp32"``, ``"bf16"``, ``"fp16"``.
-        solver: Assignment solver, ``"auto"`` = the installed exact one measured fastest for the
-            item dimension ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver];
-            the choice is logged once per pool shape), or a name from
+        solver: Assignment solver, or ``"auto"``: for items of at most 64 values the exact
+            solver measured fastest there
+            ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]); for larger
+            items, where ``lapjv`` and ``lapjvr`` trade places with the data and the pool size, a
+            race on the first coupled batches (each candidate solves 3, then the one with the lower
+            median solver time is kept: [AutoSolver][lightning_immiscible.solver_race.AutoSolver],
+            decided on rank 0, broadcast, logged and checkpointed). Or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers].
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None``: rank 0's `torch.initial_seed()` at fit start,
@@ -103,6 +107,8 @@ class ImmiscibleCoupling(Callback):
         last_result: The [CouplingResult][lightning_immiscible.coupling.CouplingResult] of the
             latest batch (`None` before the first).
         auto_group_size: The group size `scope="auto"` chose (`None` until it decided).
+        auto_solver: `solver="auto"`'s decisions per (group size, D) and its race in progress
+            ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]).
 
     Examples:
         ```python
@@ -162,7 +168,7 @@ class ImmiscibleCoupling(Callback):
         self._batch_start = 0.0
         self._overhead: list[tuple[float, float]] = []
         self._warned: set[str] = set()
-        self._solver_noted: set[tuple[int, int]] = set()
+        self.auto_solver = AutoSolver()
         self._worker_ms = 0.0
         self._restored_seed = False
         self._collates: list[CouplingCollate] = []
@@ -240,15 +246,16 @@ class ImmiscibleCoupling(Callback):
         if worker is not None and x0 is not None:
             result = self._from_worker(x0, worker, trainer, batch_idx)
         else:
+            spec = self._step_spec(x0)
             with _no_autocast(x0):
                 seed, epoch = int(self.seed or 0), trainer.current_epoch
-                result = couple_in_group(x0, self._group, seed, draw, self.spec, error, epoch=epoch)
+                result = couple_in_group(x0, self._group, seed, draw, spec, error, epoch=epoch)
+            self.auto_solver.record(spec.solver, result.noise.shape[0], result.solve_ms)
         assert x0 is not None  # couple_in_group raised otherwise
         module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
         self.last_result = result
         self._last_batch_shape, self._last_device = tuple(x0.shape), x0.device
         self._warn_small_batch(x0, result)
-        self._note_auto_solver(x0, result)
         if self.should_log(draw):
             self._log(pl_module, result, x0.shape[0])
 
@@ -271,6 +278,9 @@ class ImmiscibleCoupling(Callback):
             self._check_overhead()
         if self.scope == "auto" and self.auto_group_size is None and len(self._overhead) > _WARMUP_BATCHES:
             self._decide_group_size(trainer, pl_module)
+        decided = self.auto_solver.finish(lambda index: trainer.strategy.broadcast(index, src=0))
+        if decided is not None:
+            rank_zero_info(decided)
 
     @override
     def on_exception(
@@ -308,6 +318,7 @@ class ImmiscibleCoupling(Callback):
             "draws": self.draws,
             "auto_group_size": self.auto_group_size,
             "world_size": self._world_size,
+            "auto_solver": self.auto_solver.state_dict(),
         }
 
     @override
@@ -323,6 +334,7 @@ class ImmiscibleCoupling(Callback):
             )
         else:
             self.auto_group_size = state_dict.get("auto_group_size")
+            self.auto_solver.load_state_dict(state_dict.get("auto_solver", {}))
 
     def _from_worker(
         self, x0: Tensor, worker: WorkerCoupling, trainer: pl.Trainer, batch_idx: int
@@ -401,16 +413,14 @@ class ImmiscibleCoupling(Callback):
                 batch_size=batch_size,
             )
 
-    def _note_auto_solver(self, x0: Tensor, result: CouplingResult) -> None:
-        """Names once per pool shape the solver `solver="auto"` uses: a fixed rule of (pool, D)."""
-        shape = (x0.shape[0] * len(self._group.ranks), math.prod(x0.shape[1:]))
-        if self.spec.solver != "auto" or result.method not in ("lsa", "flip") or shape in self._solver_noted:
-            return
-        self._solver_noted.add(shape)
-        rank_zero_info(
-            f"ImmiscibleCoupling: solver='auto' uses {choose_exact_solver(*shape)!r} for pools of {shape[0]} "
-            f"items of {shape[1]} values (the rule: lightning_immiscible.solvers.choose_exact_solver)."
-        )
+    def _step_spec(self, x0: Tensor | None) -> CouplingSpec:
+        """This batch's spec: ``solver="auto"`` becomes the raced or decided exact solver."""
+        if self.spec.solver != "auto" or self.spec.method not in ("lsa", "flip") or x0 is None or x0.ndim < 2:
+            return self.spec  # bad input: couple_in_group fails every rank, whatever the solver
+        name, note = self.auto_solver.solver_for(x0.shape[0], self._group.size, math.prod(x0.shape[1:]))
+        if note is not None:
+            rank_zero_info(note)
+        return dataclasses.replace(self.spec, solver=name)
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
         pool = x0.shape[0] * len(self._group.ranks)

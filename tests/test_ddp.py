@@ -21,6 +21,8 @@ from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
+SOLVER_CALLS: list[str] = []  # filled in the forked ranks by test_auto_solver_race_...
+
 
 class Dump(Callback):
     """Saves each rank's records (and any exception) to ``out/rank{r}.pt``."""
@@ -34,6 +36,8 @@ class Dump(Callback):
                 "records": pl_module.records,
                 "seed": self.coupling.seed,
                 "auto_group_size": self.coupling.auto_group_size,
+                "auto_solver": self.coupling.auto_solver.state_dict(),
+                "solver_calls": list(SOLVER_CALLS),
                 "error": error,
                 "calls": dict(getattr(li_dist.dist, "calls", {})),
                 "bytes": dict(getattr(li_dist.dist, "bytes", {})),
@@ -259,6 +263,37 @@ def test_auto_scope_probes_locally_then_adopts_the_largest_group_that_fits(tmp_p
         x_all = torch.cat([r0[draw]["x0"], r1[draw]["x0"]])
         pool = draw_pool(x_all.shape, 4, group_index=0, draw_index=draw)
         assert torch.equal(torch.cat([r0[draw]["noise"], r1[draw]["noise"]]), couple(x_all, pool).noise)
+
+
+def test_auto_solver_race_uses_rank_zeros_winner_on_every_rank(tmp_path, monkeypatch):
+    # Rank 1's timings favour the other solver ("a" sleeps 40 ms there, 0 on rank 0): both ranks must
+    # solve every batch with the same solver (race turns, then rank 0's winner "a"), and the noise is
+    # the exact single-process coupling of the concatenated batch. Catches ranks that decide on their
+    # own timings (rank 1 would switch to "b" and disagree with rank 0 on every later batch).
+    from lightning_immiscible.solvers import SOLVERS, SolverSpec, solve_scipy
+
+    def racer(name, sleep_on_rank1):
+        def fn(cost):
+            SOLVER_CALLS.append(name)
+            time.sleep(sleep_on_rank1 if torch_dist.get_rank() == 1 else 0.0)
+            time.sleep(0.01 if name == "b" else 0.0)
+            return solve_scipy(cost)
+
+        return SolverSpec(name, fn, exact=True, priority=-2 if name == "b" else -3)
+
+    monkeypatch.setitem(SOLVERS, "a", racer("a", 0.04))
+    monkeypatch.setitem(SOLVERS, "b", racer("b", 0.0))
+    coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=6)
+    module = ToyDiffusion(sizes=(80, 80), batch_size=8, dim=100)
+    ranks = _run(tmp_path, module, coupling, max_steps=9)
+    expected = ["a", "b"] * 3 + ["a"] * 3
+    assert ranks[0]["solver_calls"] == ranks[1]["solver_calls"] == expected
+    assert ranks[0]["auto_solver"] == ranks[1]["auto_solver"] == {"decided": [[2, 100, "a"]]}
+    r0, r1 = ranks[0]["records"], ranks[1]["records"]
+    for draw, (a, b) in enumerate(zip(r0, r1, strict=True)):
+        x_all = torch.cat([a["x0"], b["x0"]])
+        pool = draw_pool(x_all.shape, 6, group_index=0, draw_index=draw)
+        assert torch.equal(torch.cat([a["noise"], b["noise"]]), couple(x_all, pool, solver="scipy").noise)
 
 
 def test_choose_group_size_respects_the_budget():

@@ -1,0 +1,155 @@
+"""solver="auto" in training: which solvers race, the schedule, the decision, and the callback's use."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lightning_immiscible import ImmiscibleCoupling, couple
+from lightning_immiscible.distributed import draw_pool
+from lightning_immiscible.solver_race import AutoSolver, SolverRace, race_candidates
+from lightning_immiscible.solvers import SOLVERS, SolverSpec, choose_exact_solver, solve_scipy
+from tests.helpers import ToyDiffusion, trainer
+
+
+def _fake(monkeypatch, name: str, priority: int, sleep_s: float = 0.0, calls: list | None = None) -> None:
+    """Registers an exact solver (SciPy underneath) that sleeps first and records its calls."""
+
+    def fn(cost, name=name):
+        if calls is not None:
+            calls.append(name)
+        time.sleep(sleep_s)
+        return solve_scipy(cost)
+
+    monkeypatch.setitem(SOLVERS, name, SolverSpec(name, fn, exact=True, priority=priority, low_dim_priority=priority))
+
+
+def test_candidates_are_the_two_first_exact_solvers_above_64_values_and_the_rule_below(monkeypatch):
+    # Catches: racing on low-dimensional costs (where the rule wins by 1.3x or more), an approximate
+    # solver in the race, or candidates out of the rule's order (ties go to the first).
+    _fake(monkeypatch, "first", -3)
+    _fake(monkeypatch, "second", -2)
+    monkeypatch.setitem(SOLVERS, "quick", SolverSpec("quick", solve_scipy, exact=False, priority=-9))
+    assert race_candidates(256, 65) == ("first", "second")
+    assert race_candidates(256, 3072, n=3)[:2] == ("first", "second")
+    assert race_candidates(256, 64) == (choose_exact_solver(256, 64),)
+    assert race_candidates(256, 2) == (choose_exact_solver(256, 2),)
+
+
+def test_a_single_installed_exact_solver_is_not_raced(monkeypatch):
+    for name in [n for n, s in SOLVERS.items() if s.exact and n != "scipy"]:
+        monkeypatch.delitem(SOLVERS, name)
+    assert race_candidates(512, 3072) == ("scipy",)
+
+
+def test_race_alternates_and_keeps_the_lowest_median():
+    # Medians by hand: a = median(9, 1, 1) = 1, b = median(2, 2, 2) = 2 -> a. Catches deciding on
+    # the mean (a: 3.7 > 2), on the first batch (a: 9 > 2) or on the last candidate tried.
+    race = SolverRace(("a", "b"), batch=8, ranks=1, dim=100)
+    order = []
+    for ms_a, ms_b in [(9.0, 2.0), (1.0, 2.0), (1.0, 2.0)]:
+        for ms in (ms_a, ms_b):
+            assert not race.done
+            name = race.next_solver()
+            order.append(name)
+            race.record(name, 8, ms)
+    assert order == ["a", "b"] * 3
+    assert race.done and race.winner() == "a"
+
+
+def test_race_batches_of_another_size_take_their_turn_but_are_not_timed():
+    # A short last batch is solved in turn (the schedule depends on the step only, equal on every
+    # rank) but its time does not count. Catches: timing it (b's 0.1 ms would win) or skipping its turn.
+    race = SolverRace(("a", "b"), batch=8, ranks=1, dim=100, rounds=1)
+    race.record(race.next_solver(), 8, 5.0)
+    assert race.next_solver() == "b"
+    race.record("b", 3, 0.1)
+    assert race.done and race.times_ms == {"a": [5.0]}
+    assert race.winner() == "a"  # b untimed: last
+
+
+def test_tied_medians_go_to_the_rule_order():
+    race = SolverRace(("a", "b"), batch=4, ranks=1, dim=100, rounds=1)
+    race.record("a", 4, 1.0)
+    race.record("b", 4, 1.0)
+    assert race.winner() == "a"
+
+
+def test_auto_solver_takes_rank_zeros_decision_not_its_own(monkeypatch):
+    # Under DDP each rank times its own solves; the decision must be rank 0's (broadcast), else ranks
+    # of one group could solve the same cost with different solvers. Catches: using the local winner.
+    _fake(monkeypatch, "first", -3)
+    _fake(monkeypatch, "second", -2)
+    auto = AutoSolver(rounds=1)
+    for ms in (1.0, 5.0):  # locally, "first" wins
+        name, note = auto.solver_for(8, 2, 100)
+        assert note is None
+        auto.record(name, 8, ms)
+    sent = []
+    line = auto.finish(lambda index: sent.append(index) or 1)  # rank 0 says: index 1
+    assert sent == [0] and auto.decided == {(2, 100): "second"}
+    assert line is not None and "using 'second'" in line
+    assert auto.solver_for(8, 2, 100) == ("second", None)
+    # a larger group (scope="auto" decided) races again; its first batch goes to the first candidate
+    assert auto.solver_for(8, 4, 100) == ("first", None)
+
+
+def test_auto_solver_state_round_trip_drops_unknown_solvers(monkeypatch):
+    _fake(monkeypatch, "first", -3)
+    auto = AutoSolver()
+    auto.decided = {(1, 100): "first", (2, 300): "scipy"}
+    again = AutoSolver()
+    again.load_state_dict(auto.state_dict())
+    assert again.decided == auto.decided
+    monkeypatch.delitem(SOLVERS, "first")
+    again.load_state_dict(auto.state_dict())
+    assert again.decided == {(2, 300): "scipy"}
+
+
+def test_low_dimensional_items_use_the_rule_without_a_race(caplog):
+    auto = AutoSolver()
+    name, note = auto.solver_for(256, 1, 2)
+    assert name == choose_exact_solver(256, 2) and note is not None and "no race" in note
+    assert auto.solver_for(256, 1, 2) == (name, None)  # noted once
+    assert auto.race is None
+
+
+def test_callback_races_then_keeps_the_faster_solver(monkeypatch, caplog):
+    # Two exact solvers: the rule prefers "slow" (priority), "fast" is 25 ms quicker per call. The
+    # callback must alternate on the first 6 batches, then solve with "fast" only, log the choice and
+    # checkpoint it; the noise is exact throughout (the oracle: couple() with SciPy on the same pool).
+    # Catches: keeping the rule's choice, no race, a race that never ends, or a decision not saved.
+    calls: list[str] = []
+    _fake(monkeypatch, "slow", -3, sleep_s=0.03, calls=calls)
+    _fake(monkeypatch, "fast", -2, sleep_s=0.005, calls=calls)
+    module, cb = ToyDiffusion(sizes=(80,), batch_size=8, dim=100), ImmiscibleCoupling(seed=5)
+    with caplog.at_level("INFO"):
+        trainer(callbacks=[cb], max_steps=10).fit(module)
+    assert calls == ["slow", "fast"] * 3 + ["fast"] * 4
+    assert cb.auto_solver.decided == {(1, 100): "fast"}
+    assert cb.state_dict()["auto_solver"] == {"decided": [[1, 100, "fast"]]}
+    lines = [r.getMessage() for r in caplog.records if "raced" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith("using 'fast'.") and "pools of 8 items of 100 values" in lines[0]
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, seed=5, group_index=0, draw_index=draw)
+        assert torch.equal(rec["noise"], couple(rec["x0"], pool, solver="scipy").noise)
+
+
+def test_a_named_solver_is_never_raced(monkeypatch):
+    calls: list[str] = []
+    _fake(monkeypatch, "slow", -3, calls=calls)
+    _fake(monkeypatch, "fast", -2, calls=calls)
+    module, cb = ToyDiffusion(sizes=(32,), batch_size=8, dim=100), ImmiscibleCoupling(seed=5, solver="fast")
+    trainer(callbacks=[cb], max_steps=4).fit(module)
+    assert calls == ["fast"] * 4 and cb.auto_solver.decided == {}
+
+
+@pytest.mark.parametrize("method", ["knn", "none"])
+def test_methods_without_an_assignment_do_not_race(monkeypatch, method):
+    calls: list[str] = []
+    _fake(monkeypatch, "slow", -3, calls=calls)
+    module, cb = ToyDiffusion(sizes=(32,), batch_size=8, dim=100), ImmiscibleCoupling(method=method, seed=5)
+    trainer(callbacks=[cb], max_steps=4).fit(module)
+    assert calls == [] and cb.auto_solver.decided == {} and cb.auto_solver.race is None
