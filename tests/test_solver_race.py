@@ -23,7 +23,8 @@ def _fake(monkeypatch, name: str, priority: int, sleep_s: float = 0.0, calls: li
         time.sleep(sleep_s)
         return solve_scipy(cost)
 
-    monkeypatch.setitem(SOLVERS, name, SolverSpec(name, fn, exact=True, priority=priority, low_dim_priority=priority))
+    spec = SolverSpec(name, fn, exact=True, priority=priority, low_dim_priority=priority)
+    monkeypatch.setitem(SOLVERS, name, spec)
 
 
 def test_candidates_are_the_two_first_exact_solvers_above_64_values_and_the_rule_below(monkeypatch):
@@ -131,7 +132,8 @@ def test_callback_races_then_keeps_the_faster_solver(monkeypatch, caplog):
     assert cb.auto_solver.decided == {(1, 100): "fast"}
     assert cb.state_dict()["auto_solver"] == {"decided": [[1, 100, "fast"]]}
     lines = [r.getMessage() for r in caplog.records if "raced" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].endswith("using 'fast'.") and "pools of 8 items of 100 values" in lines[0]
+    assert len(lines) == 1 and lines[0].endswith("using 'fast'.")
+    assert "pools of 8 items of 100 values" in lines[0]
     for draw, rec in enumerate(module.records):
         pool = draw_pool(rec["x0"].shape, seed=5, group_index=0, draw_index=draw)
         assert torch.equal(rec["noise"], couple(rec["x0"], pool, solver="scipy").noise)
