@@ -422,7 +422,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--render", type=Path, default=None, help="print a saved JSON as Markdown and exit")
     fam = p.add_argument_group("solver families (--families)")
     fam.add_argument("--families", nargs="*", default=None, help="data families to run (none named: all)")
-    fam.add_argument("--min-round-s", type=float, default=0.3, help="keep timing rounds until this much time")
+    fam.add_argument("--instances", type=int, default=6, help="independent batches per (family, B)")
+    fam.add_argument(
+        "--slow-cell-s", type=float, default=8.0, help="half the batches where one batch takes longer"
+    )
+    fam.add_argument(
+        "--min-round-s", type=float, default=0.15, help="per batch: keep timing rounds until this much time"
+    )
     fam.add_argument(
         "--single-call-s", type=float, default=1.0, help="a solver slower than this is called once"
     )
@@ -435,7 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.step_time_only:
         args.sizes, args.step_time = [], True
     if args.quick and args.families is not None:
-        args.sizes, args.repeats, args.min_round_s = [64, 128], 1, 0.0
+        args.sizes, args.repeats, args.min_round_s, args.instances = [64, 128], 1, 0.0, 2
     elif args.quick:
         args.sizes, args.dims, args.repeats = [128, 256, 512], [3072], 2
     if args.paper_mem_gb is None:

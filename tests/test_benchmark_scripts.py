@@ -62,6 +62,7 @@ def test_assignment_benchmark_families_quick_run(tmp_path):
     # The per-family solver table the docs show: every family runs, every solver is timed, auto's
     # pick is the rule's and reaches SciPy's optimum. Catches: a family or solver silently dropped,
     # the JSON and the rule disagreeing, a greedy share outside (0, 100] %.
+    from lightning_immiscible.solver_race import race_candidates
     from lightning_immiscible.solvers import SOLVERS, choose_exact_solver
 
     out, families = tmp_path / "f.json", ["points2d", "points2d-sq", "digits", "image3x32x32"]
@@ -74,16 +75,34 @@ def test_assignment_benchmark_families_quick_run(tmp_path):
     saved = json.loads(out.read_text())
     assert [(s["family"], s["B"]) for s in saved["summary"]] == [(f, b) for f in families for b in (64, 128)]
     for s in saved["summary"]:
-        assert set(s["ms"]) == set(SOLVERS) and s["auto"] == choose_exact_solver(s["B"], s["D"])
+        assert set(s["ms"]) == set(SOLVERS) and s["rule"] == choose_exact_solver(s["B"], s["D"])
+        assert s["auto"] in race_candidates(s["B"], s["D"]) and s["batches"] == 2
         assert 0 < s["greedy_share_pct"] <= 100 + 1e-9
-    for row in (r for r in saved["rows"] if r["solver"] == choose_exact_solver(r["B"], r["D"])):
-        assert abs(row["rel_gap"]) <= 1e-12
+    picked = {(s["family"], s["B"]): {s["auto"], s["rule"]} for s in saved["summary"]}
+    for row in (r for r in saved["rows"] if r["solver"] in picked[(r["family"], r["B"])]):
+        assert abs(row["rel_gap"]) <= 1e-12 and len(row["instance_ms"]) == 2
     assert "| points2d (2, l2) | 64 |" in done.stdout
     rendered = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "assignment.py"), "--render", str(out)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert "| image3x32x32 (3072, l2) | 128 |" in rendered.stdout
+
+
+def test_race_replay_times_each_candidate_on_its_own_batches(monkeypatch):
+    # The benchmark replays the callback's race: race batch j is batch j mod K, solved by candidate
+    # j mod 2. Here "b" is fast on even batches and slow on odd ones, which are the ones it races on,
+    # so the race keeps "a" (medians 5 vs 9) although b's mean over all batches (5) ties with a's.
+    # Catches a replay that times every candidate on the same batches or averages all batches.
+    import solver_families
+
+    from lightning_immiscible.solvers import SOLVERS, SolverSpec, solve_scipy
+
+    for name, priority in (("a", -3), ("b", -2)):
+        monkeypatch.setitem(SOLVERS, name, SolverSpec(name, solve_scipy, exact=True, priority=priority))
+    times = {"a": [5.0] * 6, "b": [1.0, 9.0] * 3}
+    assert solver_families.replay_race(256, 784, times) == "a"
+    assert solver_families.replay_race(256, 784, {"a": [5.0] * 6, "b": [4.0] * 6}) == "b"
 
 
 def test_performance_page_shows_the_committed_solver_family_run():
