@@ -245,7 +245,7 @@ CELL_HEAD = (
 )
 
 
-def markdown(rows: list[dict], prim: list[dict], corr: list[dict], n_records: int) -> str:
+def markdown(rows: list[dict], prim: list[dict], corr: list[dict], n_records: int, recs: dict) -> str:
     """The report as Markdown: the primary table, the reduction-effect correlations, every cell."""
     lines = [
         f"# Regimes sweep report ({n_records} finished units)",
@@ -271,6 +271,14 @@ def markdown(rows: list[dict], prim: list[dict], corr: list[dict], n_records: in
                 r["primary_verdict"],
             )
         )
+    lines += [
+        "",
+        "## The map: relative effect on the primary metric, final checkpoint (% of `none` ± s.e.)",
+        "",
+        "Bold: better than `none` (unadjusted paired t p < 0.05); italics: worse; plain: no effect detected.",
+        "",
+        map_markdown(rows, recs).rstrip(),
+    ]
     lines += [
         "",
         "## Does the logged reduction predict the effect? (Spearman across cells, final checkpoint)",
@@ -304,6 +312,43 @@ def markdown(rows: list[dict], prim: list[dict], corr: list[dict], n_records: in
             )
         )
     return "\n".join(lines) + "\n"
+
+
+ARM_ORDER = ("lsa-l2-p64", "lsa-l2-p256", "lsa-l2-p1024", "lsa-sq-p64", "lsa-sq-p256", "lsa-sq-p1024")
+ARM_ORDER += ("knn4", "normctrl")
+
+
+def _map_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    rel, sem = r["rel_pct"], r["rel_sem_pct"]
+    text = f"{rel:+.0f} ± {sem:.0f}" if abs(rel) >= 9.5 else f"{rel:+.1f} ± {sem:.1f}"
+    return {"helps": f"**{text}**", "harms": f"_{text}_"}.get(r["verdict"], text)
+
+
+def map_markdown(rows: list[dict], recs: dict) -> str:
+    """The map: relative effect (% ± s.e.) on the primary metric at the final checkpoint, per cell.
+
+    One table per objective; a row per (dataset, sampler steps), a column per arm. Bold: the arm is
+    better than `none` (unadjusted paired t p < 0.05); italics: worse; plain: no effect detected.
+    """
+    final = [r for r in rows if r["metric"] == PRIMARY_METRIC[r["dataset"]] and _final(r, recs)]
+    index = {(r["objective"], r["dataset"], r["sampler_steps"], r["arm"]): r for r in final}
+    arms = [a for a in ARM_ORDER if any(k[3] == a for k in index)]
+    datasets = [d for d in PRIMARY_METRIC if any(k[1] == d for k in index)]
+    lines = []
+    for objective, title in (("fm", "flow matching"), ("ddpm", "DDPM epsilon-prediction")):
+        if not any(k[0] == objective for k in index):
+            continue
+        lines += [f"**{title}**", "", _row("data", "sampler steps", *arms), _row(*["---"] * (len(arms) + 2))]
+        for dataset in datasets:
+            steps = sorted({k[2] for k in index if k[:2] == (objective, dataset)}, key=int)
+            lines += [
+                _row(dataset, n, *[_map_cell(index.get((objective, dataset, n, a))) for a in arms])
+                for n in steps
+            ]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def plot(out: Path, rows: list[dict], recs: dict) -> list[Path]:
@@ -385,7 +430,7 @@ def write_report(out: Path, args: argparse.Namespace | None = None) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     (out / "report.md").write_text(
-        markdown(rows, prim, corr, len(recs)) + knn_markdown(summary["knn_vs_control"])
+        markdown(rows, prim, corr, len(recs), recs) + knn_markdown(summary["knn_vs_control"])
     )
     summary["plots"] = [str(p) for p in plot(out, rows, recs)] if rows else []
     return summary

@@ -171,6 +171,31 @@ def test_paired_statistics_against_hand_computed_values():
     assert rows[("knn4", "loss_var")]["verdict"] == "no effect"
 
 
+def test_map_marks_helps_harms_and_missing_cells():
+    # The docs' map: one cell per (dataset, sampler steps, arm) at the final checkpoint, relative
+    # effect ± s.e. in %, bold where the arm helps, italics where it harms. Oracle: the rows' own
+    # numbers by hand (lsa: -1.25 / 6.5 = -19 %, knn: +0.367 / 6.33 = +5.8 % on seeds 0, 1, 3).
+    # Catches a map that drops the arm without a run (shown "-"), swaps the marks, or shows
+    # another checkpoint than the final one.
+    base = [5.0, 6.0, 7.0, 8.0]
+    recs = {("2d", "none", s): _rec("none", s, b) for s, b in enumerate(base)}
+    for s, d in enumerate([-1.0, -1.5, -1.0, -1.5]):
+        recs[("2d", "lsa-l2-p64", s)] = _rec("lsa-l2-p64", s, base[s] + d)
+    for s in (0, 1, 3):
+        recs[("2d", "knn4", s)] = _rec("knn4", s, base[s] + 0.3 + 0.05 * s)
+    rows = regimes_report.paired_cells(recs)
+    lines = regimes_report.map_markdown(rows, recs).splitlines()
+    assert lines[2] == "| data | sampler steps | lsa-l2-p64 | knn4 |"
+    lsa = next(r for r in rows if r["arm"] == "lsa-l2-p64" and r["metric"] == "w2")
+    knn = next(r for r in rows if r["arm"] == "knn4" and r["metric"] == "w2")
+    assert lsa["verdict"] == "helps" and knn["verdict"] == "harms"
+    assert lsa["rel_pct"] == pytest.approx(100 * -1.25 / 6.5)
+    lsa_text = f"**{lsa['rel_pct']:+.0f} ± {lsa['rel_sem_pct']:.0f}**"
+    knn_text = f"_{knn['rel_pct']:+.1f} ± {knn['rel_sem_pct']:.1f}_"
+    assert lines[4] == f"| 2d | 1 | {lsa_text} | {knn_text} |"
+    assert lines.count("| --- | --- | --- | --- |") == 1  # only flow matching has records here
+
+
 def test_frechet_distance_against_scipy_sqrtm():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(400, 5, generator=g) @ torch.randn(5, 5, generator=g)
