@@ -78,9 +78,10 @@ class ImmiscibleCoupling(Callback):
             solver measured fastest there
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]); for larger
             items, where ``lapjv`` and ``lapjvr`` trade places with the data and the pool size, a
-            race on the first coupled batches (each candidate solves 3, then the one with the lower
-            median solver time is kept: [AutoSolver][lightning_immiscible.solver_race.AutoSolver],
-            decided on rank 0, broadcast, logged and checkpointed). Or a name from
+            race: on the first 3 coupled batches both solve the same cost (the rule's assignment
+            is used), then the one with the lower total time is kept
+            ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]; decided on rank 0,
+            broadcast, logged and checkpointed). Or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers].
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None``: rank 0's `torch.initial_seed()` at fit start,
@@ -250,7 +251,7 @@ class ImmiscibleCoupling(Callback):
             with _no_autocast(x0):
                 seed, epoch = int(self.seed or 0), trainer.current_epoch
                 result = couple_in_group(x0, self._group, seed, draw, spec, error, epoch=epoch)
-            self.auto_solver.record(spec.solver, result.noise.shape[0], result.solve_ms)
+            self.auto_solver.record(result.noise.shape[0])
         assert x0 is not None  # couple_in_group raised otherwise
         module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
         self.last_result = result

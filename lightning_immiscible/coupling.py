@@ -43,7 +43,7 @@ from lightning_immiscible.costs import (
     cost_matrix,
     paired_distance,
 )
-from lightning_immiscible.solvers import resolve_solver, solve
+from lightning_immiscible.solvers import SolverSpec, resolve_solver, solve
 
 Method = Literal["lsa", "knn", "flip", "none"]
 
@@ -98,7 +98,9 @@ class CouplingSpec:
             [available_solvers][lightning_immiscible.solvers.available_solvers]. A plain `str`, not a
             `Literal`: the solver registry is open
             ([register_solver][lightning_immiscible.solvers.register_solver] adds names at run time),
-            so the name is checked against the registry when the spec is made.
+            so the name is checked against the registry when the spec is made. An unregistered
+            [SolverSpec][lightning_immiscible.solvers.SolverSpec] is used as it is (the callback's
+            `solver="auto"` race passes one).
         k: Candidates per item that the library draws for `"knn"` (group and worker coupling).
             [couple][lightning_immiscible.coupling.couple] reads `k` from the shape of the noise
             it is given instead.
@@ -122,7 +124,7 @@ class CouplingSpec:
     method: Method = "lsa"
     metric: Metric = "l2"
     precision: Precision = "auto"
-    solver: str = "auto"
+    solver: str | SolverSpec = "auto"
     k: int = 4
     check_finite: bool = True
 

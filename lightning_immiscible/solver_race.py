@@ -1,30 +1,35 @@
-"""``solver="auto"`` in training: a short race between the exact solvers that measure close.
+"""``solver="auto"`` in training: a short, paired race between the exact solvers that measure close.
 
 On costs between high-dimensional items (D > ``LOW_DIM_MAX``: MNIST, latents, images) neither
 ``lapjv`` nor ``lapjvr`` is the faster one for a whole family: which one wins depends on the data
-and the pool size (``docs/performance.md``, "Choosing a solver"), and even differs from one batch
-to the next of the same data. A fixed rule of (B, D) therefore misses the faster solver by up to
-1.5x there. [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] instead races
-the candidates on the first coupled batches of a fit: batch ``i`` of the race is solved by
-candidate ``i mod n`` (every call is a real, exact solve, so the race costs only the difference
-between the candidates on those few batches), then the candidate with the lowest median solver time
-is used for the rest of the run. On low-dimensional items the fixed rule is already the fastest by a
-wide margin, so there is nothing to race.
+and the pool size (``docs/performance.md``, "Choosing a solver"), and the ratio of their times
+changes from one batch of the same data to the next (0.5-2x at B = 256-512). So no fixed rule of
+(B, D) picks the faster one, and neither does a race that gives each solver different batches.
+[ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] therefore races the
+candidates *on the same batches*: on each of the first ``RACE_ROUNDS`` coupled batches of a fit,
+every candidate solves the same cost and is timed, and the first candidate's (the fixed rule's)
+assignment is used; all are exact, so the pairing is the rule's. Then the candidate with the lowest
+total time over those batches solves every later batch. The race costs the other candidates'
+solves on those few batches.
 
-The schedule is a function of the race's step counter only, so every rank of a DDP group solves a
-given batch with the same solver; the decision is taken on rank 0 and broadcast by the callback.
+On low-dimensional items the fixed rule is the fastest by a wide margin, so there is nothing to
+race. Under DDP the race's batches are the same on every rank (its first batches), each rank uses
+the first candidate's assignment during the race, and the decision is taken on rank 0 and
+broadcast by the callback.
 """
 
 from __future__ import annotations
 
-import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_immiscible.solvers import LOW_DIM_MAX, SOLVERS, choose_exact_solver
+import numpy as np
 
-#: Timed batches per candidate before ``solver="auto"`` decides.
+from lightning_immiscible.solvers import LOW_DIM_MAX, SOLVERS, SolverSpec, choose_exact_solver
+
+#: Batches on which every candidate solves the same cost before ``solver="auto"`` decides.
 RACE_ROUNDS = 3
 
 
@@ -37,9 +42,10 @@ def race_candidates(b: int, dim: int, n: int = 2) -> tuple[str, ...]:
         n: Most candidates to race.
 
     Returns:
-        For ``dim > LOW_DIM_MAX``: up to ``n`` installed exact solvers, in the rule's order
-        (``lapjv``, ``lapjvr`` with every optional package installed). Otherwise (and when only one
-        exact solver is installed): the rule's choice alone, i.e. no race.
+        For ``dim > LOW_DIM_MAX``: up to ``n`` installed exact solvers, the fixed rule's choice
+        first, then by ``priority`` (``lapjv``, ``lapjvr`` with every optional package installed).
+        Otherwise (and when only one exact solver is installed): the rule's choice alone, i.e. no
+        race.
 
     Examples:
         ```python
@@ -58,17 +64,19 @@ def race_candidates(b: int, dim: int, n: int = 2) -> tuple[str, ...]:
 
 @dataclass
 class SolverRace:
-    """The state of one race: which candidate solves which batch, and the solver times seen.
+    """One race: every candidate solves each race batch; the times it took, per candidate.
 
     Attributes:
-        candidates: Solvers raced, in the rule's order (ties go to the earlier one).
-        batch: Local batch size whose times count; other batches are solved in turn but not
-            timed (e.g. a short last batch).
+        candidates: Solvers raced, the fixed rule's choice first (its assignment is used; ties of
+            the total time go to the earlier candidate).
+        batch: Local batch size whose times count; a race batch of another size (e.g. a short
+            last batch) counts as a round but not in the times.
         ranks: Ranks in the coupling group.
         dim: Values per item.
-        rounds: Timed batches per candidate.
-        step: Race batches so far (equal on every rank: it advances once per coupled batch).
-        times_ms: Solver times per candidate, ms.
+        rounds: Race batches.
+        step: Race batches so far (equal on every rank: one per coupled batch).
+        times_ms: Per candidate, its solver time on each counted race batch, ms (aligned lists).
+        pending_ms: Times measured on the current batch, not yet counted.
     """
 
     candidates: tuple[str, ...]
@@ -78,6 +86,7 @@ class SolverRace:
     rounds: int = RACE_ROUNDS
     step: int = 0
     times_ms: dict[str, list[float]] = field(default_factory=dict)
+    pending_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -86,37 +95,41 @@ class SolverRace:
 
     @property
     def done(self) -> bool:
-        """Whether every candidate had its turns (``rounds`` batches each)."""
-        return self.step >= self.rounds * len(self.candidates)
+        """Whether all race batches were solved."""
+        return self.step >= self.rounds
 
-    def next_solver(self) -> str:
-        """The solver for the next race batch (round robin by ``step``)."""
-        return self.candidates[self.step % len(self.candidates)]
+    def solver(self) -> SolverSpec:
+        """An exact solver for one race batch: every candidate solves and is timed; the first's answer."""
 
-    def record(self, solver: str, batch: int, solve_ms: float) -> None:
-        """Counts one race batch of ``batch`` local items, solved by ``solver`` in ``solve_ms``."""
+        def race(cost: np.ndarray) -> np.ndarray:
+            answers = []
+            for name in self.candidates:
+                start = time.perf_counter()
+                answers.append(SOLVERS[name].fn(cost))
+                self.pending_ms[name] = (time.perf_counter() - start) * 1e3
+            return answers[0]
+
+        return SolverSpec(f"race of {', '.join(self.candidates)}", race, exact=True)
+
+    def record(self, batch: int) -> None:
+        """Ends one race batch of ``batch`` local items: its times count if it has the race's size."""
         self.step += 1
-        if batch == self.batch:
-            self.times_ms.setdefault(solver, []).append(solve_ms)
+        if batch == self.batch and len(self.pending_ms) == len(self.candidates):
+            for name, ms in self.pending_ms.items():
+                self.times_ms.setdefault(name, []).append(ms)
+        self.pending_ms = {}
 
     def winner(self) -> str:
-        """The candidate with the lowest median time (untimed ones last; ties: the rule's order)."""
-
-        def key(name: str) -> tuple[float, int]:
-            times = self.times_ms.get(name)
-            return (statistics.median(times) if times else float("inf"), self.candidates.index(name))
-
-        return min(self.candidates, key=key)
+        """The candidate with the lowest total time over the counted batches (ties: the earlier)."""
+        return min(self.candidates, key=lambda n: (sum(self.times_ms.get(n, [])), self.candidates.index(n)))
 
     def describe(self, chosen: str) -> str:
-        """One log line: each candidate's median time and the choice."""
-        raced = ", ".join(
-            f"{n} {statistics.median(self.times_ms[n]):.2f} ms" if n in self.times_ms else f"{n} untimed"
-            for n in self.candidates
-        )
+        """One log line: each candidate's total time over the same batches, and the choice."""
+        raced = ", ".join(f"{n} {sum(self.times_ms.get(n, [])):.2f} ms" for n in self.candidates)
+        counted = len(self.times_ms.get(self.candidates[0], []))
         return (
-            f"ImmiscibleCoupling: solver='auto' raced {raced} (median solver time over {self.rounds} "
-            f"batches each, pools of {self.batch * self.ranks} items of {self.dim} values); using {chosen!r}."
+            f"ImmiscibleCoupling: solver='auto' raced {raced} (solver time on the same {counted} "
+            f"batches, pools of {self.batch * self.ranks} items of {self.dim} values); using {chosen!r}."
         )
 
 
@@ -124,9 +137,9 @@ class AutoSolver:
     """``solver="auto"`` over a fit: the decided solver per (group size, D), or the race deciding it.
 
     Keyed by the coupling group's size and the item dimension, both equal on every rank (a group
-    that grows, as with ``scope="auto"``, races again for its larger pools). The caller solves each
-    batch with [solver_for][lightning_immiscible.solver_race.AutoSolver.solver_for], reports the
-    solver time with ``record`` and calls ``finish`` after each batch with a broadcast from rank 0.
+    that grows, as with ``scope="auto"``, races again for its larger pools). Per batch, the caller
+    solves with [solver_for][lightning_immiscible.solver_race.AutoSolver.solver_for]'s answer, then
+    calls ``record`` and, on every rank, ``finish`` with a broadcast from rank 0.
     """
 
     def __init__(self, rounds: int = RACE_ROUNDS) -> None:
@@ -135,12 +148,12 @@ class AutoSolver:
         self.race: SolverRace | None = None
         self._racing = False  # whether solver_for's last answer was a race batch
 
-    def solver_for(self, batch: int, ranks: int, dim: int) -> tuple[str, str | None]:
+    def solver_for(self, batch: int, ranks: int, dim: int) -> tuple[str | SolverSpec, str | None]:
         """The solver for a batch of ``batch`` local items of ``dim`` values in a group of ``ranks``.
 
         Returns:
-            ``(solver, note)``: ``note`` is a log line the first time a key is decided without a
-            race (a single candidate), else ``None``.
+            ``(solver, note)``: a registered name, or the race's solver during a race; ``note`` is
+            a log line the first time a key is decided without a race, else ``None``.
         """
         key = (ranks, dim)
         self._racing = False
@@ -157,12 +170,12 @@ class AutoSolver:
                 )
             self.race = SolverRace(candidates, batch, ranks, dim, self.rounds)
         self._racing = True
-        return self.race.next_solver(), None
+        return self.race.solver(), None
 
-    def record(self, solver: str, batch: int, solve_ms: float) -> None:
-        """Reports the solver time of the batch ``solver_for`` was last asked about (counted if racing)."""
+    def record(self, batch: int) -> None:
+        """Ends the batch ``solver_for`` was last asked about (counted if it was a race batch)."""
         if self._racing and self.race is not None:
-            self.race.record(solver, batch, solve_ms)
+            self.race.record(batch)
         self._racing = False
 
     def finish(self, broadcast: Callable[[int], int]) -> str | None:

@@ -240,13 +240,18 @@ def choose_exact_solver(b: int, dim: int | None = None) -> str:
     return min(exact, key=rank).name
 
 
-def resolve_solver(name: str, b: int = 0, dim: int | None = None) -> SolverSpec:
+def resolve_solver(name: str | SolverSpec, b: int = 0, dim: int | None = None) -> SolverSpec:
     """Returns the solver for ``name``; ``"auto"`` is the solver ``choose_exact_solver(b, dim)`` names.
+
+    A [SolverSpec][lightning_immiscible.solvers.SolverSpec] is returned as it is (an unregistered
+    solver for one call, e.g. the callback's timing race).
 
     Raises:
         ValueError: If ``name`` is not registered.
 
     """
+    if isinstance(name, SolverSpec):
+        return name
     if name == "auto":
         return SOLVERS[choose_exact_solver(b, dim)]
     if name not in SOLVERS:
@@ -257,13 +262,13 @@ def resolve_solver(name: str, b: int = 0, dim: int | None = None) -> SolverSpec:
     return SOLVERS[name]
 
 
-def solve(cost: np.ndarray, solver: str = "auto", *, dim: int | None = None) -> np.ndarray:
+def solve(cost: np.ndarray, solver: str | SolverSpec = "auto", *, dim: int | None = None) -> np.ndarray:
     """Solves the assignment for a square ``(B, B)`` cost matrix.
 
     Args:
         cost: ``(B, B)`` cost matrix (any float dtype; converted to float64).
-        solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers] or
-            ``"auto"``.
+        solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers],
+            ``"auto"``, or an unregistered [SolverSpec][lightning_immiscible.solvers.SolverSpec].
         dim: Values per item the cost was computed from; lets ``"auto"`` pick the solver measured
             fastest for that dimension
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]).

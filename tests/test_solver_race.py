@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from lightning_immiscible import ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import draw_pool
 from lightning_immiscible.solver_race import AutoSolver, SolverRace, race_candidates
-from lightning_immiscible.solvers import SOLVERS, SolverSpec, choose_exact_solver, solve_scipy
+from lightning_immiscible.solvers import SOLVERS, SolverSpec, choose_exact_solver, solve, solve_scipy
 from tests.helpers import ToyDiffusion, trainer
 
 
@@ -45,36 +46,54 @@ def test_a_single_installed_exact_solver_is_not_raced(monkeypatch):
     assert race_candidates(512, 3072) == ("scipy",)
 
 
-def test_race_alternates_and_keeps_the_lowest_median():
-    # Medians by hand: a = median(9, 1, 1) = 1, b = median(2, 2, 2) = 2 -> a. Catches deciding on
-    # the mean (a: 3.7 > 2), on the first batch (a: 9 > 2) or on the last candidate tried.
+def _race_batch(race: SolverRace, times: dict[str, float], batch: int) -> None:
+    """One race batch with given solver times (as the race's solver would measure them)."""
+    race.pending_ms.update(times)
+    race.record(batch)
+
+
+def test_race_keeps_the_lowest_total_over_the_same_batches():
+    # Totals by hand: a = 9 + 1 + 1 = 11, b = 2 + 2 + 2 = 6 -> b, although a is faster on 2 of 3
+    # batches (a median rule would keep a). Catches deciding per batch, on medians or on the first batch.
     race = SolverRace(("a", "b"), batch=8, ranks=1, dim=100)
-    order = []
-    for ms_a, ms_b in [(9.0, 2.0), (1.0, 2.0), (1.0, 2.0)]:
-        for ms in (ms_a, ms_b):
-            assert not race.done
-            name = race.next_solver()
-            order.append(name)
-            race.record(name, 8, ms)
-    assert order == ["a", "b"] * 3
-    assert race.done and race.winner() == "a"
+    for ms_a in (9.0, 1.0, 1.0):
+        assert not race.done
+        _race_batch(race, {"a": ms_a, "b": 2.0}, 8)
+    assert race.done and race.times_ms == {"a": [9.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}
+    assert race.winner() == "b"
 
 
-def test_race_batches_of_another_size_take_their_turn_but_are_not_timed():
-    # A short last batch is solved in turn (the schedule depends on the step only, equal on every
-    # rank) but its time does not count. Catches: timing it (b's 0.1 ms would win) or skipping its turn.
-    race = SolverRace(("a", "b"), batch=8, ranks=1, dim=100, rounds=1)
-    race.record(race.next_solver(), 8, 5.0)
-    assert race.next_solver() == "b"
-    race.record("b", 3, 0.1)
-    assert race.done and race.times_ms == {"a": [5.0]}
-    assert race.winner() == "a"  # b untimed: last
+def test_race_solver_runs_every_candidate_and_returns_the_first_ones_answer(monkeypatch):
+    # The race's solver times every candidate on the same cost and pairs with the first (the rule's)
+    # answer, so the pairing during the race does not depend on timings. Catches returning the
+    # faster or the last candidate's answer, or timing only one.
+    calls: list[str] = []
+    _fake(monkeypatch, "first", -3, calls=calls)
+    monkeypatch.setitem(
+        SOLVERS,
+        "second",
+        SolverSpec("second", lambda c: calls.append("second") or np.arange(len(c))[::-1], True),
+    )
+    race = SolverRace(("first", "second"), batch=4, ranks=1, dim=100)
+    cost = np.random.default_rng(0).random((4, 4))
+    col = solve(cost, race.solver())
+    assert calls == ["first", "second"]
+    assert np.array_equal(col, solve_scipy(cost)) and set(race.pending_ms) == {"first", "second"}
 
 
-def test_tied_medians_go_to_the_rule_order():
+def test_race_batches_of_another_size_count_as_rounds_but_not_in_the_times():
+    # A short last batch is a race round (the schedule depends on the step only, equal on every
+    # rank) but its times do not count. Catches counting them (b's 0.1 ms would win).
+    race = SolverRace(("a", "b"), batch=8, ranks=1, dim=100, rounds=2)
+    _race_batch(race, {"a": 5.0, "b": 6.0}, 8)
+    _race_batch(race, {"a": 9.0, "b": 0.1}, 3)
+    assert race.done and race.times_ms == {"a": [5.0], "b": [6.0]}
+    assert race.winner() == "a"
+
+
+def test_tied_totals_go_to_the_rule_order():
     race = SolverRace(("a", "b"), batch=4, ranks=1, dim=100, rounds=1)
-    race.record("a", 4, 1.0)
-    race.record("b", 4, 1.0)
+    _race_batch(race, {"a": 1.0, "b": 1.0}, 4)
     assert race.winner() == "a"
 
 
@@ -84,17 +103,17 @@ def test_auto_solver_takes_rank_zeros_decision_not_its_own(monkeypatch):
     _fake(monkeypatch, "first", -3)
     _fake(monkeypatch, "second", -2)
     auto = AutoSolver(rounds=1)
-    for ms in (1.0, 5.0):  # locally, "first" wins
-        name, note = auto.solver_for(8, 2, 100)
-        assert note is None
-        auto.record(name, 8, ms)
+    solver, note = auto.solver_for(8, 2, 100)
+    assert isinstance(solver, SolverSpec) and note is None
+    auto.race.pending_ms.update({"first": 1.0, "second": 5.0})  # locally, "first" wins
+    auto.record(8)
     sent = []
     line = auto.finish(lambda index: sent.append(index) or 1)  # rank 0 says: index 1
     assert sent == [0] and auto.decided == {(2, 100): "second"}
     assert line is not None and "using 'second'" in line
     assert auto.solver_for(8, 2, 100) == ("second", None)
-    # a larger group (scope="auto" decided) races again; its first batch goes to the first candidate
-    assert auto.solver_for(8, 4, 100) == ("first", None)
+    # a larger group (scope="auto" decided) races again
+    assert isinstance(auto.solver_for(8, 4, 100)[0], SolverSpec) and auto.race.key == (4, 100)
 
 
 def test_auto_solver_state_round_trip_drops_unknown_solvers(monkeypatch):
@@ -118,9 +137,10 @@ def test_low_dimensional_items_use_the_rule_without_a_race(caplog):
 
 
 def test_callback_races_then_keeps_the_faster_solver(monkeypatch, caplog):
-    # Two exact solvers: the rule prefers "slow" (priority), "fast" is 25 ms quicker per call. The
-    # callback must alternate on the first 6 batches, then solve with "fast" only, log the choice and
-    # checkpoint it; the noise is exact throughout (the oracle: couple() with SciPy on the same pool).
+    # Two exact solvers: the rule prefers "slow" (priority), "fast" is 25 ms quicker per call. Both
+    # must solve each of the first 3 batches, then "fast" alone every later one; the callback must
+    # log the choice and checkpoint it; the noise is exact throughout (the oracle: couple() with
+    # SciPy on the same pool).
     # Catches: keeping the rule's choice, no race, a race that never ends, or a decision not saved.
     calls: list[str] = []
     _fake(monkeypatch, "slow", -3, sleep_s=0.03, calls=calls)
@@ -128,7 +148,7 @@ def test_callback_races_then_keeps_the_faster_solver(monkeypatch, caplog):
     module, cb = ToyDiffusion(sizes=(80,), batch_size=8, dim=100), ImmiscibleCoupling(seed=5)
     with caplog.at_level("INFO"):
         trainer(callbacks=[cb], max_steps=10).fit(module)
-    assert calls == ["slow", "fast"] * 3 + ["fast"] * 4
+    assert calls == ["slow", "fast"] * 3 + ["fast"] * 7
     assert cb.auto_solver.decided == {(1, 100): "fast"}
     assert cb.state_dict()["auto_solver"] == {"decided": [[1, 100, "fast"]]}
     lines = [r.getMessage() for r in caplog.records if "raced" in r.getMessage()]
