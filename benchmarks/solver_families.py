@@ -15,8 +15,9 @@ those same float64 costs:
   (the `scipy` solver, timed like the others); exact solvers must reach it within `GAP_TOL`;
 - `greedy`: its share of the exact distance reduction (identity pairing -> optimum);
 - `auto`: what the callback's `solver="auto"` uses: the race of `solver_race.py` replayed on these
-  timings (race batch j is batch j mod K, solved by candidate j mod n), its time over the fastest
-  exact solver; and, for `couple()` outside the callback, the fixed rule `choose_exact_solver(B, D)`.
+  timings (every candidate on the first `RACE_ROUNDS` batches, the lowest total wins), its mean time
+  over the fastest exact solver's and the race's extra cost; and, for `couple()` outside the
+  callback, the fixed rule `choose_exact_solver(B, D)`.
 
 Slow combinations are capped: a solver whose time at B, scaled by 8 (cubic growth), exceeds
 `--cap-s` is skipped at 2B and recorded as skipped with the reason; `scipy` (the oracle) and the
@@ -148,15 +149,21 @@ def _costs(family: str, b: int, instance: int) -> tuple[np.ndarray, int]:
     return cost_matrix(x0, noise, metric).double().numpy(), x0[0].numel()
 
 
-def replay_race(b: int, dim: int, instance_ms: dict[str, list[float]]) -> str:
-    """The solver the callback's race would keep, replayed on measured per-batch times."""
+def replay_race(b: int, dim: int, instance_ms: dict[str, list[float]]) -> tuple[str, float]:
+    """The callback's race replayed on measured per-batch times: `(winner, extra ms it cost)`.
+
+    Race batch j is batch j of the measurement (the first `RACE_ROUNDS`); every candidate solves
+    it; the cost of the race is what the candidates other than the first (whose answer is used)
+    took on those batches.
+    """
     candidates = race_candidates(b, dim)
     race = SolverRace(candidates, batch=b, ranks=1, dim=dim)
+    if len(candidates) == 1:
+        return candidates[0], 0.0
     while not race.done:
-        name = race.next_solver()
-        times = instance_ms[name]
-        race.record(name, b, times[race.step % len(times)])
-    return race.winner()
+        race.pending_ms = {n: instance_ms[n][race.step % len(instance_ms[n])] for n in candidates}
+        race.record(b)
+    return race.winner(), sum(sum(race.times_ms[n]) for n in candidates[1:])
 
 
 def _measure(family: str, b: int, names: list[str], args: Any) -> tuple[int, dict[str, list[tuple]]]:
@@ -203,7 +210,8 @@ def run_family(family: str, sizes: list[int], args: Any) -> list[dict[str, Any]]
         solved = [_solver_row(base, name, runs, oracle) for name, runs in per.items()]
         timed = {r["solver"]: r["instance_ms"] for r in solved}
         rows += solved
-        race = {"picks": replay_race(b, dim, timed), "race_candidates": list(race_candidates(b, dim))}
+        winner, extra = replay_race(b, dim, timed)
+        race = {"picks": winner, "race_candidates": list(race_candidates(b, dim)), "race_extra_ms": extra}
         rows.append({**base, "solver": "auto", **race, "rule": choose_exact_solver(b, dim)})
         keep = {"scipy", choose_exact_solver(2 * b, dim), *race_candidates(2 * b, dim)}
         for row in solved:  # never skipped: the oracle and what auto may pick
@@ -233,6 +241,7 @@ def _summary(here: list[dict[str, Any]]) -> dict[str, Any]:
         "fastest_exact": fastest,
         "auto": pick,
         "auto_over_fastest": over_fastest(pick),
+        "race_extra_ms": auto.get("race_extra_ms", 0.0),
         "rule": rule,
         "rule_over_fastest": over_fastest(rule),
         "batches": max(len(r.get("instance_ms", [0])) for r in timed.values()),
@@ -264,7 +273,8 @@ def _table_row(s: dict[str, Any], names: list[str]) -> str:
     for n in names:
         ms = f"{s['ms'][n]:.1f}" if n in s["ms"] else "skipped"
         cells.append(f"**{ms}**" if n == s["fastest_exact"] else ms)
-    cells += [s["auto"], f"{s['auto_over_fastest']:.2f}x", f"{s['rule']} {s['rule_over_fastest']:.2f}x"]
+    race = f"{s['race_extra_ms']:.1f}" if s["race_extra_ms"] else "no race"
+    cells += [s["auto"], f"{s['auto_over_fastest']:.2f}x", race, f"{s['rule']} {s['rule_over_fastest']:.2f}x"]
     cells += [str(s["batches"]), f"{s['max_exact_gap']:.0e}"]
     cells += [f"{s['greedy_share_pct']:.1f} %", f"{s['exact_reduction_pct']:.2f}"]
     return "| " + " | ".join(cells) + " |"
@@ -274,9 +284,9 @@ def render_families(out: dict[str, Any]) -> str:
     """A saved `--families` run as one Markdown table (fastest exact solver in bold)."""
     names = [n for n in out["solvers"] if n != "greedy"] + ["greedy"]
     head = ["family (D, metric)", "B", *[f"{n} ms" for n in names], "auto (callback) picks", "auto / fastest"]
-    head += ["rule (couple()) / fastest", "batches", "worst exact gap", "greedy: share of exact reduction"]
-    head += ["exact reduction %"]
-    align = "|---|---:|" + "---:|" * len(names) + "---|---:|---|---:|---:|---:|---:|"
+    head += ["race cost ms", "rule (couple()) / fastest", "batches", "worst exact gap"]
+    head += ["greedy: share of exact reduction", "exact reduction %"]
+    align = "|---|---:|" + "---:|" * len(names) + "---|---:|---:|---|---:|---:|---:|---:|"
     lines = ["| " + " | ".join(head) + " |", align]
     lines += [_table_row(s, names) for s in out["summary"]]
     lines += ["", f"Device: {out['card']}, torch {out['torch']}, {out['threads']} thread(s); "]

@@ -89,20 +89,21 @@ def test_assignment_benchmark_families_quick_run(tmp_path):
     assert "| image3x32x32 (3072, l2) | 128 |" in rendered.stdout
 
 
-def test_race_replay_times_each_candidate_on_its_own_batches(monkeypatch):
-    # The benchmark replays the callback's race: race batch j is batch j mod K, solved by candidate
-    # j mod 2. Here "b" is fast on even batches and slow on odd ones, which are the ones it races on,
-    # so the race keeps "a" (medians 5 vs 9) although b's mean over all batches (5) ties with a's.
-    # Catches a replay that times every candidate on the same batches or averages all batches.
+def test_race_replay_sums_every_candidate_over_the_first_batches(monkeypatch):
+    # The benchmark replays the callback's race: every candidate on the first 3 batches, lowest total
+    # wins, and the race costs the other candidates' time there. By hand: a = 5 + 5 + 5 = 15,
+    # b = 1 + 9 + 1 = 11 -> b, costing b's 11 ms (a is the first candidate, whose answer is used);
+    # b's slow later batches do not count. Catches a replay on all batches (b's mean 5.7 > a's 5.0)
+    # or a cost that counts the first candidate.
     import solver_families
 
     from lightning_immiscible.solvers import SOLVERS, SolverSpec, solve_scipy
 
     for name, priority in (("a", -3), ("b", -2)):
         monkeypatch.setitem(SOLVERS, name, SolverSpec(name, solve_scipy, exact=True, priority=priority))
-    times = {"a": [5.0] * 6, "b": [1.0, 9.0] * 3}
-    assert solver_families.replay_race(256, 784, times) == "a"
-    assert solver_families.replay_race(256, 784, {"a": [5.0] * 6, "b": [4.0] * 6}) == "b"
+    times = {"a": [5.0] * 6, "b": [1.0, 9.0, 1.0, 9.0, 9.0, 5.0]}
+    assert solver_families.replay_race(256, 784, times) == ("b", 11.0)
+    assert solver_families.replay_race(256, 2, times)[1] == 0.0  # low-D: no race, no cost
 
 
 def test_performance_page_shows_the_committed_solver_family_run():
