@@ -322,7 +322,8 @@ def _map_cell(r: dict | None) -> str:
     if r is None:
         return "-"
     rel, sem = r["rel_pct"], r["rel_sem_pct"]
-    text = f"{rel:+.0f} ± {sem:.0f}" if abs(rel) >= 9.5 else f"{rel:+.1f} ± {sem:.1f}"
+    digits = 0 if abs(rel) >= 9.5 else 1
+    text = f"{rel:+.{digits}f}" + (f" ± {sem:.{digits}f}" if sem is not None else " (one seed)")
     return {"helps": f"**{text}**", "harms": f"_{text}_"}.get(r["verdict"], text)
 
 

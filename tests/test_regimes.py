@@ -320,3 +320,20 @@ def test_max_minutes_stops_before_a_unit_that_would_overrun(tmp_path):
     assert summary["units"] == 0 and not (tmp_path / "records").exists()
     regimes.main([*ARGS, *arms, "--max-minutes", "60"])
     assert len(list((tmp_path / "records").rglob("*.json"))) == 4
+
+
+def test_results_page_shows_the_committed_sweep_map_and_plots():
+    # docs/when-does-it-help.md shows the map that `--report` renders from the committed records and
+    # the plots it wrote. Catches numbers edited by hand, a stale map after a re-run, or plots that
+    # no longer match the sweep's own.
+    out = ROOT / "benchmarks" / "results" / "regimes"
+    saved = json.loads((out / "report.json").read_text())
+    page = (ROOT / "docs" / "when-does-it-help.md").read_text()
+    start = page.index("<!-- regimes map:")
+    shown = page[page.index("\n", start) + 1 : page.index("<!-- end of regimes map -->")]
+    expected = regimes_report.map_markdown(saved["cells"], regimes_report.load_records(out))
+    assert shown.strip() == expected.strip()
+    assert saved["units"] == 216
+    for objective in ("fm", "ddpm"):
+        copy = ROOT / "docs" / "results" / f"regimes_effects_{objective}.png"
+        assert copy.read_bytes() == (out / f"effects-{objective}.png").read_bytes()
