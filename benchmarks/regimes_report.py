@@ -316,6 +316,9 @@ def markdown(rows: list[dict], prim: list[dict], corr: list[dict], n_records: in
 
 ARM_ORDER = ("lsa-l2-p64", "lsa-l2-p256", "lsa-l2-p1024", "lsa-sq-p64", "lsa-sq-p256", "lsa-sq-p1024")
 ARM_ORDER += ("knn4", "normctrl")
+#: Short column heads of the map: `lsa` with l2 / squared L2 over pools of 64, 256, 1024.
+ARM_LABEL = {a: a.removeprefix("lsa-").replace("-p", " ") for a in ARM_ORDER if a.startswith("lsa-")}
+ARM_LABEL["normctrl"] = "control"
 
 
 def _map_cell(r: dict | None) -> str:
@@ -330,7 +333,8 @@ def _map_cell(r: dict | None) -> str:
 def map_markdown(rows: list[dict], recs: dict) -> str:
     """The map: relative effect (% ± s.e.) on the primary metric at the final checkpoint, per cell.
 
-    One table per objective; a row per (dataset, sampler steps), a column per arm. Bold: the arm is
+    One table per objective; a row per (dataset, sampler steps), a column per arm (`l2 64` is
+    `lsa-l2-p64`, `control` the norm-matched control). Bold: the arm is
     better than `none` (unadjusted paired t p < 0.05); italics: worse; plain: no effect detected.
     """
     final = [r for r in rows if r["metric"] == PRIMARY_METRIC[r["dataset"]] and _final(r, recs)]
@@ -341,7 +345,8 @@ def map_markdown(rows: list[dict], recs: dict) -> str:
     for objective, title in (("fm", "flow matching"), ("ddpm", "DDPM epsilon-prediction")):
         if not any(k[0] == objective for k in index):
             continue
-        lines += [f"**{title}**", "", _row("data", "sampler steps", *arms), _row(*["---"] * (len(arms) + 2))]
+        heads = [ARM_LABEL.get(a, a) for a in arms]
+        lines += [f"**{title}**", "", _row("data", "steps", *heads), _row(*["---"] * (len(arms) + 2))]
         for dataset in datasets:
             steps = sorted({k[2] for k in index if k[:2] == (objective, dataset)}, key=int)
             lines += [

@@ -29,7 +29,7 @@ Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``d
 ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]): every rank of a coupling
 group solves the same cost and must pick the same solver, because exact solvers may break ties
 differently. In training, the callback refines it for D > 64 with a race on its first batches that
-rank 0 decides ([solver_race][lightning_immiscible.solver_race]).
+rank 0 decides ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]).
 
 Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
 builds return other tuple layouts) falls back to SciPy instead of pairing silently wrong.

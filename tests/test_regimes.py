@@ -185,7 +185,7 @@ def test_map_marks_helps_harms_and_missing_cells():
         recs[("2d", "knn4", s)] = _rec("knn4", s, base[s] + 0.3 + 0.05 * s)
     rows = regimes_report.paired_cells(recs)
     lines = regimes_report.map_markdown(rows, recs).splitlines()
-    assert lines[2] == "| data | sampler steps | lsa-l2-p64 | knn4 |"
+    assert lines[2] == "| data | steps | l2 64 | knn4 |"
     lsa = next(r for r in rows if r["arm"] == "lsa-l2-p64" and r["metric"] == "w2")
     knn = next(r for r in rows if r["arm"] == "knn4" and r["metric"] == "w2")
     assert lsa["verdict"] == "helps" and knn["verdict"] == "harms"
