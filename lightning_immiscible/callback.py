@@ -6,7 +6,6 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,9 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_immiscible.batches import same_batch
 from lightning_immiscible.coupling import (
-    CouplingInputError,
     CouplingResult,
     CouplingSpec,
     Method,
@@ -30,7 +27,8 @@ from lightning_immiscible.distributed import RankGroup, build_rank_group, couple
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
 from lightning_immiscible.solver_race import AutoSolver
-from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling, find_collates
+from lightning_immiscible.worker_batches import WorkerBatches, full_precision, worker_coupling
+from lightning_immiscible.workers import WorkerCoupling
 
 #: Which ranks pool their batches for one assignment (an int: groups of that many ranks).
 Scope = Literal["global", "local", "node", "auto"]
@@ -173,9 +171,8 @@ class ImmiscibleCoupling(Callback):
         self._overhead: list[tuple[float, float]] = []
         self._warned: set[str] = set()
         self.auto_solver = AutoSolver()
-        self._worker_ms = 0.0
         self._restored_seed = False
-        self._collates: list[CouplingCollate] = []
+        self.workers = WorkerBatches()
 
     @property
     def config(self) -> CouplingSpec:
@@ -246,12 +243,12 @@ class ImmiscibleCoupling(Callback):
         self._batch_start = time.perf_counter()
         draw, self.draws = self.draws, self.draws + 1
         x0, error = _data(module, batch)
-        worker = _worker_coupling(module, batch)
+        worker = worker_coupling(module, batch)
         if worker is not None and x0 is not None:
             result = self._from_worker(x0, worker, trainer, batch_idx)
         else:
             spec = self._step_spec(x0)
-            with _no_autocast(x0):
+            with full_precision(x0):
                 seed, epoch = int(self.seed or 0), trainer.current_epoch
                 result = couple_in_group(x0, self._group, seed, draw, spec, error, epoch=epoch)
             self.auto_solver.record(result.noise.shape[0])
@@ -267,9 +264,7 @@ class ImmiscibleCoupling(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Worker-side coupling: batch positions restart per epoch (reaches non-persistent workers,
         # which start after this hook from epoch 1 on; the callback checks every batch anyway).
-        self._collates = find_collates(trainer.train_dataloader)
-        for collate in self._collates:
-            collate.set_epoch(trainer.current_epoch)
+        self.workers.start_epoch(trainer)
 
     @override
     def on_train_batch_end(
@@ -343,53 +338,16 @@ class ImmiscibleCoupling(Callback):
     def _from_worker(
         self, x0: Tensor, worker: WorkerCoupling, trainer: pl.Trainer, batch_idx: int
     ) -> CouplingResult:
-        """Noise a [CouplingCollate][lightning_immiscible.workers.CouplingCollate] coupled in a worker.
-
-        The training step pays nothing for it: `assign_ms` is 0 on the critical path and the
-        worker's time is logged as `immiscible/worker_assign_ms`. A batch whose noise was drawn
-        for another position than the training loop's `(rank, epoch, batch_idx)` is coupled again
-        here, for that position (see the worker module's docs for when that happens).
-        """
-        position = (trainer.global_rank, trainer.current_epoch, batch_idx)
-        if worker.position != position:
-            # on_train_epoch_start is skipped when Lightning resumes mid-epoch: look them up here
-            self._collates = self._collates or find_collates(trainer.train_dataloader)
-            if len(self._collates) == 1:
-                return self._recouple(x0, worker, position)
-        if worker.noise.shape != x0.shape:
-            raise CouplingInputError(
-                f"The batch carries worker-coupled noise of shape {tuple(worker.noise.shape)} but "
-                f"immiscible_data(batch) has shape {tuple(x0.shape)}: CouplingCollate couples the "
-                "collated data tensor, so use it only when immiscible_data returns that tensor.",
-                "shape",
-            )
-        if "worker" not in self._warned:
-            self._warned.add("worker")
-            local = self.spec.method == "knn" or self.effective_scope() == "local" or self._world_size == 1
-            (rank_zero_info if local else rank_zero_warn)(
-                "ImmiscibleCoupling: batches carry noise coupled in DataLoader workers (CouplingCollate); "
-                "using it as is: the collate's method applies and its coupling is per rank, whatever "
-                f"this callback's scope ({self.scope!r})."
-            )
-        self._worker_ms = worker.assign_ms
-        noise, index = worker.noise.to(x0), worker.index.to(x0.device)
-        return CouplingResult(
-            noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", self.spec.metric
+        """The noise a DataLoader worker coupled (see the `worker_batches` module)."""
+        local = self.spec.method == "knn" or self.effective_scope() == "local" or self._world_size == 1
+        note = (
+            "ImmiscibleCoupling: batches carry noise coupled in DataLoader workers (CouplingCollate); "
+            "using it as is: the collate's method applies and its coupling is per rank, whatever "
+            f"this callback's scope ({self.scope!r})."
         )
-
-    def _recouple(self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]) -> CouplingResult:
-        if "position" not in self._warned:
-            self._warned.add("position")
-            rank_zero_warn(
-                f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
-                f"but the training loop is at {position}; coupling it again on the training process "
-                "(correct, but on the critical path). Expected for the first epoch after a resume at "
-                "epoch > 0; otherwise use persistent_workers=False and a map-style dataset, and "
-                "build CouplingCollate in train_dataloader() (or pass rank=)."
-            )
-        with _no_autocast(x0):
-            result = self._collates[0].couple_on(x0, position)
-        return dataclasses.replace(result, method="worker")
+        return self.workers.result(
+            x0, worker, trainer, batch_idx, metric=self.spec.metric, note=note, warn=not local
+        )
 
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
         values = {
@@ -405,7 +363,7 @@ class ImmiscibleCoupling(Callback):
             else 0.0,
         }
         if result.method == "worker":
-            values["worker_assign_ms"] = self._worker_ms
+            values["worker_assign_ms"] = self.workers.assign_ms
         for name, value in values.items():
             show = self.prog_bar and name in ("reduction_pct", "assign_ms")
             pl_module.log(
@@ -463,23 +421,3 @@ def _data(module: ImmiscibleMixin, batch: Any) -> tuple[Tensor | None, BaseExcep
         return module.immiscible_data(batch), None
     except Exception as exc:
         return None, exc
-
-
-def _worker_coupling(module: ImmiscibleMixin, batch: Any) -> WorkerCoupling | None:
-    """The worker-coupled noise of this very batch, if the module unwrapped one."""
-    worker = module.worker_coupling
-    if worker is not None and same_batch(worker.batch, batch):
-        return worker
-    if isinstance(batch, Mapping) and NOISE_KEY in batch:
-        raise RuntimeError(
-            f"ImmiscibleCoupling: the training batch still carries CouplingCollate's {NOISE_KEY!r}: "
-            f"{type(module).__name__}.on_after_batch_transfer must return "
-            "super().on_after_batch_transfer(batch, dataloader_idx), which unwraps it."
-        )
-    return None
-
-
-def _no_autocast(x0: Tensor | None) -> torch.autocast:
-    """Coupling runs in full precision even if a precision plugin's autocast is active."""
-    device_type = x0.device.type if x0 is not None else "cpu"
-    return torch.autocast(device_type=device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False)

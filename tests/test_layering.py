@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_immiscible"
 PROJECT = ("lightning_immiscible", "example_projects", "benchmarks", "tests")
 SCANNED = ("lightning_immiscible", "example_projects", "benchmarks", "tests", "docs")
-PURE = ("batches", "costs", "coupling", "distributed", "sizing", "solvers", "solvers_approx", "workers")
+PURE = ("batches", "costs", "coupling", "distributed", "sizing", "solver_race", "solvers", "solvers_approx")
+PURE += ("workers",)
 
 
 def _files() -> list[Path]:

@@ -1,0 +1,134 @@
+"""The callback's side of DataLoader-worker coupling: take the noise a worker drew into the step.
+
+A [CouplingCollate][lightning_immiscible.workers.CouplingCollate] couples each batch in a DataLoader
+worker; the mixin unwraps it in ``on_after_batch_transfer``.
+[ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] then uses that noise as it is,
+or couples the batch again on the training process when the worker drew it for another
+``(rank, epoch, batch)`` position than the training loop's (see the workers module's docs for when
+that happens). [WorkerBatches][lightning_immiscible.worker_batches.WorkerBatches] holds that logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_immiscible.batches import same_batch
+from lightning_immiscible.coupling import CouplingInputError, CouplingResult
+from lightning_immiscible.mixin import ImmiscibleMixin
+from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling, find_collates
+
+
+def full_precision(x0: Tensor | None) -> torch.autocast:
+    """A context in which the coupling runs in full precision, even inside a precision plugin's autocast."""
+    device_type = x0.device.type if x0 is not None else "cpu"
+    return torch.autocast(device_type=device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False)
+
+
+def worker_coupling(module: ImmiscibleMixin, batch: Any) -> WorkerCoupling | None:
+    """The worker-coupled noise of this very batch, if the module unwrapped one.
+
+    Raises:
+        RuntimeError: If the batch still carries the collate's noise (an ``on_after_batch_transfer``
+            override that does not call ``super()``).
+    """
+    worker = module.worker_coupling
+    if worker is not None and same_batch(worker.batch, batch):
+        return worker
+    if isinstance(batch, Mapping) and NOISE_KEY in batch:
+        raise RuntimeError(
+            f"ImmiscibleCoupling: the training batch still carries CouplingCollate's {NOISE_KEY!r}: "
+            f"{type(module).__name__}.on_after_batch_transfer must return "
+            "super().on_after_batch_transfer(batch, dataloader_idx), which unwraps it."
+        )
+    return None
+
+
+class WorkerBatches:
+    """Worker-coupled batches in the training loop: their noise, or a new coupling for the right position.
+
+    Attributes:
+        collates: The train dataloader's [CouplingCollate][lightning_immiscible.workers.CouplingCollate]s.
+        assign_ms: The worker's assignment time for the latest batch (logged as
+            ``immiscible/worker_assign_ms``).
+    """
+
+    def __init__(self) -> None:
+        self.collates: list[CouplingCollate] = []
+        self.assign_ms = 0.0
+        self._noted: set[str] = set()
+
+    def start_epoch(self, trainer: pl.Trainer) -> None:
+        """Tells the collates the epoch: their batch positions restart per epoch."""
+        self.collates = find_collates(trainer.train_dataloader)
+        for collate in self.collates:
+            collate.set_epoch(trainer.current_epoch)
+
+    def result(
+        self,
+        x0: Tensor,
+        worker: WorkerCoupling,
+        trainer: pl.Trainer,
+        batch_idx: int,
+        *,
+        metric: str,
+        note: str,
+        warn: bool,
+    ) -> CouplingResult:
+        """The coupling result for a worker-coupled batch.
+
+        The training step pays nothing for it: `assign_ms` is 0 on the critical path. A batch whose
+        noise was drawn for another position than the training loop's `(rank, epoch, batch_idx)` is
+        coupled again here, for that position.
+
+        Args:
+            x0: ``(B, *dims)`` the batch's data.
+            worker: What the worker attached to the batch.
+            trainer: The running Trainer (rank, epoch, dataloader).
+            batch_idx: The training loop's batch index.
+            metric: The callback's metric (recorded in the result).
+            note: Logged once, the first time worker noise is used as it is.
+            warn: Log ``note`` as a warning (else as info).
+
+        Raises:
+            CouplingInputError: If the worker's noise does not have the shape of ``x0``.
+        """
+        position = (trainer.global_rank, trainer.current_epoch, batch_idx)
+        if worker.position != position:
+            # on_train_epoch_start is skipped when Lightning resumes mid-epoch: look them up here
+            self.collates = self.collates or find_collates(trainer.train_dataloader)
+            if len(self.collates) == 1:
+                return self._recouple(x0, worker, position)
+        if worker.noise.shape != x0.shape:
+            raise CouplingInputError(
+                f"The batch carries worker-coupled noise of shape {tuple(worker.noise.shape)} but "
+                f"immiscible_data(batch) has shape {tuple(x0.shape)}: CouplingCollate couples the "
+                "collated data tensor, so use it only when immiscible_data returns that tensor.",
+                "shape",
+            )
+        if "worker" not in self._noted:
+            self._noted.add("worker")
+            (rank_zero_warn if warn else rank_zero_info)(note)
+        self.assign_ms = worker.assign_ms
+        noise, index = worker.noise.to(x0), worker.index.to(x0.device)
+        return CouplingResult(noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", metric)
+
+    def _recouple(self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]) -> CouplingResult:
+        if "position" not in self._noted:
+            self._noted.add("position")
+            rank_zero_warn(
+                f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
+                f"but the training loop is at {position}; coupling it again on the training process "
+                "(correct, but on the critical path). Expected for the first epoch after a resume at "
+                "epoch > 0; otherwise use persistent_workers=False and a map-style dataset, and "
+                "build CouplingCollate in train_dataloader() (or pass rank=)."
+            )
+        with full_precision(x0):
+            result = self.collates[0].couple_on(x0, position)
+        return dataclasses.replace(result, method="worker")
