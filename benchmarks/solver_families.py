@@ -15,7 +15,7 @@ those same float64 costs:
   (the `scipy` solver, timed like the others); exact solvers must reach it within `GAP_TOL`;
 - `greedy`: its share of the exact distance reduction (identity pairing -> optimum);
 - `auto`: what the callback's `solver="auto"` uses: the race of `solver_race.py` replayed on these
-  timings (every candidate on the first `RACE_ROUNDS` batches, the lowest total wins), its mean time
+  timings (every candidate on the first batches, the lowest total after a warm-up batch wins), its mean time
   over the fastest exact solver's and the race's extra cost; and, for `couple()` outside the
   callback, the fixed rule `choose_exact_solver(B, D)`.
 
@@ -152,18 +152,21 @@ def _costs(family: str, b: int, instance: int) -> tuple[np.ndarray, int]:
 def replay_race(b: int, dim: int, instance_ms: dict[str, list[float]]) -> tuple[str, float]:
     """The callback's race replayed on measured per-batch times: `(winner, extra ms it cost)`.
 
-    Race batch j is batch j of the measurement (the first `RACE_ROUNDS`); every candidate solves
-    it; the cost of the race is what the candidates other than the first (whose answer is used)
-    took on those batches.
+    Race batch j is batch j of the measurement (the first `RACE_WARMUP + RACE_ROUNDS`); every
+    candidate solves it, the warm-up batch does not count; the cost of the race is what the
+    candidates other than the first (whose answer is used) took on all race batches. (Here every
+    time is already warm, the fastest of several calls; the warm-up batch still costs its solves.)
     """
     candidates = race_candidates(b, dim)
     race = SolverRace(candidates, batch=b, ranks=1, dim=dim)
     if len(candidates) == 1:
         return candidates[0], 0.0
+    extra = 0.0
     while not race.done:
         race.pending_ms = {n: instance_ms[n][race.step % len(instance_ms[n])] for n in candidates}
+        extra += sum(race.pending_ms[n] for n in candidates[1:])
         race.record(b)
-    return race.winner(), sum(sum(race.times_ms[n]) for n in candidates[1:])
+    return race.winner(), extra
 
 
 def _measure(family: str, b: int, names: list[str], args: Any) -> tuple[int, dict[str, list[tuple]]]:

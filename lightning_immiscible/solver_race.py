@@ -6,11 +6,13 @@ and the pool size (``docs/performance.md``, "Choosing a solver"), and the ratio 
 changes from one batch of the same data to the next (0.5-2x at B = 256-512). So no fixed rule of
 (B, D) picks the faster one, and neither does a race that gives each solver different batches.
 [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] therefore races the
-candidates *on the same batches*: on each of the first ``RACE_ROUNDS`` coupled batches of a fit,
-every candidate solves the same cost and is timed, and the first candidate's (the fixed rule's)
-assignment is used; all are exact, so the pairing is the rule's. Then the candidate with the lowest
-total time over those batches solves every later batch. The race costs the other candidates'
-solves on those few batches.
+candidates *on the same batches*: on each of the first ``RACE_WARMUP + RACE_ROUNDS`` coupled batches
+of a fit, every candidate solves the same cost and is timed, and the first candidate's (the fixed
+rule's) assignment is used; all are exact, so the pairing is the rule's. The first batch's times do
+not count (a solver's first call in a process carries one-off costs: about 16 ms for ``lapjv`` in
+the latent-diffusion example, more than its whole solve at B = 128-256). Then the candidate with
+the lowest total time over the counted batches solves every later batch. The race costs the other
+candidates' solves on those few batches.
 
 On low-dimensional items the fixed rule is the fastest by a wide margin, so there is nothing to
 race. Under DDP the race's batches are the same on every rank (its first batches), each rank uses
@@ -29,8 +31,10 @@ import numpy as np
 
 from lightning_immiscible.solvers import LOW_DIM_MAX, SOLVERS, SolverSpec, choose_exact_solver
 
-#: Batches on which every candidate solves the same cost before ``solver="auto"`` decides.
+#: Batches on which every candidate solves the same cost and its time counts.
 RACE_ROUNDS = 3
+#: Race batches before those whose times do not count (first-call costs).
+RACE_WARMUP = 1
 
 
 def race_candidates(b: int, dim: int, n: int = 2) -> tuple[str, ...]:
@@ -73,7 +77,8 @@ class SolverRace:
             last batch) counts as a round but not in the times.
         ranks: Ranks in the coupling group.
         dim: Values per item.
-        rounds: Race batches.
+        rounds: Race batches whose times count.
+        warmup: Race batches before them, solved by every candidate but not counted.
         step: Race batches so far (equal on every rank: one per coupled batch).
         times_ms: Per candidate, its solver time on each counted race batch, ms (aligned lists).
         pending_ms: Times measured on the current batch, not yet counted.
@@ -84,6 +89,7 @@ class SolverRace:
     ranks: int
     dim: int
     rounds: int = RACE_ROUNDS
+    warmup: int = RACE_WARMUP
     step: int = 0
     times_ms: dict[str, list[float]] = field(default_factory=dict)
     pending_ms: dict[str, float] = field(default_factory=dict)
@@ -96,7 +102,7 @@ class SolverRace:
     @property
     def done(self) -> bool:
         """Whether all race batches were solved."""
-        return self.step >= self.rounds
+        return self.step >= self.warmup + self.rounds
 
     def solver(self) -> SolverSpec:
         """An exact solver for one race batch: every candidate solves and is timed; the first's answer."""
@@ -112,9 +118,10 @@ class SolverRace:
         return SolverSpec(f"race of {', '.join(self.candidates)}", race, exact=True)
 
     def record(self, batch: int) -> None:
-        """Ends one race batch of ``batch`` local items: its times count if it has the race's size."""
+        """Ends one race batch of ``batch`` local items (counted past the warm-up, at the race's size)."""
         self.step += 1
-        if batch == self.batch and len(self.pending_ms) == len(self.candidates):
+        counted = self.step > self.warmup and batch == self.batch
+        if counted and len(self.pending_ms) == len(self.candidates):
             for name, ms in self.pending_ms.items():
                 self.times_ms.setdefault(name, []).append(ms)
         self.pending_ms = {}
@@ -142,8 +149,9 @@ class AutoSolver:
     calls ``record`` and, on every rank, ``finish`` with a broadcast from rank 0.
     """
 
-    def __init__(self, rounds: int = RACE_ROUNDS) -> None:
+    def __init__(self, rounds: int = RACE_ROUNDS, warmup: int = RACE_WARMUP) -> None:
         self.rounds = rounds
+        self.warmup = warmup
         self.decided: dict[tuple[int, int], str] = {}
         self.race: SolverRace | None = None
         self._racing = False  # whether solver_for's last answer was a race batch
@@ -168,7 +176,7 @@ class AutoSolver:
                     f"items of {dim} values (no race: the fastest measured for D <= {LOW_DIM_MAX}, or the "
                     "only exact solver installed)."
                 )
-            self.race = SolverRace(candidates, batch, ranks, dim, self.rounds)
+            self.race = SolverRace(candidates, batch, ranks, dim, self.rounds, self.warmup)
         self._racing = True
         return self.race.solver(), None
 

@@ -286,7 +286,7 @@ def test_auto_solver_race_uses_rank_zeros_winner_on_every_rank(tmp_path, monkeyp
     coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=6)
     module = ToyDiffusion(sizes=(80, 80), batch_size=8, dim=100)
     ranks = _run(tmp_path, module, coupling, max_steps=9)
-    expected = ["a", "b"] * 3 + ["a"] * 6  # both race on the first 3 batches, then rank 0's winner
+    expected = ["a", "b"] * 4 + ["a"] * 5  # both race on the first 4 batches, then rank 0's winner
     assert ranks[0]["solver_calls"] == ranks[1]["solver_calls"] == expected
     assert ranks[0]["auto_solver"] == ranks[1]["auto_solver"] == {"decided": [[2, 100, "a"]]}
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
