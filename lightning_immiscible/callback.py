@@ -76,8 +76,8 @@ class ImmiscibleCoupling(Callback):
             solver measured fastest there
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]); for larger
             items, where ``lapjv`` and ``lapjvr`` trade places with the data and the pool size, a
-            race: on the first 3 coupled batches both solve the same cost (the rule's assignment
-            is used), then the one with the lower total time is kept
+            race: on the first 4 coupled batches both solve the same cost (the rule's assignment
+            is used), then the one with the lower total time on the last 3 is kept
             ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]; decided on rank 0,
             broadcast, logged and checkpointed). Or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers].
