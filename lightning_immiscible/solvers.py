@@ -12,12 +12,12 @@ Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``d
 
 - ``lapjv`` (exact, optional ``pip install lapjv``, MIT): dense Jonker-Volgenant in C++; the
   fastest measured on costs of high-dimensional items (D >= 196: MNIST, latents, images) at
-  B = 2048 (1.1-2.4x ahead of ``lapjvr``); below that it trades places with ``lapjvr``. On 2-D
+  B = 2048 (1.2-2.9x ahead of ``lapjvr``); below that it trades places with ``lapjvr``. On 2-D
   points it is slow and stops up to a few 1e-10 (relative) above the optimum (an absolute
   tolerance), so ``auto`` does not use it on D <= 64.
 - ``lapjvr`` (exact, optional ``pip install lapx``, MIT): lapx's Rust Jonker-Volgenant
-  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 1.9-3.0x faster
-  than SciPy, 1.4-9.5x than ``lapjv``; the 64-D digits), and on images at B = 256-1024.
+  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 1.9-2.6x faster
+  than SciPy, 1.4-9.5x than ``lapjv``; the 64-D digits), and on images at B = 256-512.
 - ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``; slower than ``lapjvr``
   everywhere measured, kept for users who name it.
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment`` on the centred cost.
@@ -201,7 +201,7 @@ def available_solvers() -> list[str]:
 
 #: Items of at most this many values count as low-dimensional for ``solver="auto"``. Measured
 #: (``benchmarks/assignment.py --families``): ``lapjvr`` fastest on 2-D points and the 64-D digits,
-#: ``lapjv`` 1.1-2.4x faster than ``lapjvr`` at B = 2048 from D = 196 (MNIST 14x14) up. D = 65-195 is
+#: ``lapjv`` 1.2-2.9x faster than ``lapjvr`` at B = 2048 from D = 196 (MNIST 14x14) up. D = 65-195 is
 #: unmeasured; both solvers are exact there, so the boundary costs speed at most, never optimality.
 LOW_DIM_MAX = 64
 
@@ -213,7 +213,7 @@ def choose_exact_solver(b: int, dim: int | None = None) -> str:
     with the lowest ``low_dim_priority`` when ``dim <= LOW_DIM_MAX``, else the lowest ``priority``.
     With every optional package installed: ``lapjvr`` for ``dim <= 64``, ``lapjv`` above (or when
     ``dim`` is unknown); the fallbacks follow the measured order (``docs/performance.md``). ``b``
-    does not change the choice today. Above 64 values the rule is up to 1.27x behind the faster of
+    does not change the choice today. Above 64 values the rule is up to 1.31x behind the faster of
     ``lapjv`` and ``lapjvr`` at B = 256-1024 (which one wins depends on the data), so the callback
     races them instead ([race_candidates][lightning_immiscible.solver_race.race_candidates]).
 
