@@ -11,6 +11,7 @@ import torch
 from example_projects.common import inception_weights as iw
 from example_projects.common.data import ImageDataModule
 from example_projects.common.fid import FIDCallback, TinyExtractor, build_fid, fid_metric_name, to_uint8_rgb
+from tests.helpers import trainer as make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +95,12 @@ def test_to_uint8_rgb() -> None:
     assert out[0, :, 0].tolist() == [[0, 128, 255]] * 3
 
 
-class _Sampler(L.LightningModule):
-    """Returns a shifted copy of its noise: a stand-in for a diffusion model."""
+class _NoTraining(L.LightningModule):
+    """A module whose training does nothing (lr 0): the FID tests only exercise its ``sample``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)
-        self.calls: list[int] = []
-
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (1, 8, 8)
-
-    def sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
-        self.calls.append(steps)
-        return (noise / 3).clamp(-1, 1)
 
     def training_step(self, batch, batch_idx):
         return self.layer(torch.ones(1, 1)).sum()
@@ -119,6 +112,21 @@ class _Sampler(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class _Sampler(_NoTraining):
+    """Returns a shifted copy of its noise: a stand-in for a diffusion model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (1, 8, 8)
+
+    def sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        self.calls.append(steps)
+        return (noise / 3).clamp(-1, 1)
+
+
 def test_callback_logs_named_values_skips_sanity_and_embeds_real_once(tmp_path: Path) -> None:
     fid = FIDCallback(num_samples=6, sampling_steps=[3, 5], extractor=TinyExtractor(8), batch_size=4)
     real_updates = []
@@ -126,14 +134,13 @@ def test_callback_logs_named_values_skips_sanity_and_embeds_real_once(tmp_path: 
     fid.metric.update = lambda imgs, real: (real_updates.append(real), original(imgs, real))[1]
     dm = ImageDataModule("synthetic", image_size=8, channels=1, batch_size=4, num_synthetic=16, val_size=4)
     model = _Sampler()
-    trainer = L.Trainer(
+    trainer = make_trainer(
         max_epochs=2,
         limit_train_batches=1,
+        limit_val_batches=1.0,
         num_sanity_val_steps=1,
         callbacks=[fid],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_model_summary=True,
         default_root_dir=tmp_path,
     )
     trainer.fit(model, dm)
@@ -166,12 +173,11 @@ def test_fake_samples_do_not_depend_on_the_world_size() -> None:
 # ------------------------------------------------------------------- FID values through the callback
 
 
-class _Replay(L.LightningModule):
+class _Replay(_NoTraining):
     """A "sampler" whose samples are given images: the real set itself, or Gaussian noise."""
 
     def __init__(self, images: torch.Tensor | None) -> None:
         super().__init__()
-        self.layer = torch.nn.Linear(1, 1)
         self.images, self.position = images, 0
         self.returned: list[torch.Tensor] = []
 
@@ -188,31 +194,13 @@ class _Replay(L.LightningModule):
         self.returned.append(out)
         return out
 
-    def training_step(self, batch, batch_idx):
-        return self.layer(torch.ones(1, 1)).sum()
-
-    def validation_step(self, batch, batch_idx):
-        return None
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
 
 def _fid_of(model: _Replay, dm: ImageDataModule, extractor: torch.nn.Module, tmp_path: Path) -> float:
     """The value ``FIDCallback`` logs for ``model``'s samples against all of ``dm``'s real images."""
     n = dm.num_synthetic  # num_samples = the whole real set: the callback embeds every real image
     fid = FIDCallback(num_samples=n, sampling_steps=[1], extractor=extractor, batch_size=16)
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=[fid],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = make_trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[fid], default_root_dir=tmp_path
     )
     trainer.fit(model, dm)
     return float(trainer.callback_metrics[fid_metric_name(extractor.num_features, n, 1)])

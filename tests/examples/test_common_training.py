@@ -21,6 +21,7 @@ from example_projects.ddim import DDIMDiffusion
 from example_projects.ddim import cli_main as ddim_cli
 from example_projects.ddim.schedule import eps_loss
 from example_projects.flow_matching import cli_main as flow_cli
+from tests.helpers import trainer as make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,16 +66,8 @@ def test_ema_moves_once_per_optimizer_step_with_gradient_accumulation(example: s
     model = _tiny(example, decay=0.5)
     expected = [p.detach().clone() for p in model.ema.model.parameters()]
     record = TrainedWeightsAfterEachStep()
-    trainer = L.Trainer(
-        max_steps=2,
-        accumulate_grad_batches=2,
-        limit_val_batches=0,
-        callbacks=[record],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = make_trainer(
+        max_steps=2, accumulate_grad_batches=2, callbacks=[record], default_root_dir=tmp_path
     )
     data = TensorDataset(*synthetic_tensor(16, 1, 8))
     trainer.fit(model, DataLoader(data, batch_size=4))

@@ -28,7 +28,7 @@ from example_projects.consistency.training import (
     sampling_sigmas,
 )
 from lightning_immiscible import CoupledBatch, CouplingResult, ImmiscibleCoupling
-from tests.examples.support import logged_values
+from tests.examples.support import reductions_per_step
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
 TINY = dict(image_size=8, total_steps=8)
@@ -346,16 +346,7 @@ def test_every_logged_reduction_is_positive_when_coupled_and_zero_for_the_baseli
     Batch 16: an exact assignment that re-pairs nothing (identity already optimal) is then
     vanishingly unlikely, so 0 in a coupled run means the coupling did not run.
     """
-    args = [a for a in _cli_args(tmp_path, "quickstart.yaml", overlay) if a != "--trainer.logger=false"]
-    cli = cli_main(
-        [
-            *args,
-            "--data.batch_size=16",
-            "--trainer.log_every_n_steps=1",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ]
-    )
-    reductions = logged_values(Path(cli.trainer.logger.log_dir) / "metrics.csv", "immiscible/reduction_pct")
+    reductions = reductions_per_step(cli_main, _cli_args(tmp_path, "quickstart.yaml", overlay), tmp_path)
     assert len(reductions) == 2
     assert all(r > 0 for r in reductions) if coupled else all(r == 0.0 for r in reductions)
 

@@ -21,7 +21,7 @@ from example_projects.common.unet import UNet
 from example_projects.latent_diffusion import ClassGrid, DiffusersCodec, LatentDiffusion, cli_main, guided_eps
 from example_projects.latent_diffusion.codecs import STAGE1_COMMAND, load_codec
 from lightning_immiscible import ImmiscibleCoupling
-from tests.examples.support import logged_values
+from tests.examples.support import reductions_per_step
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "latent_diffusion" / "configs"
 FAST = [
@@ -115,18 +115,9 @@ def test_every_logged_reduction_is_positive_when_coupled_and_zero_for_the_baseli
     overlay: str, coupled: bool, ae_ckpt: str, tmp_path: Path
 ) -> None:
     """Every step's ``immiscible/reduction_pct`` on latents, read from the CSV as floats (batch 16)."""
-    args = [
-        a for a in _stage2_args(tmp_path, ae_ckpt, "quickstart", overlay) if a != "--trainer.logger=false"
-    ]
-    cli = cli_main(
-        [
-            *args,
-            "--data.batch_size=16",
-            "--trainer.log_every_n_steps=1",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ]
+    reductions = reductions_per_step(
+        cli_main, _stage2_args(tmp_path, ae_ckpt, "quickstart", overlay), tmp_path
     )
-    reductions = logged_values(Path(cli.trainer.logger.log_dir) / "metrics.csv", "immiscible/reduction_pct")
     assert len(reductions) == 2
     assert all(r > 0 for r in reductions) if coupled else all(r == 0.0 for r in reductions)
 
