@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,8 @@ PAPER = {128: (1.93, 5.4), 256: (2.16, 6.7), 512: (2.32, 8.8), 1024: (2.44, 22.8
 
 def load_images(dataset: str, root: str | None, image_size: int, limit: int) -> torch.Tensor:
     """``(N, C, S, S)`` images in ``[-1, 1]`` from the example data modules (first ``limit``)."""
+    # The example projects are not installed with the package: import them from the clone's root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from example_projects.common.data import mnist5k_tensor, open_dataset
 
     if dataset == "mnist5k":

@@ -79,6 +79,8 @@ def build_cli(args: argparse.Namespace, method: str, seed: int, run_dir: Path) -
         "--trainer.logger=false",
         *args.extra,
     ]
+    # The example projects are not installed with the package: import them from the clone's root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     return importlib.import_module(f"example_projects.{args.example}").cli_main(cli_args, run=False)
 
 

@@ -18,6 +18,7 @@ Commands are collected from the fenced ``bash`` blocks and the inline code spans
   with a clear message (its H100 output is in ``benchmarks/results/``).
 - ``pip install``: every extra and package named is declared in ``pyproject.toml``; ``.ci/run``
   performs the install of the ``test`` extra, which includes ``examples`` and ``docs``.
+- ``python -m build`` and the wheel it makes: built, checked and installed by ``tests/test_packaging.py``.
 - ``python -m pytest [path]``: the paths exist under ``tests/``, which CI runs in full.
 - ``mkdocs build --strict``: built by ``tests/test_site_html.py::test_site_builds_strictly``.
 """
@@ -85,6 +86,8 @@ class Shown:
             return "example"
         if w[:3] == ("python", "-m", "pytest"):
             return "pytest"
+        if w[:3] == ("python", "-m", "build"):
+            return "build"
         if w[0] == "python" and w[1].endswith(".py"):
             return "script"
         return {"torchrun": "torchrun", "pip": "pip", "mkdocs": "mkdocs", "bash": "shell_script"}.get(w[0])
@@ -380,8 +383,11 @@ def _requirements() -> list[str]:
 def test_documented_pip_install_names_declared_extras_and_packages(shown: Shown):
     extras, packages = _declared_requirements()
     words = list(shown.words[2:])
-    if words[0] == "-e":
-        target = words[1]
+    if words[0] == "-e" or words[0].startswith((".", "dist/")):
+        target = words[-1]
+        if target.startswith("dist/"):  # the wheel `python -m build` makes (tests/test_packaging.py)
+            assert re.fullmatch(r"dist/lightning_immiscible-[\w.]+-py3-none-any\.whl", target), shown.text
+            return
         assert target.startswith("."), shown.text
         named = re.findall(r"\[(.*)\]", target)
         assert not named or set(named[0].split(",")) <= extras, f"{shown.text}: extras are {sorted(extras)}"
@@ -395,6 +401,12 @@ def test_ci_installs_the_test_extra_which_includes_the_examples_and_docs():
     assert 'pip install -e ".[test]"' in ci and "python -m pytest" in ci
     test_extra = [r for r in _requirements() if r.endswith('extra == "test"')]
     assert any(r.startswith("lightning-immiscible[docs,examples]") for r in test_extra), test_extra
+
+
+@pytest.mark.parametrize("shown", _of_kind("build"))
+def test_documented_build_command_is_the_one_the_packaging_test_runs(shown: Shown):
+    assert shown.words == ("python", "-m", "build"), shown.text
+    assert '"-m", "build"' in (ROOT / "tests" / "test_packaging.py").read_text()
 
 
 @pytest.mark.parametrize("shown", _of_kind("pytest"))

@@ -79,3 +79,14 @@ def test_troubleshooting_lists_every_library_message():
     page = (DOCS / "troubleshooting.md").read_text().replace("`", "")
     missing = [(where, frag) for where, frag in _message_fragments() if frag not in page]
     assert not missing, f"add these messages to docs/troubleshooting.md: {missing}"
+
+
+def test_cost_numbers_live_on_the_performance_page_only():
+    # "What does B = 1024 cost" was quoted as 22, 38, 40, 49, 134, 159 and 225 ms on different pages,
+    # each measured differently. The first pages a user reads link to the one cost table instead.
+    # Catches: a page that adds its own millisecond figure (tried: the old landing-page cost table).
+    first_pages = ("index.md", "choosing-a-method.md", "user-guide.md")
+    pages = [ROOT / "README.md", *(DOCS / name for name in first_pages)]
+    quoted = {p.name: re.findall(r"\b\d+(?:\.\d+)? ?ms\b", p.read_text()) for p in pages}
+    assert not any(quoted.values()), quoted
+    assert "performance.md#what-a-coupling-costs" in (DOCS / "index.md").read_text()

@@ -349,3 +349,47 @@ def test_api_reference_reads_as_intended(pages: list[Page]):
     # or splitting a Returns sentence that wraps over lines into one item per line.
     assert len(items) == 1, [li.text().strip()[:60] for li in items]
     assert not list(items[0].iter("b")), f"the return value got a name: {items[0].text()[:60]!r}"
+
+
+# Names that are internal (not in the package root or the documented modules' public lists): they
+# belong on the reference's "Internals" page only.
+INTERNAL_IDS = (
+    "lightning_immiscible.solver_race.SolverRace",
+    "lightning_immiscible.distributed.HEADER_DIMS",
+    "lightning_immiscible.coupling.INPUT_ERROR_REASONS",
+    "lightning_immiscible.callback.LARGE_POOL",
+    "lightning_immiscible.coupling.assign",
+)
+
+
+def test_api_reference_signatures_returns_choices_and_public_names(pages: list[Page]):
+    ref = {p.url: p.content for p in pages if p.url.startswith("/reference/")}
+    # Signatures are formatted and wrapped (ruff, line_length 80). Caught: without the formatter in the
+    # docs extra, ImmiscibleCoupling's signature was one 341-character line, cut off on screen.
+    for url, content in ref.items():
+        for sig in (n for n in content.iter("div") if "doc-signature" in n.classes):
+            longest = max(sig.text().splitlines(), key=len)
+            assert len(longest) <= 90, f"{url}: {longest!r}"
+    # Returns entries render their Markdown. Caught: the default template printed a prose return
+    # "type" such as "`(B, *dims)` noise on `x0`'s device" with its backticks, inside a code span.
+    for url, content in ref.items():
+        for title in (n for n in content.iter() if "doc-section-title" in n.classes):
+            if title.text().strip().startswith("Returns"):
+                siblings = [c for c in title.parent.parent.children if isinstance(c, Node)]
+                listing = siblings[siblings.index(title.parent) + 1]
+                text = listing.text(skip=frozenset({"pre"}))
+                assert "`" not in text and "][" not in text, f"{url}: {text.strip()[:120]!r}"
+    # The Literal aliases show their allowed values, and the signatures link to them.
+    coupling = ref["/reference/coupling/"]
+    method = next(n for n in coupling.iter() if n.attrs.get("id") == "lightning_immiscible.coupling.Method")
+    block = method.parent.text()
+    assert all(f"'{v}'" in block for v in ("lsa", "knn", "flip", "none")), block[:200]
+    callback_links = {a.attrs.get("href", "") for a in ref["/reference/callback/"].iter("a")}
+    assert "../coupling/#lightning_immiscible.coupling.Method" in callback_links
+    # Public names only on the public pages; internals on their own page. Caught: SolverRace,
+    # the header constants and INPUT_ERROR_REASONS standing beside couple() and the callback.
+    for url, content in ref.items():
+        ids = {n.attrs.get("id") for n in content.iter()}
+        shown = [i for i in INTERNAL_IDS if i in ids]
+        assert shown == ([*INTERNAL_IDS] if url == "/reference/internals/" else []), (url, shown)
+    assert "CouplingSpec" in ref["/reference/"].text()

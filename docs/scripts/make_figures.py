@@ -106,6 +106,8 @@ def knn_tilt(ks: list[int], batch: int = 256, repeats: int = 4) -> dict:
     ``norm_only`` picks the shortest of the k candidates without looking at the data: the part of
     the reduction it reproduces is the distribution tilt, not a data-aware pairing.
     """
+    # The example projects are not installed with the package: import them from the clone's root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from example_projects.common.data import mnist5k_tensor
 
     digits = mnist5k_tensor(32)[0]
