@@ -19,6 +19,7 @@ with a clear message; noise and cost rows never do.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_immiscible.conditional import (
+    assign_gathered,
+    class_noise_means,
+    condition_code,
+    condition_codes_problem,
+    condition_problem,
+    needs_wide_rows,
+    prior_skew,
+)
 from lightning_immiscible.costs import cost_dtype, paired_distance
 from lightning_immiscible.coupling import (
     INPUT_ERROR_REASONS,
@@ -327,6 +337,7 @@ def couple_in_group(
     spec: CouplingSpec,
     error: BaseException | None = None,
     epoch: int = 0,
+    condition: Tensor | None = None,
 ) -> CouplingResult:
     """Couples this rank's `x` with noise from its group's shared pool (the steps in this module's docs).
 
@@ -346,6 +357,12 @@ def couple_in_group(
         error: An exception this rank hit while preparing `x` (shared with the group, re-raised).
         epoch: The training epoch, compared across ranks with `draw_index`: ranks that run
             different numbers of batches per epoch fail at the first batch where they diverge.
+        condition: `(b_r,)` integer labels of this rank's items, or `None`. `lsa`/`flip` then
+            solve within each label over the whole group (`spec.within_condition`; see
+            [conditional][lightning_immiscible.conditional]): the labels travel as one extra column
+            of the gathered cost rows, and a flag in the header makes ranks that disagree (a
+            condition on some ranks only, different label dtypes) or bad labels on any rank fail
+            every rank of the group in the same step. The result's `prior_skew` is set.
 
     Returns:
         The local [CouplingResult][lightning_immiscible.coupling.CouplingResult]: `noise`
@@ -364,14 +381,17 @@ def couple_in_group(
         ```
     """
     error = _validate_local(x, error, spec)
+    error = error or _condition_error(x, condition)
     device = x.device if x is not None else torch.device("cpu")
-    wide = x is not None and error is None and _needs_float64(x, spec.metric)
+    wide = x is not None and error is None and (_needs_float64(x, spec.metric) or needs_wide_rows(condition))
     own = _header(x, error, epoch, draw_index, wide)
+    own = torch.cat([own, torch.tensor([0 if error else condition_code(condition)])])  # condition flag
     heads = _exchange_headers(group, own, device)
-    _agree_or_raise(group, heads, error)
+    _agree_or_raise(group, heads[:, :HEADER_SIZE], error)
+    _agree_on_condition(group, heads[:, HEADER_SIZE])
     assert x is not None
     if spec.method == "knn":
-        return _knn_local(x, seed, draw_index, spec)
+        return _with_local_skew(_knn_local(x, seed, draw_index, spec), x, condition)
     if group.process_group is None:  # one-rank group: the world's headers were only a check
         heads = own[None]
     sizes = [int(s) for s in heads[:, 0]]
@@ -380,13 +400,61 @@ def couple_in_group(
     pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
     mine = pool[offset : offset + x.shape[0]]
     found = Assignment(torch.arange(offset, offset + x.shape[0], device=device), 0.0, 0.0)
-    if spec.method != "none" and total > 1:
-        gather = functools.partial(_gather_rows, group, sizes=sizes)
+    skew = None
+    gather = functools.partial(_gather_rows, group, sizes=sizes)
+    if spec.method != "none" and total > 1 and condition is not None:
+        found, skew = _assign_with_labels(x, pool, condition, spec, gather, offset, dtype)
+    elif spec.method != "none" and total > 1:
         found = assign(x, pool, spec, gather_rows=gather, offset=offset, dtype=dtype)
     noise = pool[found.index].to(x.dtype)
     distances = [paired_distance(x, mine, spec.metric), paired_distance(x, noise, spec.metric)]
     before, after = _group_mean(group, distances, device)
-    return found.result(noise, before, after, spec)
+    result = found.result(noise, before, after, spec)
+    return (
+        dataclasses.replace(result, prior_skew=skew)
+        if skew is not None
+        else _with_local_skew(result, x, condition)
+    )
+
+
+def _condition_error(x: Tensor | None, condition: Tensor | None) -> CouplingInputError | None:
+    problem = condition_problem(condition, x.shape[0]) if x is not None else None
+    return CouplingInputError(*problem) if problem else None
+
+
+def _agree_on_condition(group: RankGroup, codes: Tensor) -> None:
+    """Fails every rank alike when ranks disagree on the condition (after the header exchange)."""
+    problem = condition_codes_problem(codes.tolist(), _header_ranks(group, codes.shape[0]))
+    if problem:
+        raise CouplingInputError(problem, "invalid")
+
+
+def _assign_with_labels(
+    x: Tensor,
+    pool: Tensor,
+    condition: Tensor,
+    spec: CouplingSpec,
+    gather: Any,
+    offset: int,
+    dtype: torch.dtype,
+) -> tuple[Assignment, float | None]:
+    """Group coupling with labels (within or across conditions) and the group-wide prior skew."""
+    col, labels, cost_ms, solve_ms = assign_gathered(
+        x, pool, condition, gather, metric=spec.metric, precision=spec.precision, solver=spec.solver,
+        flip=spec.method == "flip", within=spec.within_condition, dtype=dtype,
+    )  # fmt: skip
+    col_t = torch.from_numpy(col)
+    skew = prior_skew(x, condition, *class_noise_means(pool.cpu()[col_t], labels))
+    return Assignment(col_t[offset : offset + x.shape[0]].to(x.device), cost_ms, solve_ms), skew
+
+
+def _with_local_skew(result: CouplingResult, x: Tensor, condition: Tensor | None) -> CouplingResult:
+    """Adds the prior skew from this rank's items alone (exact for `none`, per-item `knn`, one rank)."""
+    if condition is None:
+        return result
+    return dataclasses.replace(
+        result, prior_skew=prior_skew(x, condition, *class_noise_means(result.noise, condition))
+    )
 
 
 def _rank() -> int:
