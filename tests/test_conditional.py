@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_immiscible import CouplingInputError, CouplingSpec, couple
+from lightning_immiscible import CouplingInputError, CouplingSpec, ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import build_rank_group, couple_in_group, draw_pool
+from lightning_immiscible.workers import CouplingCollate, WorkerCoupling
+from tests.helpers import ToyDiffusion, trainer
 
 
 def _formula_cost(x: torch.Tensor, n: torch.Tensor, metric: str) -> np.ndarray:
@@ -178,3 +181,51 @@ def test_prior_skew_matches_its_formula_on_one_batch():
             math.sqrt(int((labels == c).sum())) * float(n[labels == c].mean(0) @ u) / float(u.norm())
         )
     assert res.prior_skew == pytest.approx(sum(terms) / math.sqrt(2), rel=1e-9)
+
+
+class LabeledToy(ToyDiffusion):
+    """ToyDiffusion whose batches carry three classes (`label % 3`) as the condition."""
+
+    def __init__(self, bad: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.bad = bad
+
+    def immiscible_condition(self, batch):
+        labels = batch[1] % 3
+        return labels.float() if self.bad else labels
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_the_callback_couples_within_the_module_labels_and_logs_the_prior_skew(within):
+    # Catches: the callback ignoring immiscible_condition (or within_condition), labels of another
+    # batch, and a prior_skew that is not logged. Oracle: couple() on the callback's pool, whose
+    # per-block optimality is checked against SciPy above.
+    module, cb = LabeledToy(), ImmiscibleCoupling(seed=4, within_condition=within)
+    t = trainer(callbacks=[cb], max_steps=3)
+    t.fit(module)
+    for draw, rec in enumerate(module.records):
+        labels = torch.arange(8 * draw, 8 * draw + 8) % 3
+        pool = draw_pool(rec["x0"].shape, 4, 0, draw)
+        expected = CouplingSpec("lsa", within_condition=within).couple(rec["x0"], pool, labels)
+        assert torch.equal(rec["noise"], expected.noise)
+    assert float(t.callback_metrics["immiscible/prior_skew"]) == pytest.approx(cb.last_result.prior_skew)
+
+
+def test_bad_labels_from_the_module_stop_the_fit_with_the_fix():
+    with pytest.raises(CouplingInputError, match=r"condition has dtype torch\.float32"):
+        trainer(callbacks=[ImmiscibleCoupling(seed=0)], max_steps=1).fit(LabeledToy(bad=True))
+
+
+def test_the_worker_collate_couples_within_its_labels_and_carries_them():
+    # Catches: a collate that ignores condition_fn, labels dropped from the batch (a re-coupling on
+    # the training process would then mix classes), and the diagnostic lost on the way.
+    data = torch.randn(24, 5)
+    collate = CouplingCollate("lsa", seed=2, condition_fn=lambda batch: batch[1] % 4)
+    loader = DataLoader(TensorDataset(data, torch.arange(24)), batch_size=12, collate_fn=collate)
+    for i, batch in enumerate(loader):
+        worker = WorkerCoupling.from_batch(batch)
+        x0, labels = worker.batch[0], worker.batch[1] % 4
+        expected = couple(x0, collate.noise_for(x0, (0, 0, i)), condition=labels)
+        assert torch.equal(worker.noise, expected.noise) and torch.equal(worker.condition, labels)
+        assert worker.prior_skew == pytest.approx(expected.prior_skew)
+        assert torch.equal(collate.couple_on(x0, (0, 0, i), worker.condition).noise, expected.noise)
