@@ -55,10 +55,12 @@ from lightning_immiscible.coupling import (
 HEADER_DIMS = 6
 """Item dims sent in the per-step header; shapes with more dims are compared by numel only."""
 _FIXED = 7  # header fields before the dims: b, status, epoch, draw, wide, ndim, numel
-HEADER_SIZE = _FIXED + HEADER_DIMS
+CONDITION_FIELD = _FIXED + HEADER_DIMS
+"""Header field of the condition: 0 without labels, else 1 + the label dtype's code."""
+HEADER_SIZE = CONDITION_FIELD + 1
 """Length of the per-step int64 header each rank sends.
 
-`[b, status, epoch, draw, wide, ndim, numel, dims...]`: 13 values, 104 bytes.
+`[b, status, epoch, draw, wide, ndim, numel, dims..., condition]`: 14 values, 112 bytes.
 """
 
 
@@ -205,7 +207,7 @@ def _comm_device(process_group: Any, fallback: torch.device) -> torch.device:
 
 
 def _header(x: Tensor | None, error: BaseException | None, epoch: int, draw: int, wide: bool) -> Tensor:
-    """``[b, status, epoch, draw, wide, ndim, numel, dims...]`` int64; status 0 = ok, else 1 + reason."""
+    """``[b, status, epoch, draw, wide, ndim, numel, dims..., condition]`` int64; status 0 = ok."""
     head = torch.zeros(HEADER_SIZE, dtype=torch.int64)
     head[2], head[3] = epoch, draw
     if error is not None or x is None:
@@ -256,7 +258,7 @@ def _agree_or_raise(group: RankGroup, heads: Tensor, error: BaseException | None
             "(Lightning's DistributedSampler does; with drop_last or equal-size shards).",
             "out_of_step",
         )
-    items = heads[:, 5:]
+    items = heads[:, 5:CONDITION_FIELD]
     if group.process_group is not None and not bool((items == items[0]).all()):
         raise CouplingInputError(
             f"Ranks of coupling group {group.index} have different item shapes "
@@ -385,10 +387,10 @@ def couple_in_group(
     device = x.device if x is not None else torch.device("cpu")
     wide = x is not None and error is None and (_needs_float64(x, spec.metric) or needs_wide_rows(condition))
     own = _header(x, error, epoch, draw_index, wide)
-    own = torch.cat([own, torch.tensor([0 if error else condition_code(condition)])])  # condition flag
+    own[CONDITION_FIELD] = 0 if error else condition_code(condition)
     heads = _exchange_headers(group, own, device)
-    _agree_or_raise(group, heads[:, :HEADER_SIZE], error)
-    _agree_on_condition(group, heads[:, HEADER_SIZE])
+    _agree_or_raise(group, heads, error)
+    _agree_on_condition(group, heads[:, CONDITION_FIELD])
     assert x is not None
     if spec.method == "knn":
         return _with_local_skew(_knn_local(x, seed, draw_index, spec), x, condition)
