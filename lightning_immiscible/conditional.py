@@ -192,8 +192,9 @@ def class_noise_means(noise: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Te
     """
     classes, inverse, counts = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
     flat = noise.detach().reshape(noise.shape[0], -1).double().cpu()
-    sums = torch.zeros(classes.shape[0], flat.shape[1], dtype=torch.float64).index_add_(0, inverse, flat)
-    return classes, sums / counts[:, None], counts
+    onehot = torch.zeros(classes.shape[0], flat.shape[0], dtype=torch.float64)
+    onehot[inverse, torch.arange(flat.shape[0])] = 1.0  # a matmul: index_add_ in float64 is slow on CPU
+    return classes, (onehot @ flat) / counts[:, None], counts
 
 
 def prior_skew(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +232,19 @@ def test_the_worker_collate_couples_within_its_labels_and_carries_them():
         assert torch.equal(worker.noise, expected.noise) and torch.equal(worker.condition, labels)
         assert worker.prior_skew == pytest.approx(expected.prior_skew)
         assert torch.equal(collate.couple_on(x0, (0, 0, i), worker.condition).noise, expected.noise)
+
+
+def test_the_conditional_benchmark_runs_tiny_and_reports_both_couplings(tmp_path):
+    # Catches: a benchmark that times the same coupling twice (the within-condition reduction must
+    # differ from the one-assignment reduction on class-structured data) or writes no JSON.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import conditional as bench  # the script, from benchmarks/
+
+    out = tmp_path / "c.json"
+    result = bench.main(
+        ["--batches", "32", "--conditions", "4", "--dim", "8", "--repeats", "1", "--json", str(out)]
+    )
+    row = result["rows"][0]
+    assert (row["batch"], row["conditions"]) == (32, 4) and row["within_wall_ms"] > 0
+    assert row["one_reduction_pct"] > row["within_reduction_pct"] > 0  # fewer choices within blocks
+    assert json.loads(out.read_text())["rows"][0]["batch"] == 32
