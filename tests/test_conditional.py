@@ -248,3 +248,27 @@ def test_the_conditional_benchmark_runs_tiny_and_reports_both_couplings(tmp_path
     assert (row["batch"], row["conditions"]) == (32, 4) and row["within_wall_ms"] > 0
     assert row["one_reduction_pct"] > row["within_reduction_pct"] > 0  # fewer choices within blocks
     assert json.loads(out.read_text())["rows"][0]["batch"] == 32
+
+
+def test_the_preregistered_runner_resumes_and_reports_every_listed_comparison(tmp_path, monkeypatch):
+    # Catches: a runner that retrains finished units on a rerun (not resumable), arms that are not
+    # the listed ones (the ot arm must show the prior skew, ot-within must not: null SE of a run's
+    # mean over its 4 batches is 1/2), and a report without the primary family.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import conditional_fm as runner  # the script, from benchmarks/
+    from regimes_metrics import train_classifier
+
+    monkeypatch.setattr(
+        runner, "classifier_features", lambda n, x, y, c: train_classifier(x[:256], y[:256], 1)
+    )
+    runner.main(["--tiny", "--out", str(tmp_path)])
+    records = sorted(p.name for p in (tmp_path / "records").glob("*.json"))
+    assert records == sorted(f"{a}-seed{s}.json" for a in runner.ARMS for s in (0, 1))
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "records").glob("*.json")}
+    result = runner.main(["--tiny", "--out", str(tmp_path)])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # resumed: nothing retrained
+    assert len(result["primary"]) == 4 and len(result["holm"]) == 4
+    runs = [json.loads(p.read_text()) for p in stamps]
+    skew = {a: [r["prior_skew_mean"] for r in runs if r["arm"] == a] for a in runner.ARMS}
+    assert min(skew["ot"]) > 2.0 and max(abs(v) for v in skew["ot-within"] + skew["independent"]) < 2.5
+    assert "Primary: ot-within vs ot" in (tmp_path / "report.md").read_text()
