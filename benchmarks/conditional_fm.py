@@ -205,17 +205,24 @@ def run_sweep(args: argparse.Namespace, s: Settings) -> list[Path]:
     return done
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``--help`` lists it)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/conditional_fm"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/conditional_fm"), help="records and cache")
     parser.add_argument("--max-minutes", type=float, default=float("inf"))
     parser.add_argument("--plan", action="store_true", help="print the units and a timed estimate")
     parser.add_argument("--report", action="store_true", help="only write the comparisons")
-    parser.add_argument("--report-path", type=Path, default=None, help="default: OUT/report.md")
+    parser.add_argument("--report-path", type=Path, default=None, help="default: RUNS/report.md")
     parser.add_argument("--tiny", action="store_true", help="a smoke test, NOT the pre-registered run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
+    """The arguments, and the settings: the pre-registered ones unless `--tiny`."""
+    args = build_parser().parse_args(argv)
+    args.out = args.runs
     s = Settings()
     if args.tiny:
         s = Settings(seeds=2, steps=4, checkpoints=(2, 4), batch=16, width=32, eval_samples=40)

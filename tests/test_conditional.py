@@ -261,11 +261,11 @@ def test_the_preregistered_runner_resumes_and_reports_every_listed_comparison(tm
     monkeypatch.setattr(
         runner, "classifier_features", lambda n, x, y, c: train_classifier(x[:256], y[:256], 1)
     )
-    runner.main(["--tiny", "--out", str(tmp_path)])
+    runner.main(["--tiny", "--runs", str(tmp_path)])
     records = sorted(p.name for p in (tmp_path / "records").glob("*.json"))
     assert records == sorted(f"{a}-seed{s}.json" for a in runner.ARMS for s in (0, 1))
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "records").glob("*.json")}
-    result = runner.main(["--tiny", "--out", str(tmp_path)])
+    result = runner.main(["--tiny", "--runs", str(tmp_path)])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # resumed: nothing retrained
     assert len(result["primary"]) == 4 and len(result["holm"]) == 4
     runs = [json.loads(p.read_text()) for p in stamps]
