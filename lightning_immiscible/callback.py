@@ -253,6 +253,7 @@ class ImmiscibleCoupling(Callback):
         condition, error = _condition(module, batch, error)
         worker = worker_coupling(module, batch)
         if worker is not None and x0 is not None:
+            self._warn_worker_ignores_condition(condition, worker.condition)
             result = self._from_worker(x0, worker, trainer, batch_idx)
         else:
             spec = self._step_spec(x0)
@@ -393,6 +394,17 @@ class ImmiscibleCoupling(Callback):
         if note is not None:
             rank_zero_info(note)
         return dataclasses.replace(self.spec, solver=name)
+
+    def _warn_worker_ignores_condition(
+        self, condition: Tensor | None, worker_condition: Tensor | None
+    ) -> None:
+        if condition is not None and worker_condition is None and "worker_condition" not in self._warned:
+            self._warned.add("worker_condition")
+            rank_zero_warn(
+                "ImmiscibleCoupling: the module returns a condition (immiscible_condition) but the "
+                "DataLoader workers coupled across conditions; pass CouplingCollate(condition_fn=...) "
+                "so that the workers couple within each condition too."
+            )
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
         pool = x0.shape[0] * len(self._group.ranks)

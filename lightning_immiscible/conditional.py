@@ -99,7 +99,7 @@ def condition_codes_problem(codes: list[int], ranks: list[int]) -> str | None:
 
 
 def needs_wide_rows(condition: Tensor | None) -> bool:
-    """Whether the labels need float64 cost rows to travel exactly (labels >= 2**24)."""
+    """Whether the labels need float64 cost rows to travel exactly (labels `>= 2**24`)."""
     return condition is not None and condition.numel() > 0 and int(condition.max()) >= FLOAT32_EXACT
 
 
@@ -264,7 +264,7 @@ def assign_gathered(
         solver: The solver (the whole matrix, or each block).
         flip: Cost against `-noise`.
         within: Solve within each label's block (`False`: one assignment across labels).
-        dtype: The group's agreed cost dtype (float64 when a label is >= 2**24).
+        dtype: The group's agreed cost dtype (float64 when a label is `>= 2**24`).
 
     Returns:
         `(col, all_labels, cost_ms, solve_ms)`: `col` `(B,)` the pool item of every item of the

@@ -272,3 +272,16 @@ def test_the_preregistered_runner_resumes_and_reports_every_listed_comparison(tm
     skew = {a: [r["prior_skew_mean"] for r in runs if r["arm"] == a] for a in runner.ARMS}
     assert min(skew["ot"]) > 2.0 and max(abs(v) for v in skew["ot-within"] + skew["independent"]) < 2.5
     assert "Primary: ot-within vs ot" in (tmp_path / "report.md").read_text()
+
+
+def test_worker_noise_coupled_without_the_module_labels_warns_once():
+    # Catches: a module with labels fed by a collate without condition_fn, silently coupled across
+    # classes (the worker's noise is used as it is).
+    class WorkerFed(LabeledToy):
+        def train_dataloader(self):
+            data = TensorDataset(torch.rand(32, 12) * 2 - 1, torch.arange(32))
+            return DataLoader(data, batch_size=8, collate_fn=CouplingCollate("lsa", seed=3))
+
+    with pytest.warns(UserWarning, match="workers coupled across conditions") as record:
+        trainer(callbacks=[ImmiscibleCoupling(seed=1)], max_steps=3).fit(WorkerFed())
+    assert sum("workers coupled across conditions" in str(w.message) for w in record) == 1

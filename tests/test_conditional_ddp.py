@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import socket
 import traceback
@@ -9,9 +10,12 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 
-from lightning_immiscible import CouplingSpec, couple
+from lightning_immiscible import CouplingSpec, ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import build_rank_group, couple_in_group, draw_pool, partition_ranks
+from tests.helpers import trainer
+from tests.test_conditional import LabeledToy
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
@@ -126,3 +130,34 @@ def test_bad_labels_on_one_rank_fail_every_rank_in_the_same_step(fault, rank1, o
     for rank, (status, message) in results.items():
         assert status == "error", f"rank {rank} did not fail"
         assert (rank1 if rank == 1 else others) in message
+
+
+class SaveRecords(Callback):
+    """Saves each rank's records and its logged prior skew to ``out/rank{r}.pt`` at the end of the fit."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.records[-1]["skew"] = float(trainer.callback_metrics["immiscible/prior_skew"])
+        pl_module.records[-1]["labels"] = batch[1] % 3
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.records, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def test_a_two_process_fit_couples_within_the_module_labels_over_the_group(tmp_path):
+    # Catches: the callback not passing immiscible_condition to the group coupling under DDP (the
+    # noise would then be the cross-class coupling), uneven last batches, and a prior skew that is
+    # not logged on every rank. Oracle: couple() of the concatenated batch and labels.
+    coupling = ImmiscibleCoupling(scope="global", seed=11)
+    t = trainer(callbacks=[coupling, SaveRecords(tmp_path)], devices=2, strategy="ddp_fork",
+                use_distributed_sampler=False, max_epochs=1)  # fmt: skip
+    t.fit(LabeledToy(sizes=(16, 12), batch_size=8))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert [(a["x0"].shape[0], b["x0"].shape[0]) for a, b in zip(r0, r1, strict=True)] == [(8, 8), (8, 4)]
+    for draw, (a, b) in enumerate(zip(r0, r1, strict=True)):
+        x_all, labels = torch.cat([a["x0"], b["x0"]]), torch.cat([a["labels"], b["labels"]])
+        expected = couple(x_all, draw_pool(x_all.shape, 11, 0, draw), condition=labels)
+        assert torch.equal(torch.cat([a["noise"], b["noise"]]), expected.noise)
+        assert math.isfinite(a["skew"]) and math.isfinite(b["skew"])
