@@ -181,20 +181,25 @@ def assign_within(
 
 
 def class_noise_means(noise: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per distinct label: the label, its mean noise and its count.
+    """Per distinct label: the label, its mean noise and its count (on the noise's device).
 
     Args:
         noise: `(B, *dims)` the coupled noise, `noise[i]` paired with item `i`.
         labels: `(B,)` the items' labels.
 
     Returns:
-        `(classes (C,), means (C, D) float64, counts (C,))`, classes ascending.
+        `(classes (C,), means (C, D) float32, counts (C,))`, classes ascending.
     """
-    classes, inverse, counts = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
-    flat = noise.detach().reshape(noise.shape[0], -1).double().cpu()
-    onehot = torch.zeros(classes.shape[0], flat.shape[0], dtype=torch.float64)
-    onehot[inverse, torch.arange(flat.shape[0])] = 1.0  # a matmul: index_add_ in float64 is slow on CPU
-    return classes, (onehot @ flat) / counts[:, None], counts
+    classes, inverse, counts = torch.unique(labels.to(noise.device), return_inverse=True, return_counts=True)
+    flat = noise.detach().reshape(noise.shape[0], -1).float()
+    return classes, _class_sums(inverse, classes.shape[0], flat) / counts[:, None], counts
+
+
+def _class_sums(inverse: Tensor, num: int, flat: Tensor) -> Tensor:
+    """`(num, D)` sums of the rows of `flat` per class index (one matmul: fast on CPU and GPU)."""
+    onehot = torch.zeros(num, flat.shape[0], dtype=flat.dtype, device=flat.device)
+    onehot[inverse, torch.arange(flat.shape[0], device=flat.device)] = 1.0
+    return onehot @ flat
 
 
 def prior_skew(
@@ -226,17 +231,19 @@ def prior_skew(
     Returns:
         The statistic, or `None` when no class has a direction (fewer than two classes here).
     """
-    flat = x0.detach().reshape(x0.shape[0], -1).double().cpu()
-    labels, total, terms = labels.cpu(), flat.mean(0), []
-    for c, m, n in zip(classes.tolist(), noise_means, counts.tolist(), strict=True):
-        mine = labels == c
-        if not bool(mine.any()):
-            continue
-        u = flat[mine].mean(0) - total
-        norm = float(u.norm())
-        if norm > 1e-12 * max(1.0, float(total.norm())):
-            terms.append(math.sqrt(n) * float(m @ u) / norm)
-    return sum(terms) / math.sqrt(len(terms)) if terms else None
+    flat = x0.detach().reshape(x0.shape[0], -1).float()
+    classes, labels = classes.to(flat.device), labels.to(flat.device)
+    member = (classes[:, None] == labels[None, :]).to(flat.dtype)  # (C, b): this rank's items per class
+    here = member.sum(1)
+    total = flat.mean(0)
+    u = (member @ flat) / here.clamp_min(1)[:, None] - total
+    norm = u.norm(dim=1)
+    # A class that is all of this rank's items has no direction (u is rounding error only).
+    spread = (flat - total).norm(dim=1).mean()
+    ok = (here > 0) & (norm > 1e-4 * spread)
+    terms = counts.to(flat.device).float().sqrt() * (noise_means.to(flat.device).float() * u).sum(1)
+    used = int(ok.sum())
+    return float((terms[ok] / norm[ok]).double().sum()) / math.sqrt(used) if used else None
 
 
 def assign_gathered(

@@ -445,9 +445,9 @@ def _assign_with_labels(
         x, pool, condition, gather, metric=spec.metric, precision=spec.precision, solver=spec.solver,
         flip=spec.method == "flip", within=spec.within_condition, dtype=dtype,
     )  # fmt: skip
-    col_t = torch.from_numpy(col)
-    skew = prior_skew(x, condition, *class_noise_means(pool.cpu()[col_t], labels))
-    return Assignment(col_t[offset : offset + x.shape[0]].to(x.device), cost_ms, solve_ms), skew
+    col_t = torch.from_numpy(col).to(x.device)
+    skew = prior_skew(x, condition, *class_noise_means(pool[col_t], labels))
+    return Assignment(col_t[offset : offset + x.shape[0]], cost_ms, solve_ms), skew
 
 
 def _with_local_skew(result: CouplingResult, x: Tensor, condition: Tensor | None) -> CouplingResult:
