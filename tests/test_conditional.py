@@ -155,8 +155,8 @@ def test_noise_given_each_class_has_mean_zero_and_no_lean_toward_the_class_only_
 
 
 def test_the_prior_skew_diagnostic_is_about_zero_within_conditions_and_large_across():
-    # Catches: a diagnostic with a non-zero null mean (e.g. the data direction not centred or the
-    # noise means not per class) or one blind to cross-class coupling. Its per-batch null is N(0, 1),
+    # Catches: a diagnostic with a non-zero null mean (e.g. noise means over the wrong items), a wrong
+    # scale (the spread check), or one blind to cross-class coupling. Its per-batch null is N(0, 1),
     # so the mean over T batches has standard error 1 / sqrt(T).
     batches = 200
     skews = {}
