@@ -112,7 +112,8 @@ class CouplingCollate:
             group is initialised (the training process, and workers forked from it), else the
             rank at construction, else 0.
         condition_fn: Maps the collated batch to its `(B,)` integer labels (e.g.
-            `lambda batch: batch[1]`): the noise is then coupled within each label (see
+            `operator.itemgetter(1)`; picklable, for spawned workers): the noise is then coupled
+            within each label (see
             [conditional][lightning_immiscible.conditional]). `None`: unconditional.
         within_condition: `False` couples across labels; they then only feed the diagnostic.
     """
