@@ -101,6 +101,12 @@ class ImmiscibleCoupling(Callback):
             coupling is noticed there, within the strategy's timeout
             (`DDPStrategy(timeout=...)`, 30 minutes by default). See the multi-node guide.
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
+        within_condition: When the module's ``immiscible_condition(batch)`` returns labels, solve
+            the assignment within each label (``lsa``/``flip``; see
+            [conditional][lightning_immiscible.conditional]). ``False`` couples across labels
+            (plain minibatch OT); the labels then only feed ``immiscible/prior_skew``, which is
+            logged whenever labels are given (about N(0, 1) per batch when the noise given each
+            class is Gaussian, clearly positive under cross-class coupling).
 
     Attributes:
         spec: The [CouplingSpec][lightning_immiscible.coupling.CouplingSpec] built from `method`,
@@ -151,8 +157,9 @@ class ImmiscibleCoupling(Callback):
         max_step_fraction: float = 0.25,
         collective_timeout_s: float | None = None,
         check_finite: bool = True,
+        within_condition: bool = True,
     ) -> None:
-        self.spec = CouplingSpec(method, metric, precision, solver, k, check_finite)
+        self.spec = CouplingSpec(method, metric, precision, solver, k, check_finite, within_condition)
         if scope != "auto":
             partition_ranks(scope, 1, 1)  # validates the scope's spelling now, not at fit time
         self.scope = scope
@@ -243,14 +250,16 @@ class ImmiscibleCoupling(Callback):
         self._batch_start = time.perf_counter()
         draw, self.draws = self.draws, self.draws + 1
         x0, error = _data(module, batch)
+        condition, error = _condition(module, batch, error)
         worker = worker_coupling(module, batch)
         if worker is not None and x0 is not None:
+            self._warn_worker_ignores_condition(condition, worker.condition)
             result = self._from_worker(x0, worker, trainer, batch_idx)
         else:
             spec = self._step_spec(x0)
             with full_precision(x0):
                 seed, epoch = int(self.seed or 0), trainer.current_epoch
-                result = couple_in_group(x0, self._group, seed, draw, spec, error, epoch=epoch)
+                result = couple_in_group(x0, self._group, seed, draw, spec, error, epoch, condition)
             self.auto_solver.record(result.noise.shape[0])
         assert x0 is not None  # couple_in_group raised otherwise
         module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
@@ -364,6 +373,8 @@ class ImmiscibleCoupling(Callback):
         }
         if result.method == "worker":
             values["worker_assign_ms"] = self.workers.assign_ms
+        if result.prior_skew is not None:  # a condition was given: the skew of the class priors
+            values["prior_skew"] = result.prior_skew
         for name, value in values.items():
             show = self.prog_bar and name in ("reduction_pct", "assign_ms")
             pl_module.log(
@@ -383,6 +394,17 @@ class ImmiscibleCoupling(Callback):
         if note is not None:
             rank_zero_info(note)
         return dataclasses.replace(self.spec, solver=name)
+
+    def _warn_worker_ignores_condition(
+        self, condition: Tensor | None, worker_condition: Tensor | None
+    ) -> None:
+        if condition is not None and worker_condition is None and "worker_condition" not in self._warned:
+            self._warned.add("worker_condition")
+            rank_zero_warn(
+                "ImmiscibleCoupling: the module returns a condition (immiscible_condition) but the "
+                "DataLoader workers coupled across conditions; pass CouplingCollate(condition_fn=...) "
+                "so that the workers couple within each condition too."
+            )
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
         pool = x0.shape[0] * len(self._group.ranks)
@@ -421,3 +443,13 @@ def _data(module: ImmiscibleMixin, batch: Any) -> tuple[Tensor | None, BaseExcep
         return module.immiscible_data(batch), None
     except Exception as exc:
         return None, exc
+
+
+def _condition(
+    module: ImmiscibleMixin, batch: Any, error: BaseException | None
+) -> tuple[Tensor | None, BaseException | None]:
+    """Gets the labels (`immiscible_condition`); an error is returned like `_data`'s."""
+    try:
+        return module.immiscible_condition(batch), error
+    except Exception as exc:
+        return None, error or exc

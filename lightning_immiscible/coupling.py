@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from lightning_immiscible.conditional import assign_within, class_noise_means, condition_problem, prior_skew
 from lightning_immiscible.costs import (
     METRICS,
     PRECISIONS,
@@ -105,6 +107,9 @@ class CouplingSpec:
             [couple][lightning_immiscible.coupling.couple] reads `k` from the shape of the noise
             it is given instead.
         check_finite: Scan the inputs for NaN/Inf first (recommended; one device sync).
+        within_condition: When a condition (class labels) is given, solve the assignment within
+            each condition ([conditional][lightning_immiscible.conditional]); `False` couples across
+            conditions as without labels, which then only feed the `prior_skew` diagnostic.
 
     Raises:
         CouplingInputError: On an unknown method, metric, precision or solver, or `k < 1`
@@ -127,6 +132,7 @@ class CouplingSpec:
     solver: str | SolverSpec = "auto"
     k: int = 4
     check_finite: bool = True
+    within_condition: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -139,16 +145,20 @@ class CouplingSpec:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise CouplingInputError(f"k must be >= 1 (candidates per item for knn), got {self.k!r}.")
 
-    def couple(self, x0: Tensor, noise: Tensor) -> CouplingResult:
+    def couple(self, x0: Tensor, noise: Tensor, condition: Tensor | None = None) -> CouplingResult:
         """Re-pairs `noise` with `x0` as this spec says; see [couple][lightning_immiscible.coupling.couple].
 
         Args:
             x0: `(B, *dims)` floating-point data.
             noise: `(B, *dims)` Gaussian noise; for `"knn"` `(B, k, *dims)` candidates per item.
+            condition: `(B,)` integer labels, or `None`; see
+                [couple_with_condition][lightning_immiscible.coupling.couple_with_condition].
 
         Returns:
             The [CouplingResult][lightning_immiscible.coupling.CouplingResult].
         """
+        if condition is not None:
+            return couple_with_condition(self, x0, noise, condition)
         check_inputs(x0, noise, self.method, self.check_finite)
         if self.method == "knn":
             return _couple_knn(x0, noise, self.metric)
@@ -181,6 +191,9 @@ class CouplingResult:
         solve_ms: Wall time of the assignment solver, ms.
         method: The coupling method used (`"worker"` for noise coupled in a DataLoader worker).
         metric: The distance used for the costs.
+        prior_skew: With a condition: the
+            [prior_skew][lightning_immiscible.conditional.prior_skew] z-score of this batch (about
+            N(0, 1) when the noise given each class is Gaussian); `None` otherwise.
     """
 
     noise: Tensor
@@ -191,6 +204,7 @@ class CouplingResult:
     solve_ms: float = 0.0
     method: str = "lsa"
     metric: str = "l2"
+    prior_skew: float | None = None
 
     @property
     def assign_ms(self) -> float:
@@ -358,6 +372,7 @@ def couple(
     precision: Precision = "auto",
     solver: str = "auto",
     check_finite: bool = True,
+    condition: Tensor | None = None,
 ) -> CouplingResult:
     """Re-pairs `noise` with `x0` (Immiscible Diffusion, Li et al. 2024, Algorithm 1).
 
@@ -381,6 +396,9 @@ def couple(
             [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), or one of
             [available_solvers][lightning_immiscible.solvers.available_solvers].
         check_finite: Scan inputs for NaN/Inf first (recommended; costs one device sync).
+        condition: `(B,)` integer labels (class ids, cluster ids of prompts) or `None`: couple
+            within each condition, so that the noise each class trains on stays Gaussian (see
+            [couple_with_condition][lightning_immiscible.coupling.couple_with_condition]).
 
     Returns:
         A [CouplingResult][lightning_immiscible.coupling.CouplingResult]; `result.noise` is on
@@ -400,4 +418,52 @@ def couple(
         ```
     """
     spec = CouplingSpec(method, metric, precision, solver, check_finite=check_finite)
-    return spec.couple(x0, noise)
+    return spec.couple(x0, noise, condition)
+
+
+def check_condition(condition: object, batch_size: int) -> None:
+    """Raises a [CouplingInputError][lightning_immiscible.coupling.CouplingInputError] for unusable labels.
+
+    Args:
+        condition: `(B,)` integer labels >= 0, or `None`.
+        batch_size: `B`.
+    """
+    problem = condition_problem(condition, batch_size)
+    if problem is not None:
+        raise CouplingInputError(*problem)
+
+
+def couple_with_condition(spec: CouplingSpec, x0: Tensor, noise: Tensor, condition: Tensor) -> CouplingResult:
+    """Couples within each condition (`lsa`, `flip`), and measures the prior skew (every method).
+
+    `lsa` and `flip` split the noise into one block per label and solve each block alone (see
+    [conditional][lightning_immiscible.conditional]); with `spec.within_condition=False` they couple
+    across labels as without a condition. `knn` picks per item among that item's own candidates, so
+    a condition changes nothing there (its tilt toward each item's data is per item, and the
+    diagnostic shows it); `none` keeps the identity pairing. Every method returns the
+    [prior_skew][lightning_immiscible.conditional.prior_skew] of the batch.
+
+    Args:
+        spec: The coupling.
+        x0: `(B, *dims)` data.
+        noise: `(B, *dims)` noise (`knn`: `(B, k, *dims)`).
+        condition: `(B,)` integer labels >= 0.
+
+    Returns:
+        The [CouplingResult][lightning_immiscible.coupling.CouplingResult] with `prior_skew` set.
+    """
+    check_inputs(x0, noise, spec.method, spec.check_finite)
+    check_condition(condition, x0.shape[0])
+    if spec.method in ("lsa", "flip") and spec.within_condition and x0.shape[0] > 1:
+        before = _mean(paired_distance(x0, noise, spec.metric))
+        index, cost_ms, solve_ms = assign_within(
+            x0, noise, condition, metric=spec.metric, precision=spec.precision, solver=spec.solver,
+            flip=spec.method == "flip",
+        )  # fmt: skip
+        paired = noise[index]
+        after = _mean(paired_distance(x0, paired, spec.metric))
+        result = CouplingResult(paired, index, before, after, cost_ms, solve_ms, spec.method, spec.metric)
+    else:
+        result = spec.couple(x0, noise)
+    skew = prior_skew(x0, condition, *class_noise_means(result.noise, condition)) if x0.shape[0] else None
+    return dataclasses.replace(result, prior_skew=skew)

@@ -19,6 +19,7 @@ with a clear message; noise and cost rows never do.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_immiscible.conditional import (
+    assign_gathered,
+    class_noise_means,
+    condition_code,
+    condition_codes_problem,
+    condition_problem,
+    needs_wide_rows,
+    prior_skew,
+)
 from lightning_immiscible.costs import cost_dtype, paired_distance
 from lightning_immiscible.coupling import (
     INPUT_ERROR_REASONS,
@@ -45,10 +55,12 @@ from lightning_immiscible.coupling import (
 HEADER_DIMS = 6
 """Item dims sent in the per-step header; shapes with more dims are compared by numel only."""
 _FIXED = 7  # header fields before the dims: b, status, epoch, draw, wide, ndim, numel
-HEADER_SIZE = _FIXED + HEADER_DIMS
+CONDITION_FIELD = _FIXED + HEADER_DIMS
+"""Header field of the condition: 0 without labels, else 1 + the label dtype's code."""
+HEADER_SIZE = CONDITION_FIELD + 1
 """Length of the per-step int64 header each rank sends.
 
-`[b, status, epoch, draw, wide, ndim, numel, dims...]`: 13 values, 104 bytes.
+`[b, status, epoch, draw, wide, ndim, numel, dims..., condition]`: 14 values, 112 bytes.
 """
 
 
@@ -195,7 +207,7 @@ def _comm_device(process_group: Any, fallback: torch.device) -> torch.device:
 
 
 def _header(x: Tensor | None, error: BaseException | None, epoch: int, draw: int, wide: bool) -> Tensor:
-    """``[b, status, epoch, draw, wide, ndim, numel, dims...]`` int64; status 0 = ok, else 1 + reason."""
+    """``[b, status, epoch, draw, wide, ndim, numel, dims..., condition]`` int64; status 0 = ok."""
     head = torch.zeros(HEADER_SIZE, dtype=torch.int64)
     head[2], head[3] = epoch, draw
     if error is not None or x is None:
@@ -246,7 +258,7 @@ def _agree_or_raise(group: RankGroup, heads: Tensor, error: BaseException | None
             "(Lightning's DistributedSampler does; with drop_last or equal-size shards).",
             "out_of_step",
         )
-    items = heads[:, 5:]
+    items = heads[:, 5:CONDITION_FIELD]
     if group.process_group is not None and not bool((items == items[0]).all()):
         raise CouplingInputError(
             f"Ranks of coupling group {group.index} have different item shapes "
@@ -327,6 +339,7 @@ def couple_in_group(
     spec: CouplingSpec,
     error: BaseException | None = None,
     epoch: int = 0,
+    condition: Tensor | None = None,
 ) -> CouplingResult:
     """Couples this rank's `x` with noise from its group's shared pool (the steps in this module's docs).
 
@@ -346,6 +359,12 @@ def couple_in_group(
         error: An exception this rank hit while preparing `x` (shared with the group, re-raised).
         epoch: The training epoch, compared across ranks with `draw_index`: ranks that run
             different numbers of batches per epoch fail at the first batch where they diverge.
+        condition: `(b_r,)` integer labels of this rank's items, or `None`. `lsa`/`flip` then
+            solve within each label over the whole group (`spec.within_condition`; see
+            [conditional][lightning_immiscible.conditional]): the labels travel as one extra column
+            of the gathered cost rows, and a flag in the header makes ranks that disagree (a
+            condition on some ranks only, different label dtypes) or bad labels on any rank fail
+            every rank of the group in the same step. The result's `prior_skew` is set.
 
     Returns:
         The local [CouplingResult][lightning_immiscible.coupling.CouplingResult]: `noise`
@@ -364,14 +383,17 @@ def couple_in_group(
         ```
     """
     error = _validate_local(x, error, spec)
+    error = error or _condition_error(x, condition)
     device = x.device if x is not None else torch.device("cpu")
-    wide = x is not None and error is None and _needs_float64(x, spec.metric)
+    wide = x is not None and error is None and (_needs_float64(x, spec.metric) or needs_wide_rows(condition))
     own = _header(x, error, epoch, draw_index, wide)
+    own[CONDITION_FIELD] = 0 if error else condition_code(condition)
     heads = _exchange_headers(group, own, device)
     _agree_or_raise(group, heads, error)
+    _agree_on_condition(group, heads[:, CONDITION_FIELD])
     assert x is not None
     if spec.method == "knn":
-        return _knn_local(x, seed, draw_index, spec)
+        return _with_local_skew(_knn_local(x, seed, draw_index, spec), x, condition)
     if group.process_group is None:  # one-rank group: the world's headers were only a check
         heads = own[None]
     sizes = [int(s) for s in heads[:, 0]]
@@ -380,13 +402,61 @@ def couple_in_group(
     pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
     mine = pool[offset : offset + x.shape[0]]
     found = Assignment(torch.arange(offset, offset + x.shape[0], device=device), 0.0, 0.0)
-    if spec.method != "none" and total > 1:
-        gather = functools.partial(_gather_rows, group, sizes=sizes)
+    skew = None
+    gather = functools.partial(_gather_rows, group, sizes=sizes)
+    if spec.method != "none" and total > 1 and condition is not None:
+        found, skew = _assign_with_labels(x, pool, condition, spec, gather, offset, dtype)
+    elif spec.method != "none" and total > 1:
         found = assign(x, pool, spec, gather_rows=gather, offset=offset, dtype=dtype)
     noise = pool[found.index].to(x.dtype)
     distances = [paired_distance(x, mine, spec.metric), paired_distance(x, noise, spec.metric)]
     before, after = _group_mean(group, distances, device)
-    return found.result(noise, before, after, spec)
+    result = found.result(noise, before, after, spec)
+    return (
+        dataclasses.replace(result, prior_skew=skew)
+        if skew is not None
+        else _with_local_skew(result, x, condition)
+    )
+
+
+def _condition_error(x: Tensor | None, condition: Tensor | None) -> CouplingInputError | None:
+    problem = condition_problem(condition, x.shape[0]) if x is not None else None
+    return CouplingInputError(*problem) if problem else None
+
+
+def _agree_on_condition(group: RankGroup, codes: Tensor) -> None:
+    """Fails every rank alike when ranks disagree on the condition (after the header exchange)."""
+    problem = condition_codes_problem(codes.tolist(), _header_ranks(group, codes.shape[0]))
+    if problem:
+        raise CouplingInputError(problem, "invalid")
+
+
+def _assign_with_labels(
+    x: Tensor,
+    pool: Tensor,
+    condition: Tensor,
+    spec: CouplingSpec,
+    gather: Any,
+    offset: int,
+    dtype: torch.dtype,
+) -> tuple[Assignment, float | None]:
+    """Group coupling with labels (within or across conditions) and the group-wide prior skew."""
+    col, labels, cost_ms, solve_ms = assign_gathered(
+        x, pool, condition, gather, metric=spec.metric, precision=spec.precision, solver=spec.solver,
+        flip=spec.method == "flip", within=spec.within_condition, dtype=dtype,
+    )  # fmt: skip
+    col_t = torch.from_numpy(col).to(x.device)
+    skew = prior_skew(x, condition, *class_noise_means(pool[col_t], labels))
+    return Assignment(col_t[offset : offset + x.shape[0]], cost_ms, solve_ms), skew
+
+
+def _with_local_skew(result: CouplingResult, x: Tensor, condition: Tensor | None) -> CouplingResult:
+    """Adds the prior skew from this rank's items alone (exact for `none`, per-item `knn`, one rank)."""
+    if condition is None:
+        return result
+    return dataclasses.replace(
+        result, prior_skew=prior_skew(x, condition, *class_noise_means(result.noise, condition))
+    )
 
 
 def _rank() -> int:

@@ -110,6 +110,23 @@ class ImmiscibleMixin:
         """
         return find_data_tensor(batch)
 
+    def immiscible_condition(self, batch: Any) -> Tensor | None:
+        """Returns the batch's condition, `(B,)` integer labels, or `None` (unconditional; the default).
+
+        Override it in a conditional model (`return batch["label"]`): the callback then couples the
+        noise within each label, so that the noise each class trains on stays Gaussian (see
+        [conditional][lightning_immiscible.conditional]), and logs `immiscible/prior_skew`. Map
+        prompts or continuous conditions to cluster ids or buckets. The callback calls it once per
+        training batch, next to `immiscible_data`.
+
+        Args:
+            batch: The batch as `training_step` receives it.
+
+        Returns:
+            `(B,)` labels >= 0 of an integer dtype, aligned with `immiscible_data(batch)`, or `None`.
+        """
+        return None
+
     def coupled_data(self, batch: Any) -> Tensor:
         """`x0` for `batch`: the callback's for the batch it coupled, else `immiscible_data(batch)`.
 

@@ -117,7 +117,10 @@ class WorkerBatches:
             (rank_zero_warn if warn else rank_zero_info)(note)
         self.assign_ms = worker.assign_ms
         noise, index = worker.noise.to(x0), worker.index.to(x0.device)
-        return CouplingResult(noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", metric)
+        result = CouplingResult(
+            noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", metric
+        )
+        return dataclasses.replace(result, prior_skew=worker.prior_skew)
 
     def _recouple(self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]) -> CouplingResult:
         if "position" not in self._noted:
@@ -130,5 +133,5 @@ class WorkerBatches:
                 "build CouplingCollate in train_dataloader() (or pass rank=)."
             )
         with full_precision(x0):
-            result = self.collates[0].couple_on(x0, position)
+            result = self.collates[0].couple_on(x0, position, worker.condition)  # the same labels
         return dataclasses.replace(result, method="worker")

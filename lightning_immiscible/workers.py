@@ -20,6 +20,10 @@ Batch format (what the DataLoader yields, see
  "immiscible_stats": stats}    # (3,) float64: cost_before, cost_after, assign_ms
 ```
 
+With a `condition_fn`, two more keys: `"immiscible_condition"` (`(B,)` the labels the noise was
+coupled within) and `"immiscible_prior_skew"` (`(1,)` float64, the
+[prior_skew][lightning_immiscible.conditional.prior_skew] of the batch; NaN when undefined).
+
 Examples:
     ```python
     import torch
@@ -62,6 +66,7 @@ e.g., VAE latents or a GPU augmentation of it): the worker couples what it sees.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +88,10 @@ STATS_KEY = "immiscible_stats"
 POSITION_KEY = "immiscible_position"
 #: Key of the inner batch when the inner collate does not return a dict.
 BATCH_KEY = "batch"
-_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY)
+#: Keys of the labels and the prior-skew diagnostic (batches of a collate with a `condition_fn`).
+CONDITION_KEY = "immiscible_condition"
+SKEW_KEY = "immiscible_prior_skew"
+_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY, CONDITION_KEY, SKEW_KEY)
 
 
 class CouplingCollate:
@@ -103,6 +111,11 @@ class CouplingCollate:
         rank: This process's global rank; `None`: `torch.distributed.get_rank()` where a process
             group is initialised (the training process, and workers forked from it), else the
             rank at construction, else 0.
+        condition_fn: Maps the collated batch to its `(B,)` integer labels (e.g.
+            `operator.itemgetter(1)`; picklable, for spawned workers): the noise is then coupled
+            within each label (see
+            [conditional][lightning_immiscible.conditional]). `None`: unconditional.
+        within_condition: `False` couples across labels; they then only feed the diagnostic.
     """
 
     def __init__(
@@ -115,9 +128,13 @@ class CouplingCollate:
         metric: Metric = "l2",
         solver: str = "auto",
         rank: int | None = None,
+        condition_fn: Callable[[Any], Tensor] | None = None,
+        within_condition: bool = True,
     ) -> None:
         # Validated once, like every coupling path (CPU workers: precision "auto" is fp32).
         self.spec = CouplingSpec(method=method, metric=metric, solver=solver, k=int(k))
+        self.spec = dataclasses.replace(self.spec, within_condition=within_condition)
+        self.condition_fn = condition_fn
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.rank = rank
         self._built_on_rank = _process_rank()
@@ -173,17 +190,21 @@ class CouplingCollate:
         shape = (x0.shape[0], self.k, *x0.shape[1:]) if self.method == "knn" else tuple(x0.shape)
         return torch.randn(shape, generator=gen, dtype=torch.float32)
 
-    def couple_at(self, x0: Tensor, position: tuple[int, int, int]) -> CouplingResult:
-        """Couples `x0` with the noise drawn for `position` (the worker's and the callback's path)."""
-        return self.spec.couple(x0, self.noise_for(x0, position))
+    def couple_at(
+        self, x0: Tensor, position: tuple[int, int, int], condition: Tensor | None = None
+    ) -> CouplingResult:
+        """Couples `x0` with the noise drawn for `position` (within `condition`'s labels, if given)."""
+        return self.spec.couple(x0, self.noise_for(x0, position), condition)
 
-    def couple_on(self, x0: Tensor, position: tuple[int, int, int]) -> CouplingResult:
+    def couple_on(
+        self, x0: Tensor, position: tuple[int, int, int], condition: Tensor | None = None
+    ) -> CouplingResult:
         """[couple_at][lightning_immiscible.workers.CouplingCollate.couple_at] for `x0` on any device.
 
         The callback's path for a batch a worker drew for another position: the noise is drawn
         and coupled on the CPU (as in a worker) and returned on `x0`'s device and dtype.
         """
-        res = self.couple_at(x0.detach().cpu(), position)
+        res = self.couple_at(x0.detach().cpu(), position, None if condition is None else condition.cpu())
         return dataclasses.replace(res, noise=res.noise.to(x0), index=res.index.to(x0.device))
 
     def __call__(self, samples: list[Any]) -> dict[str, Any]:
@@ -198,10 +219,14 @@ class CouplingCollate:
         batch = self.collate_fn(samples)
         x0 = self.data_fn(batch)
         position = self.next_position()
-        res = self.couple_at(x0, position)
+        condition = None if self.condition_fn is None else self.condition_fn(batch)
+        res = self.couple_at(x0, position, condition)
         stats = torch.tensor([res.cost_before, res.cost_after, res.assign_ms], dtype=torch.float64)
         where = torch.tensor(position, dtype=torch.int64)
         extra = {NOISE_KEY: res.noise, INDEX_KEY: res.index, STATS_KEY: stats, POSITION_KEY: where}
+        if condition is not None:
+            skew = math.nan if res.prior_skew is None else res.prior_skew
+            extra |= {CONDITION_KEY: condition, SKEW_KEY: torch.tensor([skew], dtype=torch.float64)}
         if isinstance(batch, Mapping):
             return {**batch, **extra}
         return {BATCH_KEY: batch, **extra}
@@ -219,7 +244,7 @@ def split_coupled_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """
     if not isinstance(batch, Mapping) or NOISE_KEY not in batch:
         return batch, None
-    if set(batch) - {POSITION_KEY} == {BATCH_KEY, NOISE_KEY, INDEX_KEY, STATS_KEY}:
+    if set(batch) - {POSITION_KEY, CONDITION_KEY, SKEW_KEY} == {BATCH_KEY, NOISE_KEY, INDEX_KEY, STATS_KEY}:
         return batch[BATCH_KEY], batch[NOISE_KEY]
     return {k: v for k, v in batch.items() if k not in _KEYS}, batch[NOISE_KEY]
 
@@ -241,6 +266,8 @@ class WorkerCoupling:
         cost_after: Mean pair distance after.
         assign_ms: The worker's coupling time, ms (off the training step's critical path).
         position: `(rank, epoch, batch index)` the noise was drawn for (`None`: not recorded).
+        condition: `(B,)` the labels the worker coupled within (`None`: unconditional).
+        prior_skew: The worker's [prior_skew][lightning_immiscible.conditional.prior_skew] (or `None`).
     """
 
     batch: Any
@@ -250,6 +277,8 @@ class WorkerCoupling:
     cost_after: float
     assign_ms: float
     position: tuple[int, int, int] | None = None
+    condition: Tensor | None = None
+    prior_skew: float | None = None
 
     @classmethod
     def from_batch(cls, batch: Any) -> WorkerCoupling | None:
@@ -267,7 +296,9 @@ class WorkerCoupling:
         before, after, ms = (float(v) for v in batch[STATS_KEY].tolist())
         where = batch.get(POSITION_KEY)
         position = None if where is None else tuple(int(v) for v in where.tolist())
-        return cls(inner, noise, batch[INDEX_KEY], before, after, ms, position)  # type: ignore[arg-type]
+        skew = float(batch[SKEW_KEY][0]) if SKEW_KEY in batch else math.nan
+        condition, skew_or_none = batch.get(CONDITION_KEY), None if math.isnan(skew) else skew
+        return cls(inner, noise, batch[INDEX_KEY], before, after, ms, position, condition, skew_or_none)  # type: ignore[arg-type]
 
 
 def _process_rank() -> int | None:

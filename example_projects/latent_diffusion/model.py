@@ -6,6 +6,15 @@ encoding back with ``self.coupled_data(batch)``, so the encoder runs once per ba
 re-paired; each latent keeps its own label. Classifier-free guidance (Ho & Salimans 2022): labels
 are dropped to the "null" class with probability ``cond_drop_prob`` in training, and sampling uses
 ``eps = eps_uncond + w (eps_cond - eps_uncond)``.
+
+A class-conditional model couples within classes (``immiscible_condition`` returns the labels), so the
+noise each class trains on stays Gaussian, as it is at sampling time; the ``cross_class.yaml``
+overlay couples across classes instead, for comparison. Items whose label is dropped to the null
+class keep their class for the coupling: the callback couples before ``training_step`` draws the
+drop, and the drop is independent of the data and the noise, so the dropped items are a random
+subset of every class and the noise the null (unconditional) branch trains on is still Gaussian.
+Giving them their own condition would need the drop drawn before the coupling, for a branch that
+sees ``cond_drop_prob`` (10 %) of the items.
 """
 
 from __future__ import annotations
@@ -152,6 +161,11 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
     def immiscible_data(self, batch: Any) -> Tensor:
         """The coupling's ``x0``: the batch's images encoded to ``(B, c, h, w)`` scaled latents."""
         return self.codec.encode(batch[0])
+
+    @override
+    def immiscible_condition(self, batch: Any) -> Tensor | None:
+        """The coupling's condition: the batch's class labels (before the null-label drop), or ``None``."""
+        return self.labels(batch)
 
     def labels(self, batch: Any) -> Tensor | None:
         """The batch's ``(B,)`` labels (class-conditional), else ``None``."""

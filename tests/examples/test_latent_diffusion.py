@@ -100,14 +100,24 @@ def test_stage1_checkpoint_has_scaling_factor(ae_ckpt: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "configs", [("quickstart", "baseline"), ("quickstart", "class_conditional", "immiscible")], ids=str
+    "configs",
+    [
+        ("quickstart", "baseline"),
+        ("quickstart", "class_conditional", "immiscible"),
+        ("quickstart", "class_conditional", "cross_class"),
+    ],
+    ids=str,
 )
 def test_stage2_configs_run(configs: tuple[str, ...], ae_ckpt: str, tmp_path: Path) -> None:
     cli = cli_main(_stage2_args(tmp_path, ae_ckpt, *configs))
     assert cli.trainer.global_step == 2
-    methods = [cb.config.method for cb in cli.trainer.callbacks if isinstance(cb, ImmiscibleCoupling)]
-    assert methods == ["none" if "baseline" in configs else "lsa"]
+    callbacks = [cb for cb in cli.trainer.callbacks if isinstance(cb, ImmiscibleCoupling)]
+    assert [cb.config.method for cb in callbacks] == ["none" if "baseline" in configs else "lsa"]
     assert cli.model.hparams.num_classes == (10 if "class_conditional" in configs else None)
+    # Catches: the conditional example coupling across classes by default (or the overlay not).
+    assert callbacks[0].spec.within_condition == ("cross_class" not in configs)
+    conditional = "class_conditional" in configs
+    assert (callbacks[0].last_result.prior_skew is not None) == conditional  # labels reached the coupling
 
 
 @pytest.mark.parametrize(("overlay", "coupled"), [("immiscible", True), ("baseline", False)])
