@@ -23,7 +23,14 @@ from lightning_immiscible.coupling import (
     Metric,
     Precision,
 )
-from lightning_immiscible.distributed import RankGroup, build_rank_group, couple_in_group, partition_ranks
+from lightning_immiscible.distributed import (
+    RankGroup,
+    broadcast_from_first,
+    build_rank_group,
+    build_world_group,
+    couple_in_group,
+    partition_ranks,
+)
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
 from lightning_immiscible.sizing import choose_group_size
 from lightning_immiscible.solver_race import AutoSolver
@@ -76,11 +83,16 @@ class ImmiscibleCoupling(Callback):
             solver measured fastest there
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]); for larger
             items, where ``lapjv`` and ``lapjvr`` trade places with the data and the pool size, a
-            race: on the first 4 coupled batches both solve the same cost (the rule's assignment
-            is used), then the one with the lower total time on the last 3 is kept
-            ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]; decided on rank 0,
-            broadcast, logged and checkpointed). Or a name from
-            [available_solvers][lightning_immiscible.solvers.available_solvers].
+            race: on the first 5 coupled batches of a pool shape both solve the same cost (the
+            rule's assignment is used), then the one with the lower total time on 3 of them is
+            kept ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]; decided from the
+            times every rank sends in the per-step header, identically on every rank of a group
+            with no collective of its own; bounded per pool shape and per fit; logged and
+            checkpointed). Or a name from
+            [available_solvers][lightning_immiscible.solvers.available_solvers]. The ranks of a
+            group must use the same solver: the header compares them, and a group whose ranks
+            differ (e.g. nodes with different solver packages) fails at its first batch with a
+            message naming them.
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None``: rank 0's `torch.initial_seed()` at fit start,
             shared with all ranks, so `seed_everything(s)` makes the coupled noise reproducible.
@@ -92,13 +104,15 @@ class ImmiscibleCoupling(Callback):
         max_step_fraction: Share of the training step the assignment may take: above it the
             callback warns once (measured over the first batches); ``scope="auto"`` sizes groups
             to stay within it.
-        collective_timeout_s: Timeout, in seconds, of the coupling's own collectives (the
-            per-batch header, the cost rows, the statistics) in every scope: when set, they run
-            in dedicated process groups with this timeout, and a rank that does not reach the
-            coupling fails the others with a message naming the group. `None`: the process
-            group's timeout. It cannot bound Lightning's or DDP's own collectives (the gradient
-            all-reduce, Lightning's per-batch broadcast): a rank stalled or killed outside the
-            coupling is noticed there, within the strategy's timeout
+        collective_timeout_s: Timeout, in seconds, of every collective this callback issues: the
+            creation of its process groups (setup, and when the coupling group changes), the seed
+            broadcast at fit start (only with ``seed=None``), the per-batch header all-gather, the
+            cost-row all-gather, the statistics all-reduce, and ``scope="auto"``'s group-size
+            broadcast. When set, they run in dedicated process groups with this timeout, and a
+            rank that does not reach one fails the others with a message naming the group.
+            `None`: the process group's timeout. It cannot bound Lightning's or DDP's own
+            collectives (the gradient all-reduce, Lightning's per-batch broadcast): a rank
+            stalled or killed outside the coupling is noticed there, within the strategy's timeout
             (`DDPStrategy(timeout=...)`, 30 minutes by default). See the multi-node guide.
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
 
@@ -166,6 +180,7 @@ class ImmiscibleCoupling(Callback):
         self.last_result: CouplingResult | None = None
         self._group = RankGroup(0, (0,), None)
         self._group_scope: str | int | None = None
+        self._world = RankGroup(0, (0,), None)
         self._world_size = 1
         self._batch_start = 0.0
         self._overhead: list[tuple[float, float]] = []
@@ -197,6 +212,7 @@ class ImmiscibleCoupling(Callback):
                 "initialises one (e.g. strategy='ddp', 'ddp_spawn', 'fsdp'), or run one process."
             )
         self._world_size = trainer.world_size
+        self._world = build_world_group(self.collective_timeout_s)  # the seed and scope="auto" broadcasts
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -206,7 +222,9 @@ class ImmiscibleCoupling(Callback):
         if self.seed is None:
             # Rank 0's torch seed: `seed_everything(s)` (LightningCLI's `seed_everything: s`) makes
             # the coupling reproducible too, and every rank uses rank 0's value either way.
-            self.seed = int(trainer.strategy.broadcast(torch.initial_seed() % 2**62, src=0))
+            self.seed = broadcast_from_first(
+                self._world, torch.initial_seed() % 2**62, "seed", pl_module.device
+            )
         rank_zero_info(
             f"ImmiscibleCoupling: method={self.spec.method}, scope={self.scope!r}, "
             f"world size {trainer.world_size}, seed={self.seed}"
@@ -247,11 +265,7 @@ class ImmiscibleCoupling(Callback):
         if worker is not None and x0 is not None:
             result = self._from_worker(x0, worker, trainer, batch_idx)
         else:
-            spec = self._step_spec(x0)
-            with full_precision(x0):
-                seed, epoch = int(self.seed or 0), trainer.current_epoch
-                result = couple_in_group(x0, self._group, seed, draw, spec, error, epoch=epoch)
-            self.auto_solver.record(result.noise.shape[0])
+            result = self._couple(x0, error, draw, trainer.current_epoch)
         assert x0 is not None  # couple_in_group raised otherwise
         module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
         self.last_result = result
@@ -277,9 +291,6 @@ class ImmiscibleCoupling(Callback):
             self._check_overhead()
         if self.scope == "auto" and self.auto_group_size is None and len(self._overhead) > _WARMUP_BATCHES:
             self._decide_group_size(trainer, pl_module)
-        decided = self.auto_solver.finish(lambda index: trainer.strategy.broadcast(index, src=0))
-        if decided is not None:
-            rank_zero_info(decided)
 
     @override
     def on_exception(
@@ -304,7 +315,9 @@ class ImmiscibleCoupling(Callback):
             )
             size = decision.size
             rank_zero_info(f"ImmiscibleCoupling: {decision.describe()}")
-        self.auto_group_size = int(trainer.strategy.broadcast(size, src=0))
+        self.auto_group_size = broadcast_from_first(
+            self._world, size, "scope='auto' group size", pl_module.device
+        )
 
     def should_log(self, draw: int) -> bool:
         """Whether to log the metrics of coupled batch number ``draw`` (override for other policies)."""
@@ -375,13 +388,28 @@ class ImmiscibleCoupling(Callback):
                 batch_size=batch_size,
             )
 
+    def _couple(
+        self, x0: Tensor | None, error: BaseException | None, draw: int, epoch: int
+    ) -> CouplingResult:
+        """Couples in the group; ``solver="auto"``'s race advances from the header rows (no collective)."""
+        spec = self._step_spec(x0)
+        with full_precision(x0):
+            result = couple_in_group(
+                x0, self._group, int(self.seed or 0), draw, spec, error, epoch=epoch, peer=self.auto_solver
+            )
+        # A race batch ran every candidate: assign_ms (logged, and the overhead check) counts the used one.
+        extra = self.auto_solver.extra_ms()
+        self.auto_solver.record(result.noise.shape[0])
+        for note in self.auto_solver.notes:
+            rank_zero_info(note)
+        self.auto_solver.notes.clear()
+        return dataclasses.replace(result, solve_ms=max(result.solve_ms - extra, 0.0)) if extra else result
+
     def _step_spec(self, x0: Tensor | None) -> CouplingSpec:
         """This batch's spec: ``solver="auto"`` becomes the raced or decided exact solver."""
         if self.spec.solver != "auto" or self.spec.method not in ("lsa", "flip") or x0 is None or x0.ndim < 2:
             return self.spec  # bad input: couple_in_group fails every rank, whatever the solver
-        name, note = self.auto_solver.solver_for(x0.shape[0], self._group.size, math.prod(x0.shape[1:]))
-        if note is not None:
-            rank_zero_info(note)
+        name = self.auto_solver.solver_for(x0.shape[0], self._group.size, math.prod(x0.shape[1:]))
         return dataclasses.replace(self.spec, solver=name)
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
