@@ -29,6 +29,7 @@ from lightning_immiscible.distributed import (
     build_rank_group,
     build_world_group,
     couple_in_group,
+    draw_pool,
     partition_ranks,
 )
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
@@ -331,6 +332,7 @@ class ImmiscibleCoupling(Callback):
             "auto_group_size": self.auto_group_size,
             "world_size": self._world_size,
             "auto_solver": self.auto_solver.state_dict(),
+            "worker_seeds": self.workers.seeds,
         }
 
     @override
@@ -338,6 +340,7 @@ class ImmiscibleCoupling(Callback):
         self.seed = state_dict["seed"]
         self._restored_seed = True
         self.draws = int(state_dict["draws"])
+        self.workers.seeds = list(state_dict.get("worker_seeds", []))
         saved_world = state_dict.get("world_size", self._world_size)
         if saved_world != self._world_size:
             rank_zero_info(
@@ -359,8 +362,22 @@ class ImmiscibleCoupling(Callback):
             f"this callback's scope ({self.scope!r})."
         )
         return self.workers.result(
-            x0, worker, trainer, batch_idx, metric=self.spec.metric, note=note, warn=not local
+            x0,
+            worker,
+            trainer,
+            batch_idx,
+            metric=self.spec.metric,
+            note=note,
+            warn=not local,
+            fallback=lambda x: self._couple_alone(x, trainer.global_rank),
         )
+
+    def _couple_alone(self, x0: Tensor, rank: int) -> CouplingResult:
+        """Couples on this rank, no collective: the callback's method, its stream at this draw (stream 3)."""
+        draw = self.draws - 1  # this batch's draw (on_train_batch_start advanced the counter)
+        k = (self.spec.k,) if self.spec.method == "knn" else ()
+        noise = draw_pool((x0.shape[0], *k, *x0.shape[1:]), int(self.seed or 0), rank, draw, x0.device, 3)
+        return self.spec.couple(x0, noise.to(x0.dtype))
 
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
         values = {

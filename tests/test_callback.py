@@ -378,3 +378,46 @@ def test_seed_none_follows_seed_everything():
         noises.append(torch.cat([r["noise"] for r in module.records]))
     assert torch.equal(noises[0], noises[1])
     assert not torch.equal(noises[0], noises[2])
+
+
+class WrappedCollateToy(ToyDiffusion):
+    """Its CouplingCollate is wrapped in another callable: the callback cannot find it (defect 5)."""
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=11)
+        return torch.utils.data.DataLoader(self._dataset(), batch_size=8, collate_fn=lambda s: collate(s))
+
+
+def test_stale_worker_noise_of_an_unidentifiable_collate_is_coupled_again_not_reused():
+    # A wrapped collate never hears set_epoch, so epoch 1's batches carry noise drawn for epoch 0's
+    # positions (the same noise as epoch 0, batch by batch). The callback must not use it: it couples
+    # those batches on the training process with its own stream (stream 3 of the pool generator at
+    # this draw) and warns how to fix the setup. Catches stale noise used silently (before issue 25:
+    # epoch 1 repeated epoch 0's noise exactly, since only exactly one found collate was re-run).
+    module, cb = WrappedCollateToy(sizes=(32,)), ImmiscibleCoupling(seed=1)
+    with pytest.warns(UserWarning, match=r"0 CouplingCollate\(s\) as its collate_fn .* single training"):
+        _fit(module, cb, max_epochs=2)
+    epoch0, epoch1 = module.records[:4], module.records[4:]
+    assert len(epoch1) == 4
+    for i, (a, b) in enumerate(zip(epoch0, epoch1, strict=True)):
+        assert torch.equal(a["x0"], b["x0"]) and not torch.equal(a["noise"], b["noise"])
+        pool = draw_pool(b["x0"].shape, 1, group_index=0, draw_index=4 + i, stream=3)
+        assert torch.equal(b["noise"], couple(b["x0"], pool).noise)
+    for a in epoch0:  # epoch 0's positions match: the worker's noise is used as it is
+        assert torch.equal(couple(a["x0"], a["noise"]).index, torch.arange(8))
+
+
+def test_a_resume_with_another_collate_seed_is_named():
+    # CouplingCollate(seed=None) takes torch.initial_seed() at construction, which the checkpoint does
+    # not hold: the callback records the collates' seeds and names a change on resume. Catches a
+    # silently different worker stream after a resume.
+    cb = ImmiscibleCoupling(seed=1)
+    cb.load_state_dict({**cb.state_dict(), "worker_seeds": [5]})
+
+    class Found:
+        train_dataloader = torch.utils.data.DataLoader([0], collate_fn=CouplingCollate(seed=6))
+        current_epoch = 0
+
+    with pytest.warns(UserWarning, match=r"seed\(s\) \[6\] differ from the checkpoint's \[5\]"):
+        cb.workers.start_epoch(Found())
+    assert cb.state_dict()["worker_seeds"] == [6]
