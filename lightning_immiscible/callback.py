@@ -351,6 +351,29 @@ class ImmiscibleCoupling(Callback):
             self.auto_group_size = state_dict.get("auto_group_size")
             self.auto_solver.load_state_dict(state_dict.get("auto_solver", {}))
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning loads state only under an unchanged state_key (method and scope): with another
+        # setting, continue the saved noise stream ourselves and say so, rather than restarting it.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        saved = [k for k, v in states.items() if isinstance(k, str) and _is_coupling_state(v)]
+        if not saved:
+            return
+        old = states[saved[0]]
+        self.seed, self.draws, self._restored_seed = old["seed"], int(old["draws"]), True
+        self.workers.seeds = list(old.get("worker_seeds", []))
+        rank_zero_warn(
+            f"ImmiscibleCoupling: the checkpoint's coupling state was saved under {saved[0]}, but this "
+            f"run couples with method={self.spec.method!r}, scope={self.scope!r}. The noise stream "
+            f"continues from it (seed {self.seed}, draw {self.draws}: no noise of the interrupted run "
+            "is drawn again), with the new setting's pairing and pools; its scope='auto' and "
+            "solver='auto' decisions are not reused."
+        )
+
     def _from_worker(
         self, x0: Tensor, worker: WorkerCoupling, trainer: pl.Trainer, batch_idx: int
     ) -> CouplingResult:
@@ -458,6 +481,11 @@ class ImmiscibleCoupling(Callback):
                 f"step ({100 * assign / step:.0f} % > max_step_fraction={self.max_step_fraction}). "
                 "Use smaller coupling groups (scope='node' or an int), a faster solver, or method='knn'."
             )
+
+
+def _is_coupling_state(state: Any) -> bool:
+    """Whether a checkpoint's callback state is an `ImmiscibleCoupling`'s (any method or scope)."""
+    return isinstance(state, dict) and {"seed", "draws", "auto_solver"} <= set(state)
 
 
 def _data(module: ImmiscibleMixin, batch: Any) -> tuple[Tensor | None, BaseException | None]:

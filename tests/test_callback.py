@@ -117,6 +117,17 @@ def test_state_dict_round_trip():
     assert (other.seed, other.draws) == (9, 17)
 
 
+def test_scope_auto_group_size_is_restored_on_resume_in_the_same_world():
+    # scope="auto" measured and chose groups of 2: a resume on the same world size must couple in
+    # groups of 2 at once, not probe locally again. Catches a load_state_dict that drops
+    # auto_group_size (the resumed run would couple alone, with other pools, until it re-decided).
+    cb = ImmiscibleCoupling(scope="auto", seed=3)
+    cb.auto_group_size, cb.draws = 2, 12
+    again = ImmiscibleCoupling(scope="auto")
+    again.load_state_dict(cb.state_dict())
+    assert again.auto_group_size == 2 and again.effective_scope() == 2
+
+
 def test_single_item_batches_warn_once_and_keep_noise():
     module, cb = ToyDiffusion(sizes=(3,), batch_size=1), ImmiscibleCoupling(seed=6)
     with pytest.warns(UserWarning, match="batch of 1 item"):
@@ -421,3 +432,31 @@ def test_a_resume_with_another_collate_seed_is_named():
     with pytest.warns(UserWarning, match=r"seed\(s\) \[6\] differ from the checkpoint's \[5\]"):
         cb.workers.start_epoch(Found())
     assert cb.state_dict()["worker_seeds"] == [6]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [({"method": "lsa"}, {"method": "flip"}), ({"scope": "global"}, {"scope": "local"})],
+    ids=["method", "scope"],
+)
+def test_a_resume_with_another_method_or_scope_continues_the_stream_and_says_so(tmp_path, before, after):
+    # method and scope are part of the callback's state_key, so Lightning does not hand the saved
+    # state to a callback with another setting (it only prints its generic "add the following
+    # callbacks" warning). The callback must find it, continue the stream at the saved draw with the
+    # saved seed, and name the change. Catches a silent restart of the stream (draws 0-2 repeated:
+    # defect 6 of issue 25).
+    first = ResumableToy(sizes=(48,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer(
+        callbacks=[ImmiscibleCoupling(seed=7, **before), ckpt], max_steps=3, enable_checkpointing=True
+    ).fit(first)
+    resumed, cb = ResumableToy(sizes=(48,)), ImmiscibleCoupling(seed=99, **after)
+    ((name, value),) = after.items()
+    with pytest.warns(
+        UserWarning, match=rf"couples with .*{name}={value!r}.* continues from it \(seed 7, draw 3"
+    ):
+        trainer(callbacks=[cb], max_steps=6).fit(resumed, ckpt_path=next(tmp_path.glob("*step=3*.ckpt")))
+    assert cb.seed == 7 and cb.draws == 6
+    for draw, rec in zip((3, 4, 5), resumed.records, strict=True):
+        pool = draw_pool(rec["x0"].shape, 7, group_index=0, draw_index=draw)
+        assert torch.equal(rec["noise"], couple(rec["x0"], pool, method=cb.spec.method).noise)
