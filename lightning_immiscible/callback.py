@@ -294,6 +294,12 @@ class ImmiscibleCoupling(Callback):
             self._decide_group_size(trainer, pl_module)
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # When the module's on_train_batch_start returns -1, Lightning skips the rest of the epoch
+        # without on_train_batch_end: release here, before validation and sampling.
+        as_immiscible_module(pl_module).release_coupled_batch()
+
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:

@@ -460,3 +460,60 @@ def test_a_resume_with_another_method_or_scope_continues_the_stream_and_says_so(
     for draw, rec in zip((3, 4, 5), resumed.records, strict=True):
         pool = draw_pool(rec["x0"].shape, 7, group_index=0, draw_index=draw)
         assert torch.equal(rec["noise"], couple(rec["x0"], pool, method=cb.spec.method).noise)
+
+
+def test_the_hand_off_is_released_when_the_module_skips_the_rest_of_the_epoch():
+    # The module's on_train_batch_start returns -1 at batch 1: Lightning skips the rest of the epoch
+    # without on_train_batch_end, after the callback coupled batch 1. The hand-off must be gone by
+    # the epoch's end. Catches a hand-off released only in on_train_batch_end (defect 7 of issue 25:
+    # it stayed set through the epoch end and later sampling).
+    class Skipping(ToyDiffusion):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 1 else None
+
+        def on_train_epoch_end(self):
+            self.ready_at_epoch_end.append(self.immiscible_noise_ready)
+
+    module = Skipping(sizes=(32,))
+    module.ready_at_epoch_end = []
+    _fit(module, ImmiscibleCoupling(seed=1), max_epochs=2)
+    assert module.ready_at_epoch_end == [False, False] and len(module.records) == 2
+    assert module.coupled_batch is None
+
+
+def test_manual_optimization_gets_the_coupled_noise_and_releases_it():
+    # Manual optimization: training_step steps the optimizer itself. The noise must be the exact
+    # pool coupling per batch (the oracle: couple() on the same pool) and the hand-off released.
+    class Manual(ToyDiffusion):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            opt.step()
+            self.ready.append(self.immiscible_noise_ready)
+
+    module = Manual(sizes=(32,))
+    module.ready = []
+    _fit(module, ImmiscibleCoupling(seed=4), max_steps=3)
+    assert module.ready == [True] * 3 and module.coupled_batch is None and len(module.records) == 3
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, 4, group_index=0, draw_index=draw)
+        assert torch.equal(rec["noise"], couple(rec["x0"], pool).noise)
+
+
+def test_noise_like_of_a_transformed_x0_raises_instead_of_mispairing():
+    # training_step rescales the batch after reading it: the noise was paired with batch[0], not with
+    # batch[0] * 2 - 1. Catches the coupled noise handed out for the transformed tensor (a silently
+    # wrong pairing: defect 7 of issue 25). A mere cast (x0.double()) stays allowed.
+    class Rescaling(ToyDiffusion):
+        def training_step(self, batch, batch_idx):
+            assert torch.equal(self.noise_like(batch[0].double()).double(), self.coupled_batch.noise.double())
+            self.noise_like(batch[0] * 2 - 1)
+
+    with pytest.raises(ValueError, match=r"other values .* immiscible_data override"):
+        _fit(Rescaling(), ImmiscibleCoupling(seed=1), max_steps=1)
