@@ -517,3 +517,59 @@ def test_noise_like_of_a_transformed_x0_raises_instead_of_mispairing():
 
     with pytest.raises(ValueError, match=r"other values .* immiscible_data override"):
         _fit(Rescaling(), ImmiscibleCoupling(seed=1), max_steps=1)
+
+
+class HugeData(ToyDiffusion):
+    """Items of magnitude 1e20 (float32 or float64): squared distances overflow float32."""
+
+    def __init__(self, data_dtype: torch.dtype):
+        super().__init__()
+        self.data_dtype = data_dtype
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def train_dataloader(self):
+        gen = torch.Generator().manual_seed(0)
+        data = (torch.rand(32, 12, generator=gen, dtype=torch.float64) * 2 - 1) * 1e20
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(data.to(self.data_dtype)), batch_size=8
+        )
+
+    def training_step(self, batch, batch_idx):
+        x0 = self.immiscible_data(batch)
+        noise = self.noise_like(x0)
+        self.records.append({"x0": x0.detach().clone(), "noise": noise.detach().clone()})
+        return (self.scale * noise.float()).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_huge_data_is_coupled_with_float64_costs_through_the_callback(dtype):
+    # |x| ~ 1e20: float32 squared distances overflow to inf. The callback's group path must pick
+    # float64 costs and return a permutation of the pool (each pool row used once). Catches float32
+    # costs forced in couple_in_group (SciPy then fails with a raw "infeasible" error: mutation 10
+    # of issue 25).
+    module = HugeData(dtype)
+    _fit(module, ImmiscibleCoupling(seed=2), max_steps=3)
+    assert len(module.records) == 3
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, 2, group_index=0, draw_index=draw).to(dtype)
+        match = (rec["noise"][:, None, :] == pool[None, :, :]).all(-1)  # (B, B): noise i is pool row j
+        assert rec["noise"].dtype == dtype and bool((match.sum(1) == 1).all() and (match.sum(0) == 1).all())
+
+
+def test_the_coupling_runs_in_full_precision_inside_an_autocast_region():
+    # Lightning's precision plugins autocast only the training step, so the mixed-precision fits above
+    # never run the coupling under autocast; a fit inside the user's own autocast region does. The
+    # noise must be the fp32 coupling (the oracle: couple() outside autocast on the same pool).
+    # Catches the full-precision guard removed (bf16 costs pair differently on some batch).
+    module, cb = (
+        ToyDiffusion(sizes=(256,), batch_size=64, dim=100),
+        ImmiscibleCoupling(seed=6, precision="fp32"),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _fit(module, cb, max_steps=4)
+    assert len(module.records) == 4
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, 6, group_index=0, draw_index=draw)
+        assert torch.equal(
+            rec["noise"], couple(rec["x0"].float(), pool, precision="fp32").noise.to(rec["noise"])
+        )
