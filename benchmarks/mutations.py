@@ -13,8 +13,6 @@ tests once (some are 2-process DDP fits), so run a few at a time on a busy machi
 would mean nothing). Prints a Markdown table and, with ``--json PATH``, writes the results.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
