@@ -128,9 +128,9 @@ MUTATIONS = (
     Mutation(
         "changed_setting_restarts_stream",
         "a resume with another method or scope continues the stream and says so",
-        CB,
-        "        if not saved:\n",
-        "        if True:\n",
+        "lightning_immiscible/monitoring.py",
+        "    if key in states:\n",
+        "    if True:\n",
         (
             "tests/test_callback.py::test_a_resume_with_another_method_or_scope_continues_the_stream_and_says_so",
         ),

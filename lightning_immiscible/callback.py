@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -33,6 +33,14 @@ from lightning_immiscible.distributed import (
     partition_ranks,
 )
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
+from lightning_immiscible.monitoring import (
+    WARMUP_BATCHES,
+    coupling_metrics,
+    saved_coupling_state,
+    warn_changed_setting,
+    warn_overhead,
+    warn_pool_size,
+)
 from lightning_immiscible.sizing import choose_group_size
 from lightning_immiscible.solver_race import AutoSolver
 from lightning_immiscible.worker_batches import WorkerBatches, full_precision, worker_coupling
@@ -43,7 +51,6 @@ Scope = Literal["global", "local", "node", "auto"]
 
 #: Pools at least this large get an up-front warning: LSA is about cubic in the pool size.
 LARGE_POOL = 4096
-_WARMUP_BATCHES = 3  # batches measured before judging the assignment's share of the step time
 
 
 class ImmiscibleCoupling(Callback):
@@ -286,11 +293,11 @@ class ImmiscibleCoupling(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         as_immiscible_module(pl_module).release_coupled_batch()
-        if self.last_result is not None and len(self._overhead) < _WARMUP_BATCHES + 2:
+        if self.last_result is not None and len(self._overhead) < WARMUP_BATCHES + 2:
             step_ms = (time.perf_counter() - self._batch_start) * 1e3
             self._overhead.append((self.last_result.assign_ms, step_ms))
-            self._check_overhead()
-        if self.scope == "auto" and self.auto_group_size is None and len(self._overhead) > _WARMUP_BATCHES:
+            warn_overhead(self._overhead, self.max_step_fraction, self._warned)
+        if self.scope == "auto" and self.auto_group_size is None and len(self._overhead) > WARMUP_BATCHES:
             self._decide_group_size(trainer, pl_module)
 
     @override
@@ -363,22 +370,13 @@ class ImmiscibleCoupling(Callback):
     ) -> None:
         # Lightning loads state only under an unchanged state_key (method and scope): with another
         # setting, continue the saved noise stream ourselves and say so, rather than restarting it.
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
+        found = saved_coupling_state(checkpoint.get("callbacks") or {}, self.state_key)
+        if found is None:
             return
-        saved = [k for k, v in states.items() if isinstance(k, str) and _is_coupling_state(v)]
-        if not saved:
-            return
-        old = states[saved[0]]
+        key, old = found
         self.seed, self.draws, self._restored_seed = old["seed"], int(old["draws"]), True
         self.workers.seeds = list(old.get("worker_seeds", []))
-        rank_zero_warn(
-            f"ImmiscibleCoupling: the checkpoint's coupling state was saved under {saved[0]}, but this "
-            f"run couples with method={self.spec.method!r}, scope={self.scope!r}. The noise stream "
-            f"continues from it (seed {self.seed}, draw {self.draws}: no noise of the interrupted run "
-            "is drawn again), with the new setting's pairing and pools; its scope='auto' and "
-            "solver='auto' decisions are not reused."
-        )
+        warn_changed_setting(key, self.spec.method, self.scope, self.seed, self.draws)
 
     def _from_worker(
         self, x0: Tensor, worker: WorkerCoupling, trainer: pl.Trainer, batch_idx: int
@@ -409,18 +407,7 @@ class ImmiscibleCoupling(Callback):
         return self.spec.couple(x0, noise.to(x0.dtype))
 
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
-        values = {
-            "group_size": float(self._group.size),
-            "cost_before": result.cost_before,
-            "cost_after": result.cost_after,
-            "reduction_pct": result.reduction_pct,
-            "assign_ms": result.assign_ms,
-            # The marginal check: about 1 for Gaussian noise (lsa/flip/none permute it); knn's
-            # selection of nearer candidates lowers it (a tilted noise distribution).
-            "noise_norm2": float(result.noise.detach().float().square().mean())
-            if result.noise.numel()
-            else 0.0,
-        }
+        values = coupling_metrics(result, self._group.size)
         if result.method == "worker":
             values["worker_assign_ms"] = self.workers.assign_ms
         for name, value in values.items():
@@ -460,38 +447,7 @@ class ImmiscibleCoupling(Callback):
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
         pool = x0.shape[0] * len(self._group.ranks)
-        if pool == 1 and "small" not in self._warned:
-            self._warned.add("small")
-            rank_zero_warn(
-                "ImmiscibleCoupling got a batch of 1 item: coupling needs a batch to re-pair, so the "
-                "noise is left as drawn. Use a batch size > 1 (or scope='global' to pool ranks)."
-            )
-        if pool >= LARGE_POOL and self.spec.method in ("lsa", "flip") and "large" not in self._warned:
-            self._warned.add("large")
-            rank_zero_warn(
-                f"ImmiscibleCoupling: the assignment pool has about {pool} items; exact assignment is "
-                f"about cubic in the pool (the first took {result.assign_ms:.0f} ms). Consider "
-                "scope='node' or an int scope (smaller groups), or method='knn'."
-            )
-
-    def _check_overhead(self) -> None:
-        if len(self._overhead) <= _WARMUP_BATCHES or "overhead" in self._warned:
-            return
-        measured = self._overhead[1:]  # the first batch includes warm-up work
-        assign = statistics.median(a for a, _ in measured)
-        step = statistics.median(s for _, s in measured)
-        if step > 0 and assign > self.max_step_fraction * step:
-            self._warned.add("overhead")
-            rank_zero_warn(
-                f"ImmiscibleCoupling: the assignment takes {assign:.1f} ms of a {step:.1f} ms training "
-                f"step ({100 * assign / step:.0f} % > max_step_fraction={self.max_step_fraction}). "
-                "Use smaller coupling groups (scope='node' or an int), a faster solver, or method='knn'."
-            )
-
-
-def _is_coupling_state(state: Any) -> bool:
-    """Whether a checkpoint's callback state is an `ImmiscibleCoupling`'s (any method or scope)."""
-    return isinstance(state, dict) and {"seed", "draws", "auto_solver"} <= set(state)
+        warn_pool_size(pool, self.spec.method, result.assign_ms, LARGE_POOL, self._warned)
 
 
 def _data(module: ImmiscibleMixin, batch: Any) -> tuple[Tensor | None, BaseException | None]:
