@@ -164,9 +164,10 @@ class SolverRace:
     def describe(self, chosen: str) -> str:
         """One log line: each candidate's total time over the same batches, and the choice."""
         raced = ", ".join(f"{n} {sum(self.times_us.get(n, [])) / 1e3:.2f} ms" for n in self.candidates)
+        slowest = ", the slowest rank's" if self.ranks > 1 else ""
         return (
             f"ImmiscibleCoupling: solver='auto' raced {raced} (solver time on the same {self.counted} "
-            f"batches, slowest rank, groups of {self.ranks} rank(s), items of {self.dim} values); "
+            f"batches{slowest}, pools of {self.batch * self.ranks} items of {self.dim} values); "
             f"using {chosen!r}."
         )
 

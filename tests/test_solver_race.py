@@ -220,7 +220,7 @@ def test_callback_races_then_keeps_the_faster_solver(monkeypatch, caplog):
     assert cb.state_dict()["auto_solver"] == {"decided": [[1, 100, "fast"]], "raced": [[1, 5]]}
     lines = [r.getMessage() for r in caplog.records if "raced" in r.getMessage()]
     assert len(lines) == 1 and lines[0].endswith("using 'fast'.")
-    assert "groups of 1 rank(s), items of 100 values" in lines[0]
+    assert "(solver time on the same 3 batches, pools of 8 items of 100 values)" in lines[0]
     for draw, rec in enumerate(module.records):
         pool = draw_pool(rec["x0"].shape, seed=5, group_index=0, draw_index=draw)
         assert torch.equal(rec["noise"], couple(rec["x0"], pool, solver="scipy").noise)
