@@ -443,7 +443,9 @@ def couple_in_group(
 
     Every rank of `group` must call it for the same `draw_index`. Bad input on any rank (passed
     as `error` or found here: NaN/Inf, integer dtype, an empty batch, item shapes that differ
-    between ranks) and ranks at different `(epoch, draw_index)` raise on every rank of the group
+    between ranks), ranks at different `(epoch, draw_index)` and ranks of a group that would
+    solve with different solvers ([solver_identity][lightning_immiscible.distributed.solver_identity])
+    raise on every rank of the group
     after one header exchange (for one-rank groups, `knn` and `scope="local"`: on every rank of
     the world).
 

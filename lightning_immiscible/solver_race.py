@@ -11,8 +11,9 @@ of a fit, every candidate solves the same cost and is timed, and the first candi
 rule's) assignment is used; all are exact, so the pairing is the rule's. The first batch's times do
 not count (a solver's first call in a process carries one-off costs: about 16 ms for ``lapjv`` in
 the latent-diffusion example, more than its whole solve at B = 128-256). Then the candidate with
-the lowest total time over the counted batches solves every later batch. The race costs the other
-candidates' solves on those few batches.
+the lowest total time over the counted batches solves every later batch (from the one after next:
+the times of a batch are counted when the next batch's header arrives, so one more batch is raced).
+The race costs the other candidates' solves on those few batches.
 
 On low-dimensional items the fixed rule is the fastest by a wide margin, so there is nothing to
 race.
