@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from lightning_immiscible.coupling import cost_matrix
-from lightning_immiscible.solver_race import SolverRace, race_candidates
+from lightning_immiscible.distributed import RACE_FIELDS
+from lightning_immiscible.solver_race import AutoSolver, race_candidates
 from lightning_immiscible.solvers import SOLVERS, choose_exact_solver, solve
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
@@ -152,21 +153,29 @@ def _costs(family: str, b: int, instance: int) -> tuple[np.ndarray, int]:
 def replay_race(b: int, dim: int, instance_ms: dict[str, list[float]]) -> tuple[str, float]:
     """The callback's race replayed on measured per-batch times: `(winner, extra ms it cost)`.
 
-    Race batch j is batch j of the measurement (the first `RACE_WARMUP + RACE_ROUNDS`); every
-    candidate solves it, the warm-up batch does not count; the cost of the race is what the
-    candidates other than the first (whose answer is used) took on all race batches. (Here every
-    time is already warm, the fastest of several calls; the warm-up batch still costs its solves.)
+    Race batch j is batch j of the measurement, run through the callback's own
+    [AutoSolver][lightning_immiscible.solver_race.AutoSolver] as one rank does (each batch's times
+    reach the race in the next batch's header); the warm-up batch does not count. The cost is what
+    the candidates other than the first (whose answer is used) took on the timed race batches (the
+    first `RACE_WARMUP + RACE_ROUNDS`; the batch solved while the last times travel is not included).
+    (Here every time is already warm, the fastest of several calls; the warm-up batch still costs
+    its solves.)
     """
     candidates = race_candidates(b, dim)
-    race = SolverRace(candidates, batch=b, ranks=1, dim=dim)
     if len(candidates) == 1:
         return candidates[0], 0.0
-    extra = 0.0
-    while not race.done:
-        race.pending_ms = {n: instance_ms[n][race.step % len(instance_ms[n])] for n in candidates}
+    auto, extra, step = AutoSolver(), 0.0, 0
+    while True:
+        auto.solver_for(b, 1, dim)
+        race = auto.racing
+        fields = dict.fromkeys(RACE_FIELDS, 0) | auto.header_fields()
+        auto.receive_headers({k: [v] for k, v in fields.items()})
+        if race is None or (1, dim) in auto.decided:
+            return auto.decided[(1, dim)], extra
+        race.pending_ms.update({n: instance_ms[n][step % len(instance_ms[n])] for n in candidates})
         extra += sum(race.pending_ms[n] for n in candidates[1:])
-        race.record(b)
-    return race.winner(), extra
+        auto.record(b)
+        step += 1
 
 
 def _measure(family: str, b: int, names: list[str], args: Any) -> tuple[int, dict[str, list[tuple]]]:

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -23,8 +23,25 @@ from lightning_immiscible.coupling import (
     Metric,
     Precision,
 )
-from lightning_immiscible.distributed import RankGroup, build_rank_group, couple_in_group, partition_ranks
+from lightning_immiscible.distributed import (
+    RankGroup,
+    broadcast_from_first,
+    build_rank_group,
+    build_world_group,
+    couple_in_group,
+    draw_pool,
+    partition_ranks,
+)
 from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, as_immiscible_module
+from lightning_immiscible.monitoring import (
+    WARMUP_BATCHES,
+    coupling_metrics,
+    saved_coupling_state,
+    warn_changed_setting,
+    warn_overhead,
+    warn_pool_size,
+    warn_worker_ignores_condition,
+)
 from lightning_immiscible.sizing import choose_group_size
 from lightning_immiscible.solver_race import AutoSolver
 from lightning_immiscible.worker_batches import WorkerBatches, full_precision, worker_coupling
@@ -35,7 +52,6 @@ Scope = Literal["global", "local", "node", "auto"]
 
 #: Pools at least this large get an up-front warning: LSA is about cubic in the pool size.
 LARGE_POOL = 4096
-_WARMUP_BATCHES = 3  # batches measured before judging the assignment's share of the step time
 
 
 class ImmiscibleCoupling(Callback):
@@ -76,11 +92,16 @@ class ImmiscibleCoupling(Callback):
             solver measured fastest there
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]); for larger
             items, where ``lapjv`` and ``lapjvr`` trade places with the data and the pool size, a
-            race: on the first 4 coupled batches both solve the same cost (the rule's assignment
-            is used), then the one with the lower total time on the last 3 is kept
-            ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]; decided on rank 0,
-            broadcast, logged and checkpointed). Or a name from
-            [available_solvers][lightning_immiscible.solvers.available_solvers].
+            race: on the first 5 coupled batches of a pool shape both solve the same cost (the
+            rule's assignment is used), then the one with the lower total time on 3 of them is
+            kept ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]; decided from the
+            times every rank sends in the per-step header, identically on every rank of a group
+            with no collective of its own; bounded per pool shape and per fit; logged and
+            checkpointed). Or a name from
+            [available_solvers][lightning_immiscible.solvers.available_solvers]. The ranks of a
+            group must use the same solver: the header compares them, and a group whose ranks
+            differ (e.g. nodes with different solver packages) fails at its first batch with a
+            message naming them.
         k: Candidates per item for ``method="knn"``.
         seed: Seed of the noise stream; ``None``: rank 0's `torch.initial_seed()` at fit start,
             shared with all ranks, so `seed_everything(s)` makes the coupled noise reproducible.
@@ -92,13 +113,15 @@ class ImmiscibleCoupling(Callback):
         max_step_fraction: Share of the training step the assignment may take: above it the
             callback warns once (measured over the first batches); ``scope="auto"`` sizes groups
             to stay within it.
-        collective_timeout_s: Timeout, in seconds, of the coupling's own collectives (the
-            per-batch header, the cost rows, the statistics) in every scope: when set, they run
-            in dedicated process groups with this timeout, and a rank that does not reach the
-            coupling fails the others with a message naming the group. `None`: the process
-            group's timeout. It cannot bound Lightning's or DDP's own collectives (the gradient
-            all-reduce, Lightning's per-batch broadcast): a rank stalled or killed outside the
-            coupling is noticed there, within the strategy's timeout
+        collective_timeout_s: Timeout, in seconds, of every collective this callback issues: the
+            creation of its process groups (setup, and when the coupling group changes), the seed
+            broadcast at fit start (only with ``seed=None``), the per-batch header all-gather, the
+            cost-row all-gather, the statistics all-reduce, and ``scope="auto"``'s group-size
+            broadcast. When set, they run in dedicated process groups with this timeout, and a
+            rank that does not reach one fails the others with a message naming the group.
+            `None`: the process group's timeout. It cannot bound Lightning's or DDP's own
+            collectives (the gradient all-reduce, Lightning's per-batch broadcast): a rank
+            stalled or killed outside the coupling is noticed there, within the strategy's timeout
             (`DDPStrategy(timeout=...)`, 30 minutes by default). See the multi-node guide.
         check_finite: Check ``x0`` for NaN/Inf before coupling (one device sync per batch).
         within_condition: When the module's ``immiscible_condition(batch)`` returns labels, solve
@@ -173,6 +196,7 @@ class ImmiscibleCoupling(Callback):
         self.last_result: CouplingResult | None = None
         self._group = RankGroup(0, (0,), None)
         self._group_scope: str | int | None = None
+        self._world = RankGroup(0, (0,), None)
         self._world_size = 1
         self._batch_start = 0.0
         self._overhead: list[tuple[float, float]] = []
@@ -204,6 +228,7 @@ class ImmiscibleCoupling(Callback):
                 "initialises one (e.g. strategy='ddp', 'ddp_spawn', 'fsdp'), or run one process."
             )
         self._world_size = trainer.world_size
+        self._world = build_world_group(self.collective_timeout_s)  # the seed and scope="auto" broadcasts
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -213,7 +238,9 @@ class ImmiscibleCoupling(Callback):
         if self.seed is None:
             # Rank 0's torch seed: `seed_everything(s)` (LightningCLI's `seed_everything: s`) makes
             # the coupling reproducible too, and every rank uses rank 0's value either way.
-            self.seed = int(trainer.strategy.broadcast(torch.initial_seed() % 2**62, src=0))
+            self.seed = broadcast_from_first(
+                self._world, torch.initial_seed() % 2**62, "seed", pl_module.device
+            )
         rank_zero_info(
             f"ImmiscibleCoupling: method={self.spec.method}, scope={self.scope!r}, "
             f"world size {trainer.world_size}, seed={self.seed}"
@@ -253,14 +280,10 @@ class ImmiscibleCoupling(Callback):
         condition, error = _condition(module, batch, error)
         worker = worker_coupling(module, batch)
         if worker is not None and x0 is not None:
-            self._warn_worker_ignores_condition(condition, worker.condition)
-            result = self._from_worker(x0, worker, trainer, batch_idx)
+            warn_worker_ignores_condition(condition, worker.condition, self._warned)
+            result = self._from_worker(x0, worker, trainer, batch_idx, condition)
         else:
-            spec = self._step_spec(x0)
-            with full_precision(x0):
-                seed, epoch = int(self.seed or 0), trainer.current_epoch
-                result = couple_in_group(x0, self._group, seed, draw, spec, error, epoch, condition)
-            self.auto_solver.record(result.noise.shape[0])
+            result = self._couple(x0, error, draw, trainer.current_epoch, condition)
         assert x0 is not None  # couple_in_group raised otherwise
         module.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=draw))
         self.last_result = result
@@ -280,15 +303,18 @@ class ImmiscibleCoupling(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         as_immiscible_module(pl_module).release_coupled_batch()
-        if self.last_result is not None and len(self._overhead) < _WARMUP_BATCHES + 2:
+        if self.last_result is not None and len(self._overhead) < WARMUP_BATCHES + 2:
             step_ms = (time.perf_counter() - self._batch_start) * 1e3
             self._overhead.append((self.last_result.assign_ms, step_ms))
-            self._check_overhead()
-        if self.scope == "auto" and self.auto_group_size is None and len(self._overhead) > _WARMUP_BATCHES:
+            warn_overhead(self._overhead, self.max_step_fraction, self._warned)
+        if self.scope == "auto" and self.auto_group_size is None and len(self._overhead) > WARMUP_BATCHES:
             self._decide_group_size(trainer, pl_module)
-        decided = self.auto_solver.finish(lambda index: trainer.strategy.broadcast(index, src=0))
-        if decided is not None:
-            rank_zero_info(decided)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # When the module's on_train_batch_start returns -1, Lightning skips the rest of the epoch
+        # without on_train_batch_end: release here, before validation and sampling.
+        as_immiscible_module(pl_module).release_coupled_batch()
 
     @override
     def on_exception(
@@ -313,7 +339,9 @@ class ImmiscibleCoupling(Callback):
             )
             size = decision.size
             rank_zero_info(f"ImmiscibleCoupling: {decision.describe()}")
-        self.auto_group_size = int(trainer.strategy.broadcast(size, src=0))
+        self.auto_group_size = broadcast_from_first(
+            self._world, size, "scope='auto' group size", pl_module.device
+        )
 
     def should_log(self, draw: int) -> bool:
         """Whether to log the metrics of coupled batch number ``draw`` (override for other policies)."""
@@ -327,6 +355,7 @@ class ImmiscibleCoupling(Callback):
             "auto_group_size": self.auto_group_size,
             "world_size": self._world_size,
             "auto_solver": self.auto_solver.state_dict(),
+            "worker_seeds": self.workers.seeds,
         }
 
     @override
@@ -334,6 +363,7 @@ class ImmiscibleCoupling(Callback):
         self.seed = state_dict["seed"]
         self._restored_seed = True
         self.draws = int(state_dict["draws"])
+        self.workers.seeds = list(state_dict.get("worker_seeds", []))
         saved_world = state_dict.get("world_size", self._world_size)
         if saved_world != self._world_size:
             rank_zero_info(
@@ -344,8 +374,27 @@ class ImmiscibleCoupling(Callback):
             self.auto_group_size = state_dict.get("auto_group_size")
             self.auto_solver.load_state_dict(state_dict.get("auto_solver", {}))
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning loads state only under an unchanged state_key (method and scope): with another
+        # setting, continue the saved noise stream ourselves and say so, rather than restarting it.
+        found = saved_coupling_state(checkpoint.get("callbacks") or {}, self.state_key)
+        if found is None:
+            return
+        key, old = found
+        self.seed, self.draws, self._restored_seed = old["seed"], int(old["draws"]), True
+        self.workers.seeds = list(old.get("worker_seeds", []))
+        warn_changed_setting(key, self.spec.method, self.scope, self.seed, self.draws)
+
     def _from_worker(
-        self, x0: Tensor, worker: WorkerCoupling, trainer: pl.Trainer, batch_idx: int
+        self,
+        x0: Tensor,
+        worker: WorkerCoupling,
+        trainer: pl.Trainer,
+        batch_idx: int,
+        condition: Tensor | None,
     ) -> CouplingResult:
         """The noise a DataLoader worker coupled (see the `worker_batches` module)."""
         local = self.spec.method == "knn" or self.effective_scope() == "local" or self._world_size == 1
@@ -355,22 +404,25 @@ class ImmiscibleCoupling(Callback):
             f"this callback's scope ({self.scope!r})."
         )
         return self.workers.result(
-            x0, worker, trainer, batch_idx, metric=self.spec.metric, note=note, warn=not local
+            x0,
+            worker,
+            trainer,
+            batch_idx,
+            metric=self.spec.metric,
+            note=note,
+            warn=not local,
+            fallback=lambda x: self._couple_alone(x, trainer.global_rank, condition),
         )
 
+    def _couple_alone(self, x0: Tensor, rank: int, condition: Tensor | None) -> CouplingResult:
+        """Couples on this rank, no collective: the callback's method, its stream at this draw (stream 3)."""
+        draw = self.draws - 1  # this batch's draw (on_train_batch_start advanced the counter)
+        k = (self.spec.k,) if self.spec.method == "knn" else ()
+        noise = draw_pool((x0.shape[0], *k, *x0.shape[1:]), int(self.seed or 0), rank, draw, x0.device, 3)
+        return self.spec.couple(x0, noise.to(x0.dtype), condition=condition)
+
     def _log(self, pl_module: pl.LightningModule, result: CouplingResult, batch_size: int) -> None:
-        values = {
-            "group_size": float(self._group.size),
-            "cost_before": result.cost_before,
-            "cost_after": result.cost_after,
-            "reduction_pct": result.reduction_pct,
-            "assign_ms": result.assign_ms,
-            # The marginal check: about 1 for Gaussian noise (lsa/flip/none permute it); knn's
-            # selection of nearer candidates lowers it (a tilted noise distribution).
-            "noise_norm2": float(result.noise.detach().float().square().mean())
-            if result.noise.numel()
-            else 0.0,
-        }
+        values = coupling_metrics(result, self._group.size)
         if result.method == "worker":
             values["worker_assign_ms"] = self.workers.assign_ms
         if result.prior_skew is not None:  # a condition was given: the skew of the class priors
@@ -386,55 +438,33 @@ class ImmiscibleCoupling(Callback):
                 batch_size=batch_size,
             )
 
+    def _couple(
+        self, x0: Tensor | None, error: BaseException | None, draw: int, epoch: int, condition: Tensor | None
+    ) -> CouplingResult:
+        """Couples in the group; ``solver="auto"``'s race advances from the header rows (no collective)."""
+        spec = self._step_spec(x0)
+        with full_precision(x0):
+            result = couple_in_group(
+                x0, self._group, int(self.seed or 0), draw, spec, error, epoch, condition, self.auto_solver
+            )
+        # A race batch ran every candidate: assign_ms (logged, and the overhead check) counts the used one.
+        extra = self.auto_solver.extra_ms()
+        self.auto_solver.record(result.noise.shape[0])
+        for note in self.auto_solver.notes:
+            rank_zero_info(note)
+        self.auto_solver.notes.clear()
+        return dataclasses.replace(result, solve_ms=max(result.solve_ms - extra, 0.0)) if extra else result
+
     def _step_spec(self, x0: Tensor | None) -> CouplingSpec:
         """This batch's spec: ``solver="auto"`` becomes the raced or decided exact solver."""
         if self.spec.solver != "auto" or self.spec.method not in ("lsa", "flip") or x0 is None or x0.ndim < 2:
             return self.spec  # bad input: couple_in_group fails every rank, whatever the solver
-        name, note = self.auto_solver.solver_for(x0.shape[0], self._group.size, math.prod(x0.shape[1:]))
-        if note is not None:
-            rank_zero_info(note)
+        name = self.auto_solver.solver_for(x0.shape[0], self._group.size, math.prod(x0.shape[1:]))
         return dataclasses.replace(self.spec, solver=name)
-
-    def _warn_worker_ignores_condition(
-        self, condition: Tensor | None, worker_condition: Tensor | None
-    ) -> None:
-        if condition is not None and worker_condition is None and "worker_condition" not in self._warned:
-            self._warned.add("worker_condition")
-            rank_zero_warn(
-                "ImmiscibleCoupling: the module returns a condition (immiscible_condition) but the "
-                "DataLoader workers coupled across conditions; pass CouplingCollate(condition_fn=...) "
-                "so that the workers couple within each condition too."
-            )
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
         pool = x0.shape[0] * len(self._group.ranks)
-        if pool == 1 and "small" not in self._warned:
-            self._warned.add("small")
-            rank_zero_warn(
-                "ImmiscibleCoupling got a batch of 1 item: coupling needs a batch to re-pair, so the "
-                "noise is left as drawn. Use a batch size > 1 (or scope='global' to pool ranks)."
-            )
-        if pool >= LARGE_POOL and self.spec.method in ("lsa", "flip") and "large" not in self._warned:
-            self._warned.add("large")
-            rank_zero_warn(
-                f"ImmiscibleCoupling: the assignment pool has about {pool} items; exact assignment is "
-                f"about cubic in the pool (the first took {result.assign_ms:.0f} ms). Consider "
-                "scope='node' or an int scope (smaller groups), or method='knn'."
-            )
-
-    def _check_overhead(self) -> None:
-        if len(self._overhead) <= _WARMUP_BATCHES or "overhead" in self._warned:
-            return
-        measured = self._overhead[1:]  # the first batch includes warm-up work
-        assign = statistics.median(a for a, _ in measured)
-        step = statistics.median(s for _, s in measured)
-        if step > 0 and assign > self.max_step_fraction * step:
-            self._warned.add("overhead")
-            rank_zero_warn(
-                f"ImmiscibleCoupling: the assignment takes {assign:.1f} ms of a {step:.1f} ms training "
-                f"step ({100 * assign / step:.0f} % > max_step_fraction={self.max_step_fraction}). "
-                "Use smaller coupling groups (scope='node' or an int), a faster solver, or method='knn'."
-            )
+        warn_pool_size(pool, self.spec.method, result.assign_ms, LARGE_POOL, self._warned)
 
 
 def _data(module: ImmiscibleMixin, batch: Any) -> tuple[Tensor | None, BaseException | None]:

@@ -74,6 +74,7 @@ INPUT_ERROR_REASONS: tuple[str, ...] = (
     "empty",
     "exception",
     "out_of_step",
+    "solver",
 )
 
 

@@ -3,8 +3,9 @@
 Per training step, for a coupling group of W ranks with local batches ``b_r`` (sum ``B``):
 
 1. every rank exchanges a small header (its ``b_r``, item shape, epoch and draw counter, the cost
-   dtype it needs, and whether its input is valid), so a bad input on one rank, or ranks that
-   reached different batches, fail the step on all of them instead of hanging or pairing wrongly;
+   dtype it needs, its solver, whether its input is valid, and the ``solver="auto"`` race's
+   times), so a bad input on one rank, ranks that reached different batches or would solve with
+   different solvers fail the step on all of them instead of hanging or pairing wrongly;
 2. every rank draws the *same* pool of ``B`` noise vectors from a generator seeded by
    ``(seed, group, draw)``: no noise crosses the network;
 3. rank ``r`` computes its ``b_r x B`` rows of the cost matrix, the rows are all-gathered
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -51,17 +53,44 @@ from lightning_immiscible.coupling import (
     assign,
     check_inputs,
 )
+from lightning_immiscible.solvers import SOLVERS, SolverSpec
 
 HEADER_DIMS = 6
 """Item dims sent in the per-step header; shapes with more dims are compared by numel only."""
-_FIXED = 7  # header fields before the dims: b, status, epoch, draw, wide, ndim, numel
-CONDITION_FIELD = _FIXED + HEADER_DIMS
-"""Header field of the condition: 0 without labels, else 1 + the label dtype's code."""
-HEADER_SIZE = CONDITION_FIELD + 1
+HEADER_FIELDS = (
+    "b", "status", "epoch", "draw", "wide", "solver", "race_ranks", "race_dim", "race_us0", "race_us1",
+    "condition", "ndim", "numel",
+)  # fmt: skip
+"""Named int64 fields of the per-step header, before the item dims (add new fields here)."""
+FIELD = {name: i for i, name in enumerate(HEADER_FIELDS)}
+"""Offset of each named header field."""
+_FIXED = len(HEADER_FIELDS)
+HEADER_SIZE = _FIXED + HEADER_DIMS
 """Length of the per-step int64 header each rank sends.
 
-`[b, status, epoch, draw, wide, ndim, numel, dims..., condition]`: 14 values, 112 bytes.
+`[*HEADER_FIELDS, dims...]`: 19 values, 152 bytes. ``solver`` identifies the assignment solver
+(compared across a group), ``race_*`` carry this rank's times of the previous ``solver="auto"``
+race batch (see [SolverRace][lightning_immiscible.solver_race.SolverRace]), ``condition`` is 0
+without labels, else 1 + the label dtype's code.
 """
+RACE_FIELDS = ("race_ranks", "race_dim", "race_us0", "race_us1")
+"""The header fields a [HeaderPeer][lightning_immiscible.distributed.HeaderPeer] fills for the race."""
+
+
+class HeaderPeer(Protocol):
+    """Something that sends fields in the per-step header and reads the group's rows of them.
+
+    The rows are the same on every rank of a group, so state advanced only from them stays in step
+    across the group without a collective of its own (the ``solver="auto"`` race works this way).
+    """
+
+    def header_fields(self) -> dict[str, int]:
+        """Values of named `HEADER_FIELDS` this rank sends in this step's header."""
+        ...
+
+    def receive_headers(self, rows: dict[str, list[int]]) -> None:
+        """The group's values of every header field, one per rank in group order (own for one-rank groups)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -155,6 +184,38 @@ def build_rank_group(scope: str | int, ranks_per_node: int = 1, timeout_s: float
     return RankGroup(mine, groups[mine], handles[mine])
 
 
+def build_world_group(timeout_s: float | None = None) -> RankGroup:
+    """The world as one group, for the callback's broadcasts (a collective call when timed).
+
+    Every rank must call it, at the same point; with ``timeout_s`` its collectives are bounded by it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return RankGroup(0, (0,), None)
+    ranks = tuple(range(dist.get_world_size()))
+    if timeout_s is None:
+        return RankGroup(0, ranks, dist.group.WORLD)
+    with _collective(RankGroup(0, ranks), "new_group"):
+        return RankGroup(0, ranks, dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s)))
+
+
+def broadcast_from_first(group: RankGroup, value: int, what: str, device: torch.device | None = None) -> int:
+    """The group's first rank's ``value`` on every rank of ``group`` (no collective in a group of one).
+
+    Args:
+        group: From [build_world_group][lightning_immiscible.distributed.build_world_group].
+        value: This rank's value (only the first rank's matters).
+        what: Named in the error when the broadcast fails or times out.
+        device: The module's device (used with NCCL).
+    """
+    if group.process_group is None:
+        return int(value)
+    comm = _comm_device(group.process_group, device if device is not None else torch.device("cpu"))
+    data = torch.tensor([int(value)], dtype=torch.int64, device=comm)
+    with _collective(group, f"{what} broadcast"):
+        dist.broadcast(data, src=group.ranks[0], group=group.process_group)
+    return int(data.cpu()[0])
+
+
 @contextmanager
 def _collective(group: RankGroup, what: str) -> Iterator[None]:
     """Turns a failed or timed-out collective into an error that says what to check."""
@@ -206,16 +267,41 @@ def _comm_device(process_group: Any, fallback: torch.device) -> torch.device:
     return fallback if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
 
 
-def _header(x: Tensor | None, error: BaseException | None, epoch: int, draw: int, wide: bool) -> Tensor:
-    """``[b, status, epoch, draw, wide, ndim, numel, dims..., condition]`` int64; status 0 = ok."""
+def solver_identity(spec: CouplingSpec) -> str:
+    """What decides this rank's assignment, compared across the group: ``""`` without one (knn, none).
+
+    A registered name, the name of a passed [SolverSpec][lightning_immiscible.solvers.SolverSpec]
+    (the ``solver="auto"`` race's), or for ``"auto"`` the installed exact solvers it chooses from.
+    """
+    if spec.method in ("knn", "none"):
+        return ""
+    if isinstance(spec.solver, SolverSpec):
+        return spec.solver.name
+    if spec.solver == "auto":
+        return "auto over " + ", ".join(sorted(s.name for s in SOLVERS.values() if s.exact))
+    return str(spec.solver)
+
+
+def _solver_code(identity: str) -> int:
+    return zlib.crc32(identity.encode()) if identity else 0
+
+
+def _header(
+    x: Tensor | None, error: BaseException | None, epoch: int, draw: int, wide: bool, extra: dict[str, int]
+) -> Tensor:
+    """The `HEADER_FIELDS` and item dims, int64; status 0 = ok, else 1 + reason."""
     head = torch.zeros(HEADER_SIZE, dtype=torch.int64)
-    head[2], head[3] = epoch, draw
+    for name, value in {"epoch": epoch, "draw": draw, **extra}.items():
+        head[FIELD[name]] = int(value)
     if error is not None or x is None:
         reason = getattr(error, "reason", "exception")
-        head[1] = 1 + (INPUT_ERROR_REASONS.index(reason) if reason in INPUT_ERROR_REASONS else 0)
+        head[FIELD["status"]] = 1 + (
+            INPUT_ERROR_REASONS.index(reason) if reason in INPUT_ERROR_REASONS else 0
+        )
         return head
     dims = tuple(x.shape[1:])
-    head[0], head[4], head[5], head[6] = x.shape[0], int(wide), len(dims), int(np.prod(dims, dtype=np.int64))
+    head[FIELD["b"]], head[FIELD["wide"]] = x.shape[0], int(wide)
+    head[FIELD["ndim"]], head[FIELD["numel"]] = len(dims), int(np.prod(dims, dtype=np.int64))
     head[_FIXED : _FIXED + min(len(dims), HEADER_DIMS)] = torch.tensor(dims[:HEADER_DIMS], dtype=torch.int64)
     return head
 
@@ -235,12 +321,13 @@ def _exchange_headers(group: RankGroup, head: Tensor, device: torch.device) -> T
 def _agree_or_raise(group: RankGroup, heads: Tensor, error: BaseException | None) -> None:
     """Raises the same failure on every rank when any rank's input was invalid or out of step."""
     ranks = _header_ranks(group, heads.shape[0])
-    bad = [i for i in range(heads.shape[0]) if heads[i, 1] != 0]
+    status = FIELD["status"]
+    bad = [i for i in range(heads.shape[0]) if heads[i, status] != 0]
     if bad:
         if error is not None:
             raise error
         first = bad[0]
-        reason = INPUT_ERROR_REASONS[int(heads[first, 1]) - 1]
+        reason = INPUT_ERROR_REASONS[int(heads[first, status]) - 1]
         what = (
             "raised an exception while preparing its batch" if reason == "exception" else "got invalid input"
         )
@@ -249,7 +336,7 @@ def _agree_or_raise(group: RankGroup, heads: Tensor, error: BaseException | None
             f"{ranks[first]} {what} ({reason}); that rank's error says why.",
             reason,
         )
-    steps = heads[:, 2:4]
+    steps = heads[:, [FIELD["epoch"], FIELD["draw"]]]
     if not bool((steps == steps[0]).all()):
         raise CouplingInputError(
             f"Ranks reached the coupling at different batches ((epoch, draw) per rank {ranks}: "
@@ -258,7 +345,7 @@ def _agree_or_raise(group: RankGroup, heads: Tensor, error: BaseException | None
             "(Lightning's DistributedSampler does; with drop_last or equal-size shards).",
             "out_of_step",
         )
-    items = heads[:, 5:CONDITION_FIELD]
+    items = heads[:, FIELD["ndim"] :]
     if group.process_group is not None and not bool((items == items[0]).all()):
         raise CouplingInputError(
             f"Ranks of coupling group {group.index} have different item shapes "
@@ -266,6 +353,28 @@ def _agree_or_raise(group: RankGroup, heads: Tensor, error: BaseException | None
             "of the same shape (B_r, *dims).",
             "shape",
         )
+
+
+def _agree_on_solver(group: RankGroup, heads: Tensor, identity: str) -> None:
+    """Raises on every rank of a group whose ranks would solve its assignment with different solvers.
+
+    Exact solvers break ties differently, so the ranks of one group must run the same one.
+    """
+    codes = [int(c) for c in heads[:, FIELD["solver"]]]
+    if group.process_group is None or len(set(codes)) == 1:
+        return
+    known = {_solver_code(n): repr(n) for n in SOLVERS} | {_solver_code(identity): repr(identity)}
+    named = ", ".join(
+        f"rank {r}: {known.get(c, f'a solver not registered on rank {_rank()} (code {c})')}"
+        for r, c in zip(group.ranks, codes, strict=True)
+    )
+    raise CouplingInputError(
+        f"Ranks of coupling group {group.index} would solve the assignment with different solvers "
+        f"({named}); exact solvers break ties differently, so the group would pair its pool in "
+        "different ways. Install the same solver packages on every node, or pass a solver by name "
+        "(e.g. ImmiscibleCoupling(solver='scipy')).",
+        "solver",
+    )
 
 
 def _header_ranks(group: RankGroup, count: int) -> list[int]:
@@ -340,12 +449,15 @@ def couple_in_group(
     error: BaseException | None = None,
     epoch: int = 0,
     condition: Tensor | None = None,
+    peer: HeaderPeer | None = None,
 ) -> CouplingResult:
     """Couples this rank's `x` with noise from its group's shared pool (the steps in this module's docs).
 
     Every rank of `group` must call it for the same `draw_index`. Bad input on any rank (passed
     as `error` or found here: NaN/Inf, integer dtype, an empty batch, item shapes that differ
-    between ranks) and ranks at different `(epoch, draw_index)` raise on every rank of the group
+    between ranks), ranks at different `(epoch, draw_index)` and ranks of a group that would
+    solve with different solvers ([solver_identity][lightning_immiscible.distributed.solver_identity])
+    raise on every rank of the group
     after one header exchange (for one-rank groups, `knn` and `scope="local"`: on every rank of
     the world).
 
@@ -365,6 +477,8 @@ def couple_in_group(
             of the gathered cost rows, and a flag in the header makes ranks that disagree (a
             condition on some ranks only, different label dtypes) or bad labels on any rank fail
             every rank of the group in the same step. The result's `prior_skew` is set.
+        peer: Sends extra header fields and reads the group's rows of them (the callback's
+            ``solver="auto"`` race), after the ranks agreed that the step can go on.
 
     Returns:
         The local [CouplingResult][lightning_immiscible.coupling.CouplingResult]: `noise`
@@ -386,18 +500,26 @@ def couple_in_group(
     error = error or _condition_error(x, condition)
     device = x.device if x is not None else torch.device("cpu")
     wide = x is not None and error is None and (_needs_float64(x, spec.metric) or needs_wide_rows(condition))
-    own = _header(x, error, epoch, draw_index, wide)
-    own[CONDITION_FIELD] = 0 if error else condition_code(condition)
+    identity = solver_identity(spec)
+    extra = {
+        "solver": _solver_code(identity),
+        "condition": 0 if error else condition_code(condition),
+        **(peer.header_fields() if peer is not None else {}),
+    }
+    own = _header(x, error, epoch, draw_index, wide, extra)
     heads = _exchange_headers(group, own, device)
     _agree_or_raise(group, heads, error)
-    _agree_on_condition(group, heads[:, CONDITION_FIELD])
+    _agree_on_condition(group, heads[:, FIELD["condition"]])
+    _agree_on_solver(group, heads, identity)
     assert x is not None
-    if spec.method == "knn":
-        return _with_local_skew(_knn_local(x, seed, draw_index, spec), x, condition)
     if group.process_group is None:  # one-rank group: the world's headers were only a check
         heads = own[None]
-    sizes = [int(s) for s in heads[:, 0]]
-    dtype = torch.float64 if bool(heads[:, 4].any()) else torch.float32
+    if peer is not None:
+        peer.receive_headers({name: [int(v) for v in heads[:, i]] for name, i in FIELD.items()})
+    if spec.method == "knn":
+        return _with_local_skew(_knn_local(x, seed, draw_index, spec), x, condition)
+    sizes = [int(s) for s in heads[:, FIELD["b"]]]
+    dtype = torch.float64 if bool(heads[:, FIELD["wide"]].any()) else torch.float32
     offset, total = sum(sizes[: group.ranks.index(_rank())]), sum(sizes)
     pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
     mine = pool[offset : offset + x.shape[0]]

@@ -9,6 +9,10 @@ noise and passes a [CoupledBatch][lightning_immiscible.mixin.CoupledBatch] to
 training step reads it through `noise_like` (and `coupled_data`); the callback releases it when the
 batch ends or fails. Without the callback (or in validation and sampling) `noise_like` is plain
 `torch.randn_like`. Nothing here rewrites a method the user wrote.
+
+The noise is paired with what `immiscible_data(batch)` returns, so any transform of the data the
+noise is added to (scaling to [-1, 1], an encoder) belongs in an `immiscible_data` override;
+`noise_like` raises when it gets a tensor of the same shape with other values.
 """
 
 from __future__ import annotations
@@ -154,6 +158,12 @@ class ImmiscibleMixin:
             prepared it for this batch and its shape matches `x0`; otherwise (no callback,
             validation, sampling, another shape) fresh `torch.randn_like(x0)`. Coupled noise is
             handed out for one batch only, never carried over to a later one.
+
+        Raises:
+            ValueError: If `x0` has the coupled tensor's shape but other values (e.g.
+                `x0 = batch[0] * 2 - 1` in `training_step`): the noise was paired with the tensor
+                `immiscible_data(batch)` returned, not with this one. Move the transform into an
+                `immiscible_data` override and read `x0` with `coupled_data(batch)`.
         """
         coupled = self._coupled_batch
         if coupled is None or not self._in_training():
@@ -166,6 +176,7 @@ class ImmiscibleMixin:
             )
             return torch.randn_like(x0)
         if x0 is not coupled.x0:
+            _check_same_values(x0, coupled.x0)
             self._warn_recomputed()
         return coupled.noise.to(device=x0.device, dtype=x0.dtype)
 
@@ -225,6 +236,20 @@ class ImmiscibleMixin:
                 "is returned, but read x0 with `x0 = self.coupled_data(batch)` so an expensive "
                 "immiscible_data runs once per batch and the noise is paired with that very x0."
             )
+
+
+def _check_same_values(x0: Tensor, coupled: Tensor) -> None:
+    """Raises when `x0` is not the coupled tensor's values (one comparison, only for another object)."""
+    ref = coupled.detach()
+    tol = 1e-5 if x0.dtype == ref.dtype else 1e-2  # a cast to a lower precision keeps the values close
+    if not torch.allclose(x0.detach().to(device=ref.device, dtype=ref.dtype), ref, rtol=tol, atol=tol):
+        raise ValueError(
+            "noise_like(x0) got a tensor of the coupled batch's shape but with other values than the x0 "
+            "the callback paired the noise with (what immiscible_data(batch) returned): e.g. "
+            "`x0 = batch[0] * 2 - 1` in training_step. The coupled noise would be paired with the wrong "
+            "data. Do the transform in an immiscible_data override (`def immiscible_data(self, batch): "
+            "return batch[0] * 2 - 1`) and read x0 with `x0 = self.coupled_data(batch)`."
+        )
 
 
 def as_immiscible_module(pl_module: pl.LightningModule) -> ImmiscibleMixin:

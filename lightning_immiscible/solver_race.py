@@ -11,19 +11,29 @@ of a fit, every candidate solves the same cost and is timed, and the first candi
 rule's) assignment is used; all are exact, so the pairing is the rule's. The first batch's times do
 not count (a solver's first call in a process carries one-off costs: about 16 ms for ``lapjv`` in
 the latent-diffusion example, more than its whole solve at B = 128-256). Then the candidate with
-the lowest total time over the counted batches solves every later batch. The race costs the other
-candidates' solves on those few batches.
+the lowest total time over the counted batches solves every later batch (from the one after next:
+the times of a batch are counted when the next batch's header arrives, so one more batch is raced).
+The race costs the other candidates' solves on those few batches.
 
 On low-dimensional items the fixed rule is the fastest by a wide margin, so there is nothing to
-race. Under DDP the race's batches are the same on every rank (its first batches), each rank uses
-the first candidate's assignment during the race, and the decision is taken on rank 0 and
-broadcast by the callback.
+race.
+
+Under DDP the race needs no collective of its own: each rank sends its times of a race batch in
+the next step's header (the small per-step exchange every rank of the group, or the world for
+one-rank groups, makes anyway: [HeaderPeer][lightning_immiscible.distributed.HeaderPeer]), and the
+race advances only from the group's gathered header rows, which are the same on every rank of the
+group. So every rank of a group counts the same rounds and takes the same decision at the same
+step (a candidate's time in a round is the slowest rank's: the group waits for it). A race is kept
+per ``(group size, D)`` while batches of other sizes come and go (resolution buckets), it ends
+after at most ``2 x (RACE_WARMUP + RACE_ROUNDS)`` race batches, and at most
+``MAX_RACE_BATCHES`` race batches run per group size in a fit: after that, undecided pools use the
+fixed rule. The ranks of a group also send their solver's identity in the header, and a group
+whose ranks would solve with different solvers fails on every rank with a message naming them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +45,8 @@ from lightning_immiscible.solvers import LOW_DIM_MAX, SOLVERS, SolverSpec, choos
 RACE_ROUNDS = 3
 #: Race batches before those whose times do not count (first-call costs).
 RACE_WARMUP = 1
+#: Most race batches per coupling-group size in a fit (all pool shapes together); then the fixed rule.
+MAX_RACE_BATCHES = 24
 
 
 def race_candidates(b: int, dim: int, n: int = 2) -> tuple[str, ...]:
@@ -68,20 +80,22 @@ def race_candidates(b: int, dim: int, n: int = 2) -> tuple[str, ...]:
 
 @dataclass
 class SolverRace:
-    """One race: every candidate solves each race batch; the times it took, per candidate.
+    """One race: every candidate solves each race batch; the group's times, per candidate.
 
     Attributes:
-        candidates: Solvers raced, the fixed rule's choice first (its assignment is used; ties of
-            the total time go to the earlier candidate).
-        batch: Local batch size whose times count; a race batch of another size (e.g. a short
-            last batch) counts as a round but not in the times.
+        candidates: Solvers raced (at most two), the fixed rule's choice first (its assignment is
+            used; ties of the total time go to the earlier candidate).
+        batch: This rank's local batch size whose times count; a race batch of another size (e.g.
+            a short last batch) is reported without times, so the round is not counted.
         ranks: Ranks in the coupling group.
         dim: Values per item.
-        rounds: Race batches whose times count.
-        warmup: Race batches before them, solved by every candidate but not counted.
-        step: Race batches so far (equal on every rank: one per coupled batch).
-        times_ms: Per candidate, its solver time on each counted race batch, ms (aligned lists).
-        pending_ms: Times measured on the current batch, not yet counted.
+        rounds: Counted rounds needed for a decision.
+        warmup: Reported rounds before them that do not count (first-call costs).
+        step: Race batches this rank ran (equal on every rank of the group: the state that decides
+            whether a batch is a race batch advances only from the group's header rows).
+        reports: Rounds the group reported (from the header rows).
+        times_us: Per candidate, the group's time on each counted round (slowest rank), µs.
+        pending_ms: Times measured on the current batch, not yet reported.
     """
 
     candidates: tuple[str, ...]
@@ -91,7 +105,8 @@ class SolverRace:
     rounds: int = RACE_ROUNDS
     warmup: int = RACE_WARMUP
     step: int = 0
-    times_ms: dict[str, list[float]] = field(default_factory=dict)
+    reports: int = 0
+    times_us: dict[str, list[int]] = field(default_factory=dict)
     pending_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -100,9 +115,19 @@ class SolverRace:
         return (self.ranks, self.dim)
 
     @property
+    def counted(self) -> int:
+        """Rounds whose times count."""
+        return len(self.times_us.get(self.candidates[0], []))
+
+    @property
     def done(self) -> bool:
-        """Whether all race batches were solved."""
-        return self.step >= self.warmup + self.rounds
+        """Whether enough rounds were counted for a decision."""
+        return self.counted >= self.rounds
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the race ran out of batches (rounds kept failing to count): decide with what there is."""
+        return self.step >= 2 * (self.warmup + self.rounds)
 
     def solver(self) -> SolverSpec:
         """An exact solver for one race batch: every candidate solves and is timed; the first's answer."""
@@ -112,98 +137,156 @@ class SolverRace:
             for name in self.candidates:
                 start = time.perf_counter()
                 answers.append(SOLVERS[name].fn(cost))
-                self.pending_ms[name] = (time.perf_counter() - start) * 1e3
+                # summed: a conditional batch solves one block per label
+                self.pending_ms[name] = self.pending_ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
             return answers[0]
 
         return SolverSpec(f"race of {', '.join(self.candidates)}", race, exact=True)
 
-    def record(self, batch: int) -> None:
-        """Ends one race batch of ``batch`` local items (counted past the warm-up, at the race's size)."""
-        self.step += 1
-        counted = self.step > self.warmup and batch == self.batch
-        if counted and len(self.pending_ms) == len(self.candidates):
-            for name, ms in self.pending_ms.items():
-                self.times_ms.setdefault(name, []).append(ms)
+    def report(self, batch: int) -> dict[str, int]:
+        """This rank's header fields for the race batch just solved (``race_us* = -1``: not counted)."""
+        times = [self.pending_ms.get(n) for n in self.candidates]
         self.pending_ms = {}
+        ok = batch == self.batch and all(t is not None for t in times)
+        us = [round(1e3 * t) if ok and t is not None else -1 for t in times] + [-1, -1]
+        return {"race_ranks": self.ranks, "race_dim": self.dim, "race_us0": us[0], "race_us1": us[1]}
+
+    def count(self, us_per_rank: list[list[int]]) -> None:
+        """Counts one reported round: per candidate, each rank's µs (``-1`` anywhere: not counted)."""
+        self.reports += 1
+        if self.reports <= self.warmup or any(t < 0 for ts in us_per_rank for t in ts):
+            return
+        for i, name in enumerate(self.candidates):
+            self.times_us.setdefault(name, []).append(max(ts[i] for ts in us_per_rank))
 
     def winner(self) -> str:
-        """The candidate with the lowest total time over the counted batches (ties: the earlier)."""
-        return min(self.candidates, key=lambda n: (sum(self.times_ms.get(n, [])), self.candidates.index(n)))
+        """The candidate with the lowest total time over the counted rounds (ties, none: the earlier)."""
+        return min(self.candidates, key=lambda n: (sum(self.times_us.get(n, [])), self.candidates.index(n)))
 
     def describe(self, chosen: str) -> str:
         """One log line: each candidate's total time over the same batches, and the choice."""
-        raced = ", ".join(f"{n} {sum(self.times_ms.get(n, [])):.2f} ms" for n in self.candidates)
-        counted = len(self.times_ms.get(self.candidates[0], []))
+        raced = ", ".join(f"{n} {sum(self.times_us.get(n, [])) / 1e3:.2f} ms" for n in self.candidates)
+        slowest = ", the slowest rank's" if self.ranks > 1 else ""
         return (
-            f"ImmiscibleCoupling: solver='auto' raced {raced} (solver time on the same {counted} "
-            f"batches, pools of {self.batch * self.ranks} items of {self.dim} values); using {chosen!r}."
+            f"ImmiscibleCoupling: solver='auto' raced {raced} (solver time on the same {self.counted} "
+            f"batches{slowest}, pools of {self.batch * self.ranks} items of {self.dim} values); "
+            f"using {chosen!r}."
         )
 
 
 class AutoSolver:
     """``solver="auto"`` over a fit: the decided solver per (group size, D), or the race deciding it.
 
-    Keyed by the coupling group's size and the item dimension, both equal on every rank (a group
-    that grows, as with ``scope="auto"``, races again for its larger pools). Per batch, the caller
-    solves with [solver_for][lightning_immiscible.solver_race.AutoSolver.solver_for]'s answer, then
-    calls ``record`` and, on every rank, ``finish`` with a broadcast from rank 0.
+    Keyed by the coupling group's size and the item dimension, both equal on every rank of a group
+    (a group that grows, as with ``scope="auto"``, races again for its larger pools). Per batch the
+    caller solves with [solver_for][lightning_immiscible.solver_race.AutoSolver.solver_for]'s
+    answer, passes this object as the ``peer`` of
+    [couple_in_group][lightning_immiscible.distributed.couple_in_group] (which sends
+    ``header_fields`` and hands the group's rows to ``receive_headers``, where races are decided),
+    then calls ``record``. No collective of its own.
+
+    Attributes:
+        decided: The solver per ``(group size, D)``.
+        races: Races in progress per ``(group size, D)``.
+        raced: Race batches run per group size (bounded by ``max_batches``).
+        notes: Log lines of decisions not yet logged (the caller pops them).
     """
 
-    def __init__(self, rounds: int = RACE_ROUNDS, warmup: int = RACE_WARMUP) -> None:
+    def __init__(
+        self, rounds: int = RACE_ROUNDS, warmup: int = RACE_WARMUP, max_batches: int = MAX_RACE_BATCHES
+    ) -> None:
         self.rounds = rounds
         self.warmup = warmup
+        self.max_batches = max_batches
         self.decided: dict[tuple[int, int], str] = {}
-        self.race: SolverRace | None = None
-        self._racing = False  # whether solver_for's last answer was a race batch
+        self.races: dict[tuple[int, int], SolverRace] = {}
+        self.raced: dict[int, int] = {}
+        self.notes: list[str] = []
+        self._racing: SolverRace | None = None  # the race of the batch solver_for last answered
+        self._report: dict[str, int] = {}
 
-    def solver_for(self, batch: int, ranks: int, dim: int) -> tuple[str | SolverSpec, str | None]:
+    def solver_for(self, batch: int, ranks: int, dim: int) -> str | SolverSpec:
         """The solver for a batch of ``batch`` local items of ``dim`` values in a group of ``ranks``.
 
         Returns:
-            ``(solver, note)``: a registered name, or the race's solver during a race; ``note`` is
-            a log line the first time a key is decided without a race, else ``None``.
+            A registered name, or the race's solver during a race (a decision without a race is
+            added to ``notes``).
         """
         key = (ranks, dim)
-        self._racing = False
+        self._racing = None
         if key in self.decided:
-            return self.decided[key], None
-        if self.race is None or self.race.key != key:
+            return self.decided[key]
+        race = self.races.get(key)
+        if race is None:
             candidates = race_candidates(batch * ranks, dim)
             if len(candidates) == 1:
-                self.decided[key] = candidates[0]
-                return candidates[0], (
-                    f"ImmiscibleCoupling: solver='auto' uses {candidates[0]!r} for pools of {batch * ranks} "
-                    f"items of {dim} values (no race: the fastest measured for D <= {LOW_DIM_MAX}, or the "
-                    "only exact solver installed)."
-                )
-            self.race = SolverRace(candidates, batch, ranks, dim, self.rounds, self.warmup)
-        self._racing = True
-        return self.race.solver(), None
+                return self._decide(key, candidates[0], self._no_race_note(candidates[0], batch * ranks, dim))
+            race = self.races[key] = SolverRace(candidates, batch, ranks, dim, self.rounds, self.warmup)
+        if race.exhausted or self.raced.get(ranks, 0) >= self.max_batches:
+            why = (
+                "the race ran out of batches" if race.exhausted else "race batches for this group size spent"
+            )
+            return self._decide(key, race.winner(), f"{race.describe(race.winner())} ({why})")
+        race.step += 1
+        self.raced[ranks] = self.raced.get(ranks, 0) + 1
+        self._racing = race
+        return race.solver()
+
+    @property
+    def racing(self) -> SolverRace | None:
+        """The race of the batch ``solver_for`` last answered (``None``: not a race batch)."""
+        return self._racing
 
     def record(self, batch: int) -> None:
-        """Ends the batch ``solver_for`` was last asked about (counted if it was a race batch)."""
-        if self._racing and self.race is not None:
-            self.race.record(batch)
-        self._racing = False
+        """Ends the batch ``solver_for`` was last asked about: a race batch's times go in the next header."""
+        if self._racing is not None:
+            self._report = self._racing.report(batch)
+        self._racing = None
 
-    def finish(self, broadcast: Callable[[int], int]) -> str | None:
-        """Ends a finished race with rank 0's winner: ``broadcast(index)`` returns rank 0's index.
+    def header_fields(self) -> dict[str, int]:
+        """The last race batch's report, sent once (zeros when there is none)."""
+        report, self._report = self._report, {}
+        return report
 
-        Call on every rank after every batch (a collective only when a race just ended, at the same
-        batch on every rank). Returns the log line of a decision, else ``None``.
-        """
-        race = self.race
-        if race is None or not race.done:
-            return None
-        chosen = race.candidates[int(broadcast(race.candidates.index(race.winner())))]
-        self.decided[race.key] = chosen
-        self.race = None
-        return race.describe(chosen)
+    def receive_headers(self, rows: dict[str, list[int]]) -> None:
+        """Counts the group's reported race round (identical rows on every rank: identical decisions)."""
+        keys = set(zip(rows["race_ranks"], rows["race_dim"], strict=True))
+        if len(keys) != 1:
+            return  # ranks that report different races (or some none) count nothing
+        key = next(iter(keys))
+        race = self.races.get(key)
+        if race is None or key in self.decided:
+            return
+        race.count([[a, b] for a, b in zip(rows["race_us0"], rows["race_us1"], strict=True)])
+        if race.done:
+            self._decide(key, race.winner(), race.describe(race.winner()))
+
+    def _decide(self, key: tuple[int, int], name: str, note: str) -> str:
+        self.decided[key] = name
+        self.races.pop(key, None)
+        self.notes.append(note)
+        return name
+
+    @staticmethod
+    def _no_race_note(name: str, pool: int, dim: int) -> str:
+        return (
+            f"ImmiscibleCoupling: solver='auto' uses {name!r} for pools of {pool} items of {dim} values "
+            f"(no race: the fastest measured for D <= {LOW_DIM_MAX}, or the only exact solver installed)."
+        )
+
+    def extra_ms(self) -> float:
+        """Solver time of the race's other candidates on the batch being solved (not the used one's), ms."""
+        race = self._racing
+        return 0.0 if race is None else sum(race.pending_ms.get(n, 0.0) for n in race.candidates[1:])
 
     def state_dict(self) -> dict[str, Any]:
-        """The decisions, as ``[[ranks, dim, solver], ...]`` (a race in progress starts over)."""
-        return {"decided": [[r, d, n] for (r, d), n in self.decided.items()]}
+        """The decisions, as ``[[ranks, dim, solver], ...]``, and race batches per group size."""
+        return {
+            "decided": [[r, d, n] for (r, d), n in self.decided.items()],
+            "raced": [[r, n] for r, n in self.raced.items()],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores decisions (those of solvers not registered here are dropped: raced again)."""
         self.decided = {(int(r), int(d)): str(n) for r, d, n in state.get("decided", []) if n in SOLVERS}
+        self.raced = {int(r): int(n) for r, n in state.get("raced", [])}

@@ -11,7 +11,7 @@ that happens). [WorkerBatches][lightning_immiscible.worker_batches.WorkerBatches
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -57,18 +57,34 @@ class WorkerBatches:
         collates: The train dataloader's [CouplingCollate][lightning_immiscible.workers.CouplingCollate]s.
         assign_ms: The worker's assignment time for the latest batch (logged as
             ``immiscible/worker_assign_ms``).
+        seeds: The collates' seeds (checkpointed by the callback; a resumed run whose collates
+            draw from other seeds is warned about).
     """
 
     def __init__(self) -> None:
         self.collates: list[CouplingCollate] = []
         self.assign_ms = 0.0
+        self.seeds: list[int] = []
         self._noted: set[str] = set()
 
     def start_epoch(self, trainer: pl.Trainer) -> None:
         """Tells the collates the epoch: their batch positions restart per epoch."""
-        self.collates = find_collates(trainer.train_dataloader)
+        self._find(trainer)
         for collate in self.collates:
             collate.set_epoch(trainer.current_epoch)
+
+    def _find(self, trainer: pl.Trainer) -> None:
+        self.collates = find_collates(trainer.train_dataloader)
+        seeds = [c.seed for c in self.collates]
+        if self.seeds and seeds and seeds != self.seeds and "seed" not in self._noted:
+            self._noted.add("seed")
+            rank_zero_warn(
+                f"ImmiscibleCoupling: the CouplingCollate seed(s) {seeds} differ from the checkpoint's "
+                f"{self.seeds}: the resumed run's workers draw other noise than the interrupted run's "
+                "would have (never the same noise twice). For a reproducible resume pass "
+                "CouplingCollate(seed=...) or call seed_everything(...) before building it."
+            )
+        self.seeds = seeds or self.seeds
 
     def result(
         self,
@@ -80,6 +96,7 @@ class WorkerBatches:
         metric: str,
         note: str,
         warn: bool,
+        fallback: Callable[[Tensor], CouplingResult],
     ) -> CouplingResult:
         """The coupling result for a worker-coupled batch.
 
@@ -95,16 +112,21 @@ class WorkerBatches:
             metric: The callback's metric (recorded in the result).
             note: Logged once, the first time worker noise is used as it is.
             warn: Log ``note`` as a warning (else as info).
+            fallback: Couples ``x0`` on this rank alone, without a collective (the callback's own
+                method and noise stream): used for noise drawn for another position when the
+                collate that drew it cannot be identified (wrapped in another callable, or several
+                training loaders), so stale noise is never used.
 
         Raises:
             CouplingInputError: If the worker's noise does not have the shape of ``x0``.
         """
         position = (trainer.global_rank, trainer.current_epoch, batch_idx)
         if worker.position != position:
-            # on_train_epoch_start is skipped when Lightning resumes mid-epoch: look them up here
-            self.collates = self.collates or find_collates(trainer.train_dataloader)
+            if not self.collates:  # on_train_epoch_start is skipped when Lightning resumes mid-epoch
+                self._find(trainer)
             if len(self.collates) == 1:
                 return self._recouple(x0, worker, position)
+            return self._fallback(x0, worker, position, fallback)
         if worker.noise.shape != x0.shape:
             raise CouplingInputError(
                 f"The batch carries worker-coupled noise of shape {tuple(worker.noise.shape)} but "
@@ -121,6 +143,28 @@ class WorkerBatches:
             noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", metric
         )
         return dataclasses.replace(result, prior_skew=worker.prior_skew)
+
+    def _fallback(
+        self,
+        x0: Tensor,
+        worker: WorkerCoupling,
+        position: tuple[int, int, int],
+        fallback: Callable[[Tensor], CouplingResult],
+    ) -> CouplingResult:
+        if "fallback" not in self._noted:
+            self._noted.add("fallback")
+            rank_zero_warn(
+                f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
+                f"but the training loop is at {position}, and the train dataloader has "
+                f"{len(self.collates)} CouplingCollate(s) as its collate_fn (not exactly one: wrapped "
+                "in another callable, or several training loaders), so the batch cannot be coupled "
+                "again with the worker's stream. Coupling it on the training process with this "
+                "callback's method and noise stream instead (correct, but on the critical path). "
+                "To keep the coupling in the workers, pass the CouplingCollate itself as the "
+                "collate_fn of a single training DataLoader, with persistent_workers=False."
+            )
+        with full_precision(x0):
+            return dataclasses.replace(fallback(x0), method="worker")
 
     def _recouple(self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]) -> CouplingResult:
         if "position" not in self._noted:

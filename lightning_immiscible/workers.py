@@ -58,6 +58,9 @@ That happens for the first epoch of a run resumed at epoch > 0 (Lightning starts
 before any callback hook), after epoch 0 with `persistent_workers=True` (persistent workers
 never see `set_epoch`: prefer `persistent_workers=False`), for iterable datasets, and when the
 workers could not tell their rank (pass `rank=`, or build the collate in `train_dataloader()`).
+When the callback cannot identify the collate that drew such a batch (it is wrapped in another
+callable, or several training loaders have one), it couples the batch on the training process
+with its own method and noise stream instead and warns once: stale noise is never used.
 
 Only valid when the module's ``immiscible_data(batch)`` is the collated data tensor itself (not,
 e.g., VAE latents or a GPU augmentation of it): the worker couples what it sees.
@@ -101,7 +104,11 @@ class CouplingCollate:
         method: ``lsa``, ``knn``, ``flip`` or ``none`` (see [couple][lightning_immiscible.coupling.couple]).
         k: Candidates per item for ``knn`` (ignored otherwise).
         seed: Seed of the noise stream; `None`: `torch.initial_seed()` of the process that
-            builds the collate (the seed `seed_everything` set: equal on every rank).
+            builds the collate (the seed `seed_everything` set: equal on every rank). The collate
+            keeps no checkpoint of its own: a resumed run draws the same worker noise only with
+            the same seed (pass `seed=`, or call `seed_everything` before building it);
+            [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] records the
+            collates' seeds in its checkpoint and warns when a resumed run's differ.
         collate_fn: Inner collate (``torch.utils.data.default_collate`` by default).
         data_fn: Maps the collated batch to ``x0`` ``(B, *dims)``; by default the first floating
             tensor (``ImmiscibleMixin``'s default ``immiscible_data``).

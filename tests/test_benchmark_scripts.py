@@ -34,7 +34,8 @@ def test_group_sizing_table(tmp_path):
                                 "--json", str(tmp_path / "g.json")])  # fmt: skip
     assert [(r["pool"], r["ranks_per_group"]) for r in result["rows"]][:1] == [(32, 2)]
     assert all(r["assign_ms"] > 0 for r in result["rows"])
-    header = 14 * 8  # int64 [b, status, epoch, draw, wide, ndim, numel, 6 dims, condition]
+    # 13 named fields (b, status, epoch, draw, wide, solver, 4 race, condition, ndim, numel), 6 dims
+    header = 19 * 8
     assert result["rows"][0]["mib_sent_per_rank"] == pytest.approx((header + 16 * 32 * 4 + 24) / 2**20)
 
 

@@ -117,6 +117,17 @@ def test_state_dict_round_trip():
     assert (other.seed, other.draws) == (9, 17)
 
 
+def test_scope_auto_group_size_is_restored_on_resume_in_the_same_world():
+    # scope="auto" measured and chose groups of 2: a resume on the same world size must couple in
+    # groups of 2 at once, not probe locally again. Catches a load_state_dict that drops
+    # auto_group_size (the resumed run would couple alone, with other pools, until it re-decided).
+    cb = ImmiscibleCoupling(scope="auto", seed=3)
+    cb.auto_group_size, cb.draws = 2, 12
+    again = ImmiscibleCoupling(scope="auto")
+    again.load_state_dict(cb.state_dict())
+    assert again.auto_group_size == 2 and again.effective_scope() == 2
+
+
 def test_single_item_batches_warn_once_and_keep_noise():
     module, cb = ToyDiffusion(sizes=(3,), batch_size=1), ImmiscibleCoupling(seed=6)
     with pytest.warns(UserWarning, match="batch of 1 item"):
@@ -378,3 +389,187 @@ def test_seed_none_follows_seed_everything():
         noises.append(torch.cat([r["noise"] for r in module.records]))
     assert torch.equal(noises[0], noises[1])
     assert not torch.equal(noises[0], noises[2])
+
+
+class WrappedCollateToy(ToyDiffusion):
+    """Its CouplingCollate is wrapped in another callable: the callback cannot find it (defect 5)."""
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=11)
+        return torch.utils.data.DataLoader(self._dataset(), batch_size=8, collate_fn=lambda s: collate(s))
+
+
+def test_stale_worker_noise_of_an_unidentifiable_collate_is_coupled_again_not_reused():
+    # A wrapped collate never hears set_epoch, so epoch 1's batches carry noise drawn for epoch 0's
+    # positions (the same noise as epoch 0, batch by batch). The callback must not use it: it couples
+    # those batches on the training process with its own stream (stream 3 of the pool generator at
+    # this draw) and warns how to fix the setup. Catches stale noise used silently (before issue 25:
+    # epoch 1 repeated epoch 0's noise exactly, since only exactly one found collate was re-run).
+    module, cb = WrappedCollateToy(sizes=(32,)), ImmiscibleCoupling(seed=1)
+    with pytest.warns(UserWarning, match=r"0 CouplingCollate\(s\) as its collate_fn .* single training"):
+        _fit(module, cb, max_epochs=2)
+    epoch0, epoch1 = module.records[:4], module.records[4:]
+    assert len(epoch1) == 4
+    for i, (a, b) in enumerate(zip(epoch0, epoch1, strict=True)):
+        assert torch.equal(a["x0"], b["x0"]) and not torch.equal(a["noise"], b["noise"])
+        pool = draw_pool(b["x0"].shape, 1, group_index=0, draw_index=4 + i, stream=3)
+        assert torch.equal(b["noise"], couple(b["x0"], pool).noise)
+    for a in epoch0:  # epoch 0's positions match: the worker's noise is used as it is
+        assert torch.equal(couple(a["x0"], a["noise"]).index, torch.arange(8))
+
+
+def test_a_resume_with_another_collate_seed_is_named():
+    # CouplingCollate(seed=None) takes torch.initial_seed() at construction, which the checkpoint does
+    # not hold: the callback records the collates' seeds and names a change on resume. Catches a
+    # silently different worker stream after a resume.
+    cb = ImmiscibleCoupling(seed=1)
+    cb.load_state_dict({**cb.state_dict(), "worker_seeds": [5]})
+
+    class Found:
+        train_dataloader = torch.utils.data.DataLoader([0], collate_fn=CouplingCollate(seed=6))
+        current_epoch = 0
+
+    with pytest.warns(UserWarning, match=r"seed\(s\) \[6\] differ from the checkpoint's \[5\]"):
+        cb.workers.start_epoch(Found())
+    assert cb.state_dict()["worker_seeds"] == [6]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [({"method": "lsa"}, {"method": "flip"}), ({"scope": "global"}, {"scope": "local"})],
+    ids=["method", "scope"],
+)
+def test_a_resume_with_another_method_or_scope_continues_the_stream_and_says_so(tmp_path, before, after):
+    # method and scope are part of the callback's state_key, so Lightning does not hand the saved
+    # state to a callback with another setting (it only prints its generic "add the following
+    # callbacks" warning). The callback must find it, continue the stream at the saved draw with the
+    # saved seed, and name the change. Catches a silent restart of the stream (draws 0-2 repeated:
+    # defect 6 of issue 25).
+    first = ResumableToy(sizes=(48,))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer(
+        callbacks=[ImmiscibleCoupling(seed=7, **before), ckpt], max_steps=3, enable_checkpointing=True
+    ).fit(first)
+    resumed, cb = ResumableToy(sizes=(48,)), ImmiscibleCoupling(seed=99, **after)
+    ((name, value),) = after.items()
+    with pytest.warns(
+        UserWarning, match=rf"couples with .*{name}={value!r}.* continues from it \(seed 7, draw 3"
+    ):
+        trainer(callbacks=[cb], max_steps=6).fit(resumed, ckpt_path=next(tmp_path.glob("*step=3*.ckpt")))
+    assert cb.seed == 7 and cb.draws == 6
+    for draw, rec in zip((3, 4, 5), resumed.records, strict=True):
+        pool = draw_pool(rec["x0"].shape, 7, group_index=0, draw_index=draw)
+        assert torch.equal(rec["noise"], couple(rec["x0"], pool, method=cb.spec.method).noise)
+
+
+def test_the_hand_off_is_released_when_the_module_skips_the_rest_of_the_epoch():
+    # The module's on_train_batch_start returns -1 at batch 1: Lightning skips the rest of the epoch
+    # without on_train_batch_end, after the callback coupled batch 1. The hand-off must be gone by
+    # the epoch's end. Catches a hand-off released only in on_train_batch_end (defect 7 of issue 25:
+    # it stayed set through the epoch end and later sampling).
+    class Skipping(ToyDiffusion):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 1 else None
+
+        def on_train_epoch_end(self):
+            self.ready_at_epoch_end.append(self.immiscible_noise_ready)
+
+    module = Skipping(sizes=(32,))
+    module.ready_at_epoch_end = []
+    _fit(module, ImmiscibleCoupling(seed=1), max_epochs=2)
+    assert module.ready_at_epoch_end == [False, False] and len(module.records) == 2
+    assert module.coupled_batch is None
+
+
+def test_manual_optimization_gets_the_coupled_noise_and_releases_it():
+    # Manual optimization: training_step steps the optimizer itself. The noise must be the exact
+    # pool coupling per batch (the oracle: couple() on the same pool) and the hand-off released.
+    class Manual(ToyDiffusion):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            opt.step()
+            self.ready.append(self.immiscible_noise_ready)
+
+    module = Manual(sizes=(32,))
+    module.ready = []
+    _fit(module, ImmiscibleCoupling(seed=4), max_steps=3)
+    assert module.ready == [True] * 3 and module.coupled_batch is None and len(module.records) == 3
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, 4, group_index=0, draw_index=draw)
+        assert torch.equal(rec["noise"], couple(rec["x0"], pool).noise)
+
+
+def test_noise_like_of_a_transformed_x0_raises_instead_of_mispairing():
+    # training_step rescales the batch after reading it: the noise was paired with batch[0], not with
+    # batch[0] * 2 - 1. Catches the coupled noise handed out for the transformed tensor (a silently
+    # wrong pairing: defect 7 of issue 25). A mere cast (x0.double()) stays allowed.
+    class Rescaling(ToyDiffusion):
+        def training_step(self, batch, batch_idx):
+            assert torch.equal(self.noise_like(batch[0].double()).double(), self.coupled_batch.noise.double())
+            self.noise_like(batch[0] * 2 - 1)
+
+    with pytest.raises(ValueError, match=r"other values .* immiscible_data override"):
+        _fit(Rescaling(), ImmiscibleCoupling(seed=1), max_steps=1)
+
+
+class HugeData(ToyDiffusion):
+    """Items of magnitude 1e20 (float32 or float64): squared distances overflow float32."""
+
+    def __init__(self, data_dtype: torch.dtype):
+        super().__init__()
+        self.data_dtype = data_dtype
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def train_dataloader(self):
+        gen = torch.Generator().manual_seed(0)
+        data = (torch.rand(32, 12, generator=gen, dtype=torch.float64) * 2 - 1) * 1e20
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(data.to(self.data_dtype)), batch_size=8
+        )
+
+    def training_step(self, batch, batch_idx):
+        x0 = self.immiscible_data(batch)
+        noise = self.noise_like(x0)
+        self.records.append({"x0": x0.detach().clone(), "noise": noise.detach().clone()})
+        return (self.scale * noise.float()).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_huge_data_is_coupled_with_float64_costs_through_the_callback(dtype):
+    # |x| ~ 1e20: float32 squared distances overflow to inf. The callback's group path must pick
+    # float64 costs and return a permutation of the pool (each pool row used once). Catches float32
+    # costs forced in couple_in_group (SciPy then fails with a raw "infeasible" error: mutation 10
+    # of issue 25).
+    module = HugeData(dtype)
+    _fit(module, ImmiscibleCoupling(seed=2), max_steps=3)
+    assert len(module.records) == 3
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, 2, group_index=0, draw_index=draw).to(dtype)
+        match = (rec["noise"][:, None, :] == pool[None, :, :]).all(-1)  # (B, B): noise i is pool row j
+        assert rec["noise"].dtype == dtype and bool((match.sum(1) == 1).all() and (match.sum(0) == 1).all())
+
+
+def test_the_coupling_runs_in_full_precision_inside_an_autocast_region():
+    # Lightning's precision plugins autocast only the training step, so the mixed-precision fits above
+    # never run the coupling under autocast; a fit inside the user's own autocast region does. The
+    # noise must be the fp32 coupling (the oracle: couple() outside autocast on the same pool).
+    # Catches the full-precision guard removed (bf16 costs pair differently on some batch).
+    module, cb = (
+        ToyDiffusion(sizes=(256,), batch_size=64, dim=100),
+        ImmiscibleCoupling(seed=6, precision="fp32"),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _fit(module, cb, max_steps=4)
+    assert len(module.records) == 4
+    for draw, rec in enumerate(module.records):
+        pool = draw_pool(rec["x0"].shape, 6, group_index=0, draw_index=draw)
+        assert torch.equal(
+            rec["noise"], couple(rec["x0"].float(), pool, precision="fp32").noise.to(rec["noise"])
+        )

@@ -265,11 +265,12 @@ def test_auto_scope_probes_locally_then_adopts_the_largest_group_that_fits(tmp_p
         assert torch.equal(torch.cat([r0[draw]["noise"], r1[draw]["noise"]]), couple(x_all, pool).noise)
 
 
-def test_auto_solver_race_uses_rank_zeros_winner_on_every_rank(tmp_path, monkeypatch):
+def test_auto_solver_race_decides_alike_on_every_rank_from_the_groups_times(tmp_path, monkeypatch):
     # Rank 1's timings favour the other solver ("a" sleeps 40 ms there, 0 on rank 0): both ranks must
-    # solve every batch with the same solver (both in the race, then rank 0's winner "a"), and the noise is
-    # the exact single-process coupling of the concatenated batch. Catches ranks that decide on their
-    # own timings (rank 1 would switch to "b" and disagree with rank 0 on every later batch).
+    # solve every batch with the same solver (both in the race, then the group's winner "b": per round
+    # the slowest rank's time, a = 40 ms > b = 10 ms, counted from the same header rows on each rank),
+    # and the noise is the exact single-process coupling of the concatenated batch. Catches ranks that
+    # decide on their own timings (rank 0 would keep "a" and disagree with rank 1 on every later batch).
     from lightning_immiscible.solvers import SOLVERS, SolverSpec, solve_scipy
 
     def racer(name, sleep_on_rank1):
@@ -286,9 +287,10 @@ def test_auto_solver_race_uses_rank_zeros_winner_on_every_rank(tmp_path, monkeyp
     coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=6)
     module = ToyDiffusion(sizes=(80, 80), batch_size=8, dim=100)
     ranks = _run(tmp_path, module, coupling, max_steps=9)
-    expected = ["a", "b"] * 4 + ["a"] * 5  # both race on the first 4 batches, then rank 0's winner
+    expected = ["a", "b"] * 5 + ["b"] * 4  # both race on the first 5 batches, then the group's winner
     assert ranks[0]["solver_calls"] == ranks[1]["solver_calls"] == expected
-    assert ranks[0]["auto_solver"] == ranks[1]["auto_solver"] == {"decided": [[2, 100, "a"]]}
+    decided = {"decided": [[2, 100, "b"]], "raced": [[2, 5]]}
+    assert ranks[0]["auto_solver"] == ranks[1]["auto_solver"] == decided
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
     for draw, (a, b) in enumerate(zip(r0, r1, strict=True)):
         x_all = torch.cat([a["x0"], b["x0"]])

@@ -129,13 +129,16 @@ def test_ranks_with_different_batch_counts_fail_at_the_first_batch_of_the_next_e
         assert "[[0, 2], [1, 2]]" in error  # (epoch, draw) of rank 0 and rank 1
 
 
-def test_a_killed_rank_ends_the_fit_within_bounded_time_and_leaves_no_rank_behind(tmp_path):
+def test_a_killed_rank_is_ended_by_the_launcher_within_bounded_time_and_leaves_no_rank_behind(tmp_path):
     # Rank 1 is killed (SIGKILL) inside the coupling hook while rank 0 waits in the header
     # exchange. Two endings race, and the user sees one of them: gloo reports the closed connection
     # and rank 0 fails with the group's message, or the launcher notices the dead process first,
-    # ends rank 0 and reports "process 1 terminated with signal SIGKILL". Either way the fit ends
-    # at once, with no rank left. Catches a surviving rank blocked in a collective after its peer
-    # died (it would wait for the 20 s timeout), a raw error in place of ours, and an orphan.
+    # ends rank 0 and reports "process 1 terminated with signal SIGKILL".
+    # What this test checks, honestly: the launcher's behaviour the multi-node guide describes (the
+    # fit ends at once, no rank is left). The launcher alone meets the time and no-orphan checks and
+    # usually wins the race, so this test cannot catch a defect of the library; our own message for
+    # a rank that does not reach the coupling is checked deterministically by the stall test above
+    # (`collective_timeout_s`) and by tests/test_ddp.py::test_collective_timeout_names_the_group_...
     coupling = RecordingCoupling(tmp_path, seed=1, collective_timeout_s=20)
     t = trainer(callbacks=[coupling], devices=2, strategy="ddp_fork", max_steps=2)
     start = time.monotonic()
@@ -189,3 +192,31 @@ def test_a_rank_failing_outside_the_coupling_ends_the_fit_within_the_strategy_ti
     assert _children() == [], "a rank outlived the failed fit"
     # The coupling itself never failed: what the user sees is the backend's or their own error.
     assert not (tmp_path / "error0.pt").exists() and not (tmp_path / "error1.pt").exists()
+
+
+class LateSeedCoupling(RecordingCoupling):
+    """Rank 1 reaches the seed broadcast (``seed=None``) 6 s late."""
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            time.sleep(6)
+        try:
+            super().on_fit_start(trainer, pl_module)
+        except Exception as exc:
+            torch.save({"error": f"{type(exc).__name__}: {exc}"}, self.out / f"error{trainer.global_rank}.pt")
+            raise
+
+
+def test_the_seed_broadcast_is_bounded_by_collective_timeout_s(tmp_path):
+    # With seed=None rank 0's seed is broadcast at fit start: a collective of ours, so
+    # collective_timeout_s must bound it (2 s here, rank 1 is 6 s late) and the message must name it.
+    # Catches the broadcast made through the strategy (its 30-minute timeout: the fit would simply
+    # wait for rank 1 and go on, before issue 25).
+    coupling = LateSeedCoupling(tmp_path, seed=None, collective_timeout_s=2)
+    t = trainer(callbacks=[coupling], devices=2, strategy="ddp_fork", max_steps=1)
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
+        t.fit(ToyDiffusion(sizes=(16,), batch_size=8))
+    error = torch.load(tmp_path / "error0.pt")["error"]
+    assert "the seed broadcast collective of coupling group 0 (ranks [0, 1]) failed" in error
+    assert "collective_timeout_s" in error
+    assert _children() == [], "a rank outlived the failed fit"

@@ -393,3 +393,76 @@ def test_api_reference_signatures_returns_choices_and_public_names(pages: list[P
         shown = [i for i in INTERNAL_IDS if i in ids]
         assert shown == ([*INTERNAL_IDS] if url == "/reference/internals/" else []), (url, shown)
     assert "CouplingSpec" in ref["/reference/"].text()
+
+
+# ---- the detectors themselves, fed known bad and good HTML (no site build) ------------------------
+# Each must report the broken page and stay silent on the good one: a detector that returns nothing
+# would otherwise keep every site test above green whatever the site looks like.
+
+
+def _page(body: str, url: str = "/guide/", head: str = "") -> Page:
+    html = (
+        f"<html><head>{head}</head><body><nav class='md-nav md-nav--primary'>"
+        "<a href='/guide/'>Guide</a><a href='../other/'>Other</a></nav>"
+        f"<article class='md-content__inner'>{body}</article></body></html>"
+    )
+    return Page(Path("guide/index.html"), url, parse(html))
+
+
+GOOD = (
+    "<p>Plain <em>prose</em> with <a href='#top'>a link</a>.</p>"
+    "<div class='highlight'><pre><code>x = 1</code></pre></div>"
+)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "<p>```python x = 1 ```</p>",
+        "<p>see [the guide](guide.md) here</p>",
+        "<p>| a | b |\n|---|---|</p>",
+        "<p>a **bold** claim</p>",
+        "<p>W<em>b and W</em>c</p>",
+        "<p><code>python\nx = 1</code></p>",
+    ],
+    ids=["fence", "link", "table", "emphasis", "emphasis_in_word", "inline_code_block"],
+)
+def test_the_markdown_detector_reports_unrendered_markdown(bad):
+    assert unrendered_markdown(_page(bad)), bad
+    assert unrendered_markdown(_page(GOOD)) == []
+
+
+def test_the_sphinx_detector_reports_roles_and_double_colons():
+    assert sphinx_markup(_page("<p>Use :func:`couple` here.</p>"))
+    assert sphinx_markup(_page("<p>Example::</p>"))
+    assert sphinx_markup(_page(GOOD)) == []
+
+
+def test_the_scroll_detector_reports_bare_pre_and_classed_tables():
+    assert unscrollable_blocks(_page("<pre>indented block</pre>"))
+    assert unscrollable_blocks(_page("<table class='wide'><tr><td>1</td></tr></table>"))
+    wrapped = "<div class='md-typeset__scrollwrap'><table class='wide'><tr><td>1</td></tr></table></div>"
+    assert unscrollable_blocks(_page(GOOD + wrapped)) == []
+
+
+def test_the_link_detector_reports_missing_files_and_anchors(tmp_path):
+    for name in ("guide", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "index.html").write_text("<p id='top'>x</p>")
+    ids = {"/guide/": {"top"}}
+    assert broken_links(_page("<a href='../missing/'>x</a>"), tmp_path, ids)
+    assert broken_links(_page("<a href='#nowhere'>x</a>"), tmp_path, ids)
+    assert broken_links(_page("<img src='pic.png'>"), tmp_path, ids)
+    assert (
+        broken_links(_page("<a href='#top'>x</a><a href='https://example.org/'>x</a>"), tmp_path, ids) == []
+    )
+
+
+def test_the_remote_asset_detector_reports_cdn_scripts_and_fonts():
+    assert remote_assets(_page("", head="<script src='https://cdn.example.org/x.js'></script>"))
+    assert remote_assets(_page("", head="<link rel='stylesheet' href='https://fonts.example.org/f.css'>"))
+    assert remote_assets(_page("<a href='https://example.org/'>a plain link is fine</a>")) == []
+
+
+def test_the_navigation_reader_finds_the_primary_nav_links():
+    assert nav_targets(_page(GOOD)) == {"/guide/", "/other/"}

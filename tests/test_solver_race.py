@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -46,21 +47,45 @@ def test_a_single_installed_exact_solver_is_not_raced(monkeypatch):
     assert race_candidates(512, 3072) == ("scipy",)
 
 
-def _race_batch(race: SolverRace, times: dict[str, float], batch: int) -> None:
-    """One race batch with given solver times (as the race's solver would measure them)."""
-    race.pending_ms.update(times)
-    race.record(batch)
+def _round(race: SolverRace, us_per_rank: list[list[int]]) -> None:
+    """One reported round: the group's header rows of a race batch (per rank, per candidate, µs)."""
+    race.count(us_per_rank)
+
+
+def _step(auto: AutoSolver, batch: int, ranks: int, dim: int, times: dict[str, float]) -> str | SolverSpec:
+    """One coupled batch of a one-rank group, as the callback runs it: solver, header, solve, record."""
+    solver = auto.solver_for(batch, ranks, dim)
+    fields = {"race_ranks": 0, "race_dim": 0, "race_us0": 0, "race_us1": 0, **auto.header_fields()}
+    auto.receive_headers({k: [v] for k, v in fields.items()})
+    if isinstance(solver, SolverSpec):
+        auto.racing.pending_ms.update(times)
+    auto.record(batch)
+    return solver
 
 
 def test_race_keeps_the_lowest_total_over_the_same_batches():
     # Totals by hand: a = 9 + 1 + 1 = 11, b = 2 + 2 + 2 = 6 -> b, although a is faster on 2 of 3
     # batches (a median rule would keep a). Catches deciding per batch, on medians or on the first batch.
     race = SolverRace(("a", "b"), batch=8, ranks=1, dim=100, warmup=0)
-    for ms_a in (9.0, 1.0, 1.0):
+    for us_a in (9000, 1000, 1000):
         assert not race.done
-        _race_batch(race, {"a": ms_a, "b": 2.0}, 8)
-    assert race.done and race.times_ms == {"a": [9.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}
+        _round(race, [[us_a, 2000]])
+    assert race.done and race.times_us == {"a": [9000, 1000, 1000], "b": [2000, 2000, 2000]}
     assert race.winner() == "b"
+
+
+def test_a_groups_round_counts_its_slowest_rank_so_every_rank_decides_alike():
+    # Rank 0 finds "a" faster, rank 1 "b"; the group waits for its slowest rank: per round a = 9,
+    # b = 3 ms -> "b" on every rank, since every rank counts the same gathered rows. Catches a
+    # decision from the rank's own times (rank 0 would keep "a": ranks of one group would disagree).
+    rows = [[1000, 3000], [9000, 2000]]
+    decisions = []
+    for _rank in range(2):
+        race = SolverRace(("a", "b"), batch=8, ranks=2, dim=100, rounds=2, warmup=0)
+        _round(race, rows)
+        _round(race, rows)
+        decisions.append(race.winner())
+    assert decisions == ["b", "b"]
 
 
 def test_race_solver_runs_every_candidate_and_returns_the_first_ones_answer(monkeypatch):
@@ -81,78 +106,108 @@ def test_race_solver_runs_every_candidate_and_returns_the_first_ones_answer(monk
     assert np.array_equal(col, solve_scipy(cost)) and set(race.pending_ms) == {"first", "second"}
 
 
-def test_race_batches_of_another_size_count_as_rounds_but_not_in_the_times():
-    # A short last batch is a race round (the schedule depends on the step only, equal on every
-    # rank) but its times do not count. Catches counting them (b's 0.1 ms would win).
+def test_race_batches_of_another_size_are_reported_without_times():
+    # A short last batch is a race batch but its times do not count. Catches counting them (b's
+    # 0.1 ms would win).
     race = SolverRace(("a", "b"), batch=8, ranks=1, dim=100, rounds=2, warmup=0)
-    _race_batch(race, {"a": 5.0, "b": 6.0}, 8)
-    _race_batch(race, {"a": 9.0, "b": 0.1}, 3)
-    assert race.done and race.times_ms == {"a": [5.0], "b": [6.0]}
+    race.pending_ms.update({"a": 5.0, "b": 6.0})
+    _round(race, [list(race.report(8).values())[2:]])
+    race.pending_ms.update({"a": 9.0, "b": 0.1})
+    short = race.report(3)
+    assert short == {"race_ranks": 1, "race_dim": 100, "race_us0": -1, "race_us1": -1}
+    _round(race, [[short["race_us0"], short["race_us1"]]])
+    assert not race.done and race.times_us == {"a": [5000], "b": [6000]}
     assert race.winner() == "a"
 
 
 def test_tied_totals_go_to_the_rule_order():
     race = SolverRace(("a", "b"), batch=4, ranks=1, dim=100, rounds=1, warmup=0)
-    _race_batch(race, {"a": 1.0, "b": 1.0}, 4)
+    _round(race, [[1000, 1000]])
     assert race.winner() == "a"
 
 
-def test_the_warm_up_batch_is_solved_but_not_counted():
+def test_the_warm_up_round_is_solved_but_not_counted():
     # A solver's first call in a process carries one-off costs (16 ms for lapjv in the latent example,
     # more than its solve): counting it would hand the race to the other solver. Catches counting it.
     race = SolverRace(("a", "b"), batch=4, ranks=1, dim=100, rounds=2)
     assert race.warmup == 1
-    _race_batch(race, {"a": 20.0, "b": 1.5}, 4)
-    assert not race.done and race.times_ms == {}
-    _race_batch(race, {"a": 1.0, "b": 1.5}, 4)
-    _race_batch(race, {"a": 1.0, "b": 1.5}, 4)
+    _round(race, [[20000, 1500]])
+    assert not race.done and race.times_us == {}
+    _round(race, [[1000, 1500]])
+    _round(race, [[1000, 1500]])
     assert race.done and race.winner() == "a"
 
 
-def test_auto_solver_takes_rank_zeros_decision_not_its_own(monkeypatch):
-    # Under DDP each rank times its own solves; the decision must be rank 0's (broadcast), else ranks
-    # of one group could solve the same cost with different solvers. Catches: using the local winner.
+def test_alternating_item_sizes_still_end_both_races(monkeypatch):
+    # Resolution buckets: D alternates 3072 / 4096 between batches. Each pool shape keeps its own race,
+    # so both are decided after 4 race batches each (1 warm-up + 3 counted; each report arrives in the
+    # other shape's batch, before this shape's next one). Catches a race discarded whenever the key changes
+    # (every batch would be a race batch, forever: defect 1 of issue 25).
     _fake(monkeypatch, "first", -3)
     _fake(monkeypatch, "second", -2)
-    auto = AutoSolver(rounds=1, warmup=0)
-    solver, note = auto.solver_for(8, 2, 100)
-    assert isinstance(solver, SolverSpec) and note is None
-    auto.race.pending_ms.update({"first": 1.0, "second": 5.0})  # locally, "first" wins
+    auto = AutoSolver()
+    raced = 0
+    for i in range(40):
+        solver = _step(auto, 8, 1, (3072, 4096)[i % 2], {"first": 2.0, "second": 1.0})
+        raced += isinstance(solver, SolverSpec)
+    assert auto.decided == {(1, 3072): "second", (1, 4096): "second"}
+    assert raced == 8 and auto.races == {}
+
+
+def test_a_race_whose_rounds_never_count_ends_on_the_rule(monkeypatch):
+    # Every batch is short (its times never count): the race still ends after 2 x (1 + 3) batches,
+    # on the rule's choice. Catches a race that waits for counted rounds forever.
+    _fake(monkeypatch, "first", -3)
+    _fake(monkeypatch, "second", -2)
+    auto = AutoSolver()
+    auto.solver_for(8, 1, 100)  # the race's batch size is 8; every later batch has 7 items
     auto.record(8)
-    sent = []
-    line = auto.finish(lambda index: sent.append(index) or 1)  # rank 0 says: index 1
-    assert sent == [0] and auto.decided == {(2, 100): "second"}
-    assert line is not None and "using 'second'" in line
-    assert auto.solver_for(8, 2, 100) == ("second", None)
-    # a larger group (scope="auto" decided) races again
-    assert isinstance(auto.solver_for(8, 4, 100)[0], SolverSpec) and auto.race.key == (4, 100)
+    kinds = [isinstance(_step(auto, 7, 1, 100, {"first": 9.0, "second": 1.0}), SolverSpec) for _ in range(12)]
+    assert kinds == [True] * 7 + [False] * 5 and auto.decided == {(1, 100): "first"}
+
+
+def test_race_batches_per_group_size_are_capped(monkeypatch):
+    # Many pool shapes (one new D per batch): after max_batches race batches for a group size, new
+    # shapes use the rule without racing. Catches a run that races on every new shape forever.
+    _fake(monkeypatch, "first", -3)
+    _fake(monkeypatch, "second", -2)
+    auto = AutoSolver(max_batches=6)
+    kinds = [
+        isinstance(_step(auto, 8, 1, 100 + i, {"first": 1.0, "second": 2.0}), SolverSpec) for i in range(10)
+    ]
+    assert kinds == [True] * 6 + [False] * 4
+    assert auto.raced == {1: 6} and all(auto.decided[(1, 100 + i)] == "first" for i in range(6, 10))
+    assert auto.solver_for(8, 1, 100) == "first"  # a shape whose race had begun ends on the rule too
+    # another group size (scope="auto" grew the group) has its own budget
+    assert isinstance(auto.solver_for(8, 2, 100), SolverSpec)
 
 
 def test_auto_solver_state_round_trip_drops_unknown_solvers(monkeypatch):
     _fake(monkeypatch, "first", -3)
     auto = AutoSolver()
     auto.decided = {(1, 100): "first", (2, 300): "scipy"}
+    auto.raced = {1: 4}
     again = AutoSolver()
     again.load_state_dict(auto.state_dict())
-    assert again.decided == auto.decided
+    assert again.decided == auto.decided and again.raced == {1: 4}
     monkeypatch.delitem(SOLVERS, "first")
     again.load_state_dict(auto.state_dict())
     assert again.decided == {(2, 300): "scipy"}
 
 
-def test_low_dimensional_items_use_the_rule_without_a_race(caplog):
+def test_low_dimensional_items_use_the_rule_without_a_race():
     auto = AutoSolver()
-    name, note = auto.solver_for(256, 1, 2)
-    assert name == choose_exact_solver(256, 2) and note is not None and "no race" in note
-    assert auto.solver_for(256, 1, 2) == (name, None)  # noted once
-    assert auto.race is None
+    name = auto.solver_for(256, 1, 2)
+    assert name == choose_exact_solver(256, 2) and len(auto.notes) == 1 and "no race" in auto.notes[0]
+    assert auto.solver_for(256, 1, 2) == name and len(auto.notes) == 1  # noted once
+    assert auto.races == {}
 
 
 def test_callback_races_then_keeps_the_faster_solver(monkeypatch, caplog):
     # Two exact solvers: the rule prefers "slow" (priority), "fast" is 25 ms quicker per call. Both
-    # must solve each of the first 4 batches (1 warm-up + 3), then "fast" alone; the callback must
-    # log the choice and checkpoint it; the noise is exact throughout (the oracle: couple() with
-    # SciPy on the same pool).
+    # must solve each of the first 5 batches (1 warm-up + 3 counted + 1 solved while the last report
+    # travelled in the next header), then "fast" alone; the callback must log the choice and
+    # checkpoint it; the noise is exact throughout (the oracle: couple() with SciPy on the same pool).
     # Catches: keeping the rule's choice, no race, a race that never ends, or a decision not saved.
     calls: list[str] = []
     _fake(monkeypatch, "slow", -3, sleep_s=0.03, calls=calls)
@@ -160,15 +215,37 @@ def test_callback_races_then_keeps_the_faster_solver(monkeypatch, caplog):
     module, cb = ToyDiffusion(sizes=(80,), batch_size=8, dim=100), ImmiscibleCoupling(seed=5)
     with caplog.at_level("INFO"):
         trainer(callbacks=[cb], max_steps=10).fit(module)
-    assert calls == ["slow", "fast"] * 4 + ["fast"] * 6  # a warm-up batch, 3 counted, then the winner
+    assert calls == ["slow", "fast"] * 5 + ["fast"] * 5
     assert cb.auto_solver.decided == {(1, 100): "fast"}
-    assert cb.state_dict()["auto_solver"] == {"decided": [[1, 100, "fast"]]}
+    assert cb.state_dict()["auto_solver"] == {"decided": [[1, 100, "fast"]], "raced": [[1, 5]]}
     lines = [r.getMessage() for r in caplog.records if "raced" in r.getMessage()]
     assert len(lines) == 1 and lines[0].endswith("using 'fast'.")
-    assert "pools of 8 items of 100 values" in lines[0]
+    assert "(solver time on the same 3 batches, pools of 8 items of 100 values)" in lines[0]
     for draw, rec in enumerate(module.records):
         pool = draw_pool(rec["x0"].shape, seed=5, group_index=0, draw_index=draw)
         assert torch.equal(rec["noise"], couple(rec["x0"], pool, solver="scipy").noise)
+
+
+def test_race_batches_count_only_the_used_solvers_time_in_assign_ms(monkeypatch):
+    # The rule's solver is instant, the other candidate takes 150 ms on each race batch. The overhead
+    # warning (assignment > 50 % of the step) must not fire and the logged assign_ms of race batches
+    # must not include the 150 ms. Catches assign_ms / the overhead check computed on both solvers'
+    # time (defect 4 of issue 25: the warning fired although the solver kept is fast).
+    _fake(monkeypatch, "quick", -3)
+    _fake(monkeypatch, "sluggish", -2, sleep_s=0.15)
+    logged: list[float] = []
+
+    class Spy(ImmiscibleCoupling):
+        def _log(self, pl_module, result, batch_size):
+            logged.append(result.assign_ms)
+
+    module, cb = ToyDiffusion(sizes=(64,), batch_size=8, dim=100), Spy(seed=5, max_step_fraction=0.5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(callbacks=[cb], max_steps=6).fit(module)
+    assert not [w for w in seen if "max_step_fraction" in str(w.message)]
+    assert len(logged) == 6 and max(logged[:5]) < 100  # race batches: quick's time only
+    assert cb.auto_solver.decided == {(1, 100): "quick"}
 
 
 def test_a_named_solver_is_never_raced(monkeypatch):
@@ -186,4 +263,4 @@ def test_methods_without_an_assignment_do_not_race(monkeypatch, method):
     _fake(monkeypatch, "slow", -3, calls=calls)
     module, cb = ToyDiffusion(sizes=(32,), batch_size=8, dim=100), ImmiscibleCoupling(method=method, seed=5)
     trainer(callbacks=[cb], max_steps=4).fit(module)
-    assert calls == [] and cb.auto_solver.decided == {} and cb.auto_solver.race is None
+    assert calls == [] and cb.auto_solver.decided == {} and cb.auto_solver.races == {}

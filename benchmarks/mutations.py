@@ -1,0 +1,281 @@
+"""Mutation check: does the test suite catch a one-line break of each invariant that matters most?
+
+For every mutation below (a file, an exact text that occurs once in it, its broken replacement and
+the tests that must then fail) the script copies the repository to a temporary directory, applies
+the mutation there, runs the named tests with pytest and reports whether they failed ("caught") or
+passed ("missed"). The working tree is never modified. Not part of CI: each mutation runs its
+tests once (some are 2-process DDP fits), so run a few at a time on a busy machine.
+
+    python benchmarks/mutations.py --list
+    python benchmarks/mutations.py --only race_own_times assign_ms_both_solvers
+
+``--baseline`` first runs the named tests on the unmutated copy (they must pass, else a "caught"
+would mean nothing). Prints a Markdown table and, with ``--json PATH``, writes the results.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns(
+    ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "site", "*.ckpt", "lightning_logs"
+)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One broken variant: replace ``old`` (which occurs exactly once in ``file``) by ``new``."""
+
+    id: str
+    invariant: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+CB, RACE, DIST = (
+    "lightning_immiscible/callback.py",
+    "lightning_immiscible/solver_race.py",
+    "lightning_immiscible/distributed.py",
+)
+MUTATIONS = (
+    Mutation(
+        "race_own_times",
+        "every rank of a group decides the solver race from the same gathered times",
+        RACE,
+        "self.times_us.setdefault(name, []).append(max(ts[i] for ts in us_per_rank))",
+        "self.times_us.setdefault(name, []).append(us_per_rank[0][i])",
+        (
+            "tests/test_solver_race.py::test_a_groups_round_counts_its_slowest_rank_so_every_rank_decides_alike",
+        ),
+    ),
+    Mutation(
+        "race_discarded_on_key_change",
+        "a race is kept per (group size, D), so alternating item sizes still end it",
+        RACE,
+        "        race = self.races.get(key)\n        if race is None:\n            candidates",
+        "        race = self.races.get(key) if list(self.races) in ([], [key]) else self.races.clear()\n"
+        "        if race is None:\n            candidates",
+        ("tests/test_solver_race.py::test_alternating_item_sizes_still_end_both_races",),
+    ),
+    Mutation(
+        "race_unbounded",
+        "a race whose rounds never count still ends (on the rule)",
+        RACE,
+        "return self.step >= 2 * (self.warmup + self.rounds)",
+        "return False",
+        ("tests/test_solver_race.py::test_a_race_whose_rounds_never_count_ends_on_the_rule",),
+    ),
+    Mutation(
+        "solver_identity_unchecked",
+        "the ranks of a group solve with the same solver, or all fail naming them",
+        DIST,
+        "    _agree_on_solver(group, heads, identity)\n",
+        "\n",
+        (
+            "tests/test_ddp_race.py::test_ranks_of_a_group_with_different_solvers_fail_with_a_message_naming_them",
+        ),
+    ),
+    Mutation(
+        "assign_ms_both_solvers",
+        "assign_ms and the overhead warning count only the used solver on race batches",
+        CB,
+        "extra = self.auto_solver.extra_ms()",
+        "extra = 0.0",
+        ("tests/test_solver_race.py::test_race_batches_count_only_the_used_solvers_time_in_assign_ms",),
+    ),
+    Mutation(
+        "float32_costs_forced",
+        "huge or float64 data get float64 costs in the group path",
+        DIST,
+        'dtype = torch.float64 if bool(heads[:, FIELD["wide"]].any()) else torch.float32',
+        "dtype = torch.float32",
+        ("tests/test_callback.py::test_huge_data_is_coupled_with_float64_costs_through_the_callback",),
+    ),
+    Mutation(
+        "full_precision_guard_removed",
+        "the coupling runs in full precision inside an autocast region",
+        CB,
+        "        with full_precision(x0):\n            result = couple_in_group(",
+        "        with torch.inference_mode(False):\n            result = couple_in_group(",
+        ("tests/test_callback.py::test_the_coupling_runs_in_full_precision_inside_an_autocast_region",),
+    ),
+    Mutation(
+        "draws_not_restored",
+        "a resumed run continues the noise stream at the saved draw",
+        CB,
+        'self.draws = int(state_dict["draws"])',
+        "self.draws = 0",
+        ("tests/test_callback.py::test_resume_draws_the_same_noise_stream",),
+    ),
+    Mutation(
+        "auto_group_size_not_restored",
+        "scope='auto' keeps its measured group size on resume",
+        CB,
+        'self.auto_group_size = state_dict.get("auto_group_size")',
+        "self.auto_group_size = None",
+        ("tests/test_callback.py::test_scope_auto_group_size_is_restored_on_resume_in_the_same_world",),
+    ),
+    Mutation(
+        "changed_setting_restarts_stream",
+        "a resume with another method or scope continues the stream and says so",
+        "lightning_immiscible/monitoring.py",
+        "    if key in states:\n",
+        "    if True:\n",
+        (
+            "tests/test_callback.py::test_a_resume_with_another_method_or_scope_continues_the_stream_and_says_so",
+        ),
+    ),
+    Mutation(
+        "stale_worker_noise_used",
+        "worker noise drawn for another position is never used",
+        "lightning_immiscible/worker_batches.py",
+        "            return self._fallback(x0, worker, position, fallback)\n",
+        "\n",
+        (
+            "tests/test_callback.py::test_stale_worker_noise_of_an_unidentifiable_collate_is_coupled_again_not_reused",
+        ),
+    ),
+    Mutation(
+        "hand_off_kept_after_skip",
+        "the hand-off is released when the module skips the rest of the epoch",
+        CB,
+        "sampling.\n        as_immiscible_module(pl_module).release_coupled_batch()",
+        "sampling.\n        pass",
+        (
+            "tests/test_callback.py::test_the_hand_off_is_released_when_the_module_skips_the_rest_of_the_epoch",
+        ),
+    ),
+    Mutation(
+        "transformed_x0_mispaired",
+        "noise_like never pairs the coupled noise with a transformed x0",
+        "lightning_immiscible/mixin.py",
+        "            _check_same_values(x0, coupled.x0)\n",
+        "\n",
+        ("tests/test_callback.py::test_noise_like_of_a_transformed_x0_raises_instead_of_mispairing",),
+    ),
+    Mutation(
+        "epoch_not_compared",
+        "ranks at different (epoch, draw) fail together instead of pairing across epochs",
+        DIST,
+        'steps = heads[:, [FIELD["epoch"], FIELD["draw"]]]',
+        'steps = heads[:, [FIELD["draw"]]]',
+        (
+            "tests/test_ddp_faults.py::test_ranks_with_different_batch_counts_fail_at_the_first_batch_of_the_next_epoch",
+        ),
+    ),
+    Mutation(
+        "pool_per_rank",
+        "every rank of a group draws the same pool (global coupling = one process's)",
+        DIST,
+        "pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)",
+        "pool = draw_pool((total, *x.shape[1:]), seed, _rank(), draw_index, device)",
+        ("tests/test_ddp.py::test_global_coupling_equals_single_process_coupling_of_concatenated_batch",),
+    ),
+)
+
+
+@dataclass
+class Outcome:
+    id: str
+    invariant: str
+    tests: list[str]
+    result: str  # "caught", "missed", "baseline failed", "not applicable"
+    seconds: float
+    detail: str = ""
+
+
+def copy_repo(dest: Path) -> Path:
+    """The working tree (tracked and untracked files, no caches) under ``dest``."""
+    target = dest / "repo"
+    shutil.copytree(ROOT, target, ignore=IGNORE)
+    return target
+
+
+def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    """Runs ``tests`` in ``repo``; returns pytest's exit code (124 on timeout) and its last lines."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, "timed out (counted as caught: the mutation hangs the test)"
+    return done.returncode, "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+
+
+def check(mutation: Mutation, timeout: float, baseline: bool) -> Outcome:
+    """Applies one mutation to a fresh copy and runs its tests."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        repo = copy_repo(Path(tmp))
+        path = repo / mutation.file
+        text = path.read_text()
+        if text.count(mutation.old) != 1:
+            found = text.count(mutation.old)
+            return Outcome(mutation.id, mutation.invariant, list(mutation.tests), "not applicable", 0.0,
+                           f"the text to replace occurs {found} times in {mutation.file}")  # fmt: skip
+        if baseline:
+            code, tail = run_tests(repo, mutation.tests, timeout)
+            if code != 0:
+                return Outcome(mutation.id, mutation.invariant, list(mutation.tests), "baseline failed",
+                               time.monotonic() - start, tail)  # fmt: skip
+        path.write_text(text.replace(mutation.old, mutation.new))
+        code, tail = run_tests(repo, mutation.tests, timeout)
+    # pytest: 1 = tests failed; 124 = hung; 2-5 = usage / collection errors or no test ran
+    result = "caught" if code in (1, 124) else "missed" if code == 0 else f"error (pytest exit {code})"
+    return Outcome(
+        mutation.id, mutation.invariant, list(mutation.tests), result, time.monotonic() - start, tail
+    )
+
+
+def table(outcomes: list[Outcome]) -> str:
+    rows = ["| mutation | invariant | test | result |", "|---|---|---|---|"]
+    for o in outcomes:
+        tests = "<br>".join(f"`{t.split('::')[-1]}`" for t in o.tests)
+        rows.append(f"| `{o.id}` | {o.invariant} | {tests} | {o.result} ({o.seconds:.0f} s) |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="ID", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--baseline", action="store_true", help="run each test unmutated first")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    known = {m.id: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.id}: {m.invariant} ({m.file}; {', '.join(m.tests)})")
+        return 0
+    unknown = set(args.only or ()) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown mutation id(s) {sorted(unknown)}; see --list")
+    chosen = [known[i] for i in args.only] if args.only else list(MUTATIONS)
+    outcomes = []
+    for mutation in chosen:
+        outcome = check(mutation, args.timeout, args.baseline)
+        print(f"{outcome.id}: {outcome.result} ({outcome.seconds:.0f} s)", file=sys.stderr, flush=True)
+        outcomes.append(outcome)
+    print(table(outcomes))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+    return 0 if all(o.result == "caught" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
