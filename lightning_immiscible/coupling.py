@@ -37,12 +37,18 @@ from torch import Tensor
 from lightning_immiscible.costs import (
     METRICS,
     PRECISIONS,
+    CostRows,
     Metric,
     Precision,
+    assigned_distances,
     check_choice,
-    cost_matrix,
+    cost_rows,
+    norm_checked_dtype,
     paired_distance,
+    range_cost_dtype,
+    value_ranges,
 )
+from lightning_immiscible.solver_cache import AUTO_SOLVERS
 from lightning_immiscible.solvers import SolverSpec, resolve_solver, solve
 
 Method = Literal["lsa", "knn", "flip", "none"]
@@ -149,19 +155,23 @@ class CouplingSpec:
         Returns:
             The [CouplingResult][lightning_immiscible.coupling.CouplingResult].
         """
-        check_inputs(x0, noise, self.method, self.check_finite)
-        if self.method == "knn":
-            return _couple_knn(x0, noise, self.metric)
+        check_inputs(x0, noise, self.method, check_finite=False)  # the values: one scan below
         b = x0.shape[0]
-        before = paired_distance(x0, noise, self.metric) if b else x0.new_zeros(0)
-        if self.method == "none" or b <= 1:
+        if self.method == "knn" or self.method == "none" or b <= 1:
+            ranges = _checked_ranges(x0, noise, self.check_finite)
+            if self.method == "knn":
+                return _couple_knn(x0, noise, self.metric)
+            wide = torch.float64 in (x0.dtype, noise.dtype)
+            dtype = range_cost_dtype(ranges, math.prod(x0.shape[1:]), self.metric, wide)
+            before = _mean(paired_distance(x0, noise, self.metric, dtype)) if b else 0.0
             index = torch.arange(b, device=x0.device)
-            return CouplingResult(
-                noise, index, _mean(before), _mean(before), method=self.method, metric=self.metric
-            )
-        found = assign(x0, noise, self)
-        paired = noise[found.index]
-        after = paired_distance(x0, paired, self.metric)
+            return CouplingResult(noise, index, before, before, method=self.method, metric=self.metric)
+        dtype, norms = _cost_inputs(x0, noise, self.metric, self.check_finite)
+        dim = x0[0].numel()
+        solver = AUTO_SOLVERS.solver(b, dim, self.metric) if self.solver == "auto" else None
+        found = assign(x0, noise, self, dtype=dtype, norms=norms, solver=solver)
+        paired = noise.index_select(0, found.index)
+        before, after = pair_distances(found, x0, noise, 0, self)
         return found.result(paired, _mean(before), _mean(after), self)
 
 
@@ -213,11 +223,15 @@ class Assignment:
         index: `(b,)` int64 on the data's device: the noise (pool) item assigned to each row.
         cost_ms: Cost rows, their gathering across ranks and the device-to-host copy, ms.
         solve_ms: The solver, ms.
+        rows: This process's `(b, B)` cost rows (on the data's device), from which
+            [pair_distances][lightning_immiscible.coupling.pair_distances] reads the pairs'
+            distances; `None` when no cost was built (`method="none"`, one item).
     """
 
     index: Tensor
     cost_ms: float
     solve_ms: float
+    rows: CostRows | None = None
 
     def result(
         self, noise: Tensor, cost_before: float, cost_after: float, spec: CouplingSpec
@@ -236,6 +250,8 @@ def assign(
     gather_rows: Callable[[Tensor], Tensor] | None = None,
     offset: int = 0,
     dtype: torch.dtype | None = None,
+    norms: tuple[Tensor, Tensor] | None = None,
+    solver: str | SolverSpec | None = None,
 ) -> Assignment:
     """Cost -> solve -> timing: the one assignment step of every coupling path.
 
@@ -252,19 +268,47 @@ def assign(
         offset: Row of `x[0]` in the full matrix.
         dtype: The cost's dtype (a group's agreed one); `None` chooses it from the inputs (see
             [cost_dtype][lightning_immiscible.costs.cost_dtype]).
+        norms: Squared norms of `x` and `noise` in `dtype`, when the caller has them already.
+        solver: The solver for this call instead of `spec.solver`.
 
     Returns:
         The [Assignment][lightning_immiscible.coupling.Assignment]; `index` has shape `(b,)`.
     """
     start = time.perf_counter()
-    rows = cost_matrix(x, -noise if spec.method == "flip" else noise, spec.metric, spec.precision, dtype)
-    full = (rows if gather_rows is None else gather_rows(rows)).cpu()
+    target = -noise if spec.method == "flip" else noise
+    rows = cost_rows(x, target, spec.metric, spec.precision, dtype, norms)
+    full = (rows.cost if gather_rows is None else gather_rows(rows.cost)).cpu()
     mid = time.perf_counter()
-    # The item dimension lets solver="auto" pick the solver measured fastest for such costs.
-    col = solve(full.double().numpy(), spec.solver, dim=math.prod(noise.shape[1:]))
+    # The item dimension lets solver="auto" pick the solver measured fastest for such costs; a
+    # float32 cost needs no rescaling into float32's range.
+    col = solve(full.double().numpy(), solver or spec.solver, dim=math.prod(noise.shape[1:]),
+                in_float32_range=full.dtype == torch.float32)  # fmt: skip
     end = time.perf_counter()
     index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
-    return Assignment(index, (mid - start) * 1e3, (end - mid) * 1e3)
+    return Assignment(index, (mid - start) * 1e3, (end - mid) * 1e3, rows)
+
+
+def pair_distances(
+    found: Assignment, x: Tensor, noise: Tensor, offset: int, spec: CouplingSpec
+) -> tuple[Tensor, Tensor]:
+    """Per-row distances before and after the re-pairing, from the cost rows already built.
+
+    Args:
+        found: The [Assignment][lightning_immiscible.coupling.Assignment] of `x`'s rows.
+        x: `(b, *dims)` this process's data.
+        noise: `(B, *dims)` the noise (pool) `found` assigned from.
+        offset: Row of `x[0]` in the full matrix: before re-pairing `x[i]` has `noise[offset + i]`.
+        spec: The coupling's metric and method.
+
+    Returns:
+        `(before, after)`, each `(b,)`: the distance of `x[i]` to `noise[offset + i]` and to
+        `noise[found.index[i]]`, in `spec.metric`
+        ([assigned_distances][lightning_immiscible.costs.assigned_distances]).
+    """
+    identity = torch.arange(offset, offset + x.shape[0], device=x.device)
+    pairs = [assigned_distances(found.rows, x, noise, cols, spec.metric, spec.method == "flip")
+             for cols in (identity, found.index)]  # fmt: skip
+    return pairs[0], pairs[1]
 
 
 def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: bool = True) -> None:
@@ -299,9 +343,37 @@ def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: b
     if x0.device != noise.device:
         raise CouplingInputError(f"x0 is on {x0.device} but noise is on {noise.device}.", "device")
     if check_finite:
-        # The group coupling validates x0 alone as check_inputs(x0, x0): scan it once.
-        for name, t in (("x0", x0),) if noise is x0 else (("x0", x0), ("noise", noise)):
+        _checked_ranges(x0, noise, True)
+
+
+def _checked_ranges(x0: Tensor, noise: Tensor, check_finite: bool) -> list[tuple[float, float]]:
+    """`(min, max)` of each input in one pass over each (the group coupling passes `x0` twice: once).
+
+    Raises `CouplingInputError` for NaN/Inf when `check_finite`; the ranges also decide the cost's
+    dtype ([range_cost_dtype][lightning_immiscible.costs.range_cost_dtype]).
+    """
+    named = (("x0", x0),) if noise is x0 else (("x0", x0), ("noise", noise))
+    ranges = value_ranges(*(t for _, t in named))
+    for (name, t), (low, high) in zip(named, ranges, strict=True):
+        if check_finite and not (math.isfinite(low) and math.isfinite(high)):
             _check_finite(name, t)
+    return ranges * 2 if noise is x0 else ranges
+
+
+def _cost_inputs(
+    x0: Tensor, noise: Tensor, metric: str, check_finite: bool
+) -> tuple[torch.dtype, tuple[Tensor, Tensor] | None]:
+    """The cost's dtype and, for `l2`/`sqeuclidean`, the squared norms: one pass over each input.
+
+    [norm_checked_dtype][lightning_immiscible.costs.norm_checked_dtype] checks the norms the cost
+    needs anyway; only when they fail (NaN/Inf inputs, or values so large that fp32 costs could
+    overflow) is each input scanned again, to tell the two apart.
+    """
+    checked = norm_checked_dtype(x0, noise) if metric != "l1" else None
+    if checked is not None:
+        return checked
+    wide = torch.float64 in (x0.dtype, noise.dtype)
+    return range_cost_dtype(_checked_ranges(x0, noise, check_finite), x0[0].numel(), metric, wide), None
 
 
 def _check_tensor(name: str, t: object) -> None:

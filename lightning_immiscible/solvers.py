@@ -263,7 +263,13 @@ def resolve_solver(name: str | SolverSpec, b: int = 0, dim: int | None = None) -
     return SOLVERS[name]
 
 
-def solve(cost: np.ndarray, solver: str | SolverSpec = "auto", *, dim: int | None = None) -> np.ndarray:
+def solve(
+    cost: np.ndarray,
+    solver: str | SolverSpec = "auto",
+    *,
+    dim: int | None = None,
+    in_float32_range: bool = False,
+) -> np.ndarray:
     """Solves the assignment for a square ``(B, B)`` cost matrix.
 
     Args:
@@ -273,6 +279,8 @@ def solve(cost: np.ndarray, solver: str | SolverSpec = "auto", *, dim: int | Non
         dim: Values per item the cost was computed from; lets ``"auto"`` pick the solver measured
             fastest for that dimension
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]).
+        in_float32_range: The caller knows every entry fits float32 (e.g. the cost was computed in
+            float32): skips the pass that finds the largest entry.
 
     Returns:
         ``(B,)`` int64 array ``col`` with row ``i`` assigned to column ``col[i]``.
@@ -283,7 +291,8 @@ def solve(cost: np.ndarray, solver: str | SolverSpec = "auto", *, dim: int | Non
         raise ValueError(f"solve() needs a square (B, B) cost matrix, got shape {cost.shape}.")
     if cost.shape[0] <= 1:
         return np.arange(cost.shape[0], dtype=np.int64)
-    return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(_within_float32(cost)), dtype=np.int64)
+    cost = cost if in_float32_range else _within_float32(cost)
+    return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(cost), dtype=np.int64)
 
 
 def _within_float32(cost: np.ndarray) -> np.ndarray:
@@ -292,5 +301,5 @@ def _within_float32(cost: np.ndarray) -> np.ndarray:
     Several backends (``lapjv``, ``greedy``) solve in float32: entries above 3.4e38 (e.g. squared
     distances of data scaled by 1e20) would become ``inf`` there, and ``lapjv`` then corrupts memory.
     """
-    top = float(np.abs(cost).max())
+    top = max(float(cost.max()), -float(cost.min()))  # no |cost| temporary
     return np.ldexp(cost, -int(np.frexp(top)[1])) if top > 1e30 else cost

@@ -317,3 +317,84 @@ def test_library_works_with_scipy_alone():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _race_solvers(monkeypatch, calls: list[str], slow_ms: float = 20.0) -> None:
+    """Two exact solvers besides SciPy, logging their calls: `first` (the rule's choice, slowed
+    down by `slow_ms`) and `second`."""
+    import time
+
+    def first(cost):
+        calls.append("first")
+        time.sleep(slow_ms / 1e3)
+        return solve_scipy_raw(cost)
+
+    def second(cost):
+        calls.append("second")
+        return solve_scipy_raw(cost)
+
+    _only(monkeypatch, "scipy")
+    register_solver("first", first, exact=True, priority=0, low_dim_priority=0)
+    register_solver("second", second, exact=True, priority=1, low_dim_priority=1)
+
+
+def solve_scipy_raw(cost):
+    rows, cols = linear_sum_assignment(cost)
+    return cols[np.argsort(rows)].astype(np.int64)
+
+
+def test_couple_auto_races_per_shape_then_keeps_the_faster_solver(monkeypatch):
+    # couple()'s solver="auto" (no callback): on the first 4 calls of a (B, D, metric) both
+    # candidates solve the same cost and the rule's answer is used; then the faster one alone.
+    # Catches: a race that never ends or never switches, timings that pick the answer of a race
+    # call, a race keyed on nothing (a new shape must race again), and racing below the size limit.
+    from lightning_immiscible.solver_cache import AUTO_SOLVERS, RACE_CALLS, RACE_WARMUP
+
+    calls: list[str] = []
+    _race_solvers(monkeypatch, calls)
+    monkeypatch.setattr(AUTO_SOLVERS, "_races", {})
+    gen = torch.Generator().manual_seed(8)
+    x0, noise = torch.rand(300, 3, 8, 8, generator=gen), torch.randn(300, 3, 8, 8, generator=gen)
+    oracle = solve_scipy_raw(torch.cdist(x0.flatten(1).double(), noise.flatten(1).double()).numpy())
+    race = RACE_WARMUP + RACE_CALLS
+    for step in range(race + 2):
+        calls.clear()
+        res = couple(x0, noise)
+        np.testing.assert_array_equal(res.index.numpy(), oracle)  # exact on every call
+        assert sorted(calls) == (["first", "second"] if step < race else ["second"])
+    assert AUTO_SOLVERS.decisions() == {(300, 192, "l2"): "second"}
+    calls.clear()
+    couple(x0[:280], noise[:280])  # another shape: races again
+    assert sorted(calls) == ["first", "second"]
+    calls.clear()
+    couple(x0[:200], noise[:200])  # below RACE_MIN_BATCH: the rule alone
+    couple(x0[:, :1, :4, :4].reshape(300, 16), noise[:, :1, :4, :4].reshape(300, 16))  # D <= 64
+    assert calls == ["first", "first"]
+
+
+def test_race_calls_return_the_rules_answer_whatever_the_timings(monkeypatch):
+    # On a race call the returned pairing is the rule's (first candidate's), even when the other
+    # candidate is faster and answers differently. Catches a race that returns the fastest answer.
+    from lightning_immiscible.solver_cache import SolverCache
+
+    _only(monkeypatch, "scipy")
+    register_solver("first", solve_scipy_raw, exact=True, priority=0)
+    register_solver("second", lambda c: np.arange(len(c))[::-1].copy(), exact=True, priority=1)
+    cost = np.random.default_rng(9).random((300, 300))
+    cache = SolverCache()
+    for _ in range(4):
+        col = cache.solver(300, 3072, "l2").fn(cost)
+        np.testing.assert_array_equal(col, solve_scipy_raw(cost))
+
+
+def test_group_coupling_never_uses_the_per_process_race(monkeypatch):
+    # Ranks of a group must solve with the same solver: couple_in_group keeps the fixed rule.
+    from lightning_immiscible import CouplingSpec
+    from lightning_immiscible.distributed import build_rank_group, couple_in_group
+
+    calls: list[str] = []
+    _race_solvers(monkeypatch, calls, slow_ms=0.0)
+    x0 = torch.rand(300, 3, 8, 8, generator=torch.Generator().manual_seed(10))
+    for step in range(5):
+        couple_in_group(x0, build_rank_group("global"), 0, step, CouplingSpec("lsa"))
+    assert calls == ["first"] * 5
