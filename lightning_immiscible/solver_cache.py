@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,18 +78,20 @@ class ShapeRace:
         return min(self.candidates, key=lambda n: (sum(self.times_ms[n]), self.candidates.index(n)))
 
 
-def shape_candidates(b: int, dim: int, min_batch: int = RACE_MIN_BATCH) -> tuple[str, ...]:
+def shape_candidates(
+    b: int, dim: int, min_batch: int = RACE_MIN_BATCH, among: Collection[str] | None = None
+) -> tuple[str, ...]:
     """The exact solvers raced for a ``(b, b)`` cost between items of ``dim`` values.
 
     The fixed rule's choice, then (for ``dim > LOW_DIM_MAX`` and ``b >= min_batch``) the
     next installed exact solver by ``priority`` other than SciPy, which was never the fastest on
-    these costs. A single name means no race.
+    these costs. A single name means no race. ``among`` limits both to those solvers.
     """
-    first = choose_exact_solver(b, dim)
+    first = choose_exact_solver(b, dim, among)
     if dim <= LOW_DIM_MAX or b < min_batch:
         return (first,)
     exact = sorted((s for s in SOLVERS.values() if s.exact and s.name != "scipy"), key=lambda s: s.priority)
-    return (first, *[s.name for s in exact if s.name != first])[:2]
+    return (first, *[s.name for s in exact if s.name != first and (among is None or s.name in among)])[:2]
 
 
 class SolverCache:

@@ -41,7 +41,7 @@ builds return other tuple layouts) falls back to SciPy instead of pairing silent
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,7 +250,7 @@ LOW_DIM_MAX = 64
 POINTS_DIM_MAX = 3
 
 
-def choose_exact_solver(b: int, dim: int | None = None) -> str:
+def choose_exact_solver(b: int, dim: int | None = None, among: Collection[str] | None = None) -> str:
     """The exact solver ``solver="auto"`` uses for a ``(b, b)`` cost between items of ``dim`` values.
 
     A fixed rule, identical on every rank (no timing): among the registered exact solvers whose
@@ -268,6 +268,7 @@ def choose_exact_solver(b: int, dim: int | None = None) -> str:
     Args:
         b: Items per side of the cost matrix.
         dim: Values per item (``x0[0].numel()``); ``None`` when unknown.
+        among: Only these registered solvers (e.g. those a benchmark run measured); ``None``: all.
 
     Returns:
         The name of a registered exact solver.
@@ -281,7 +282,8 @@ def choose_exact_solver(b: int, dim: int | None = None) -> str:
     """
     low = dim is not None and dim <= LOW_DIM_MAX
     points = dim is not None and dim <= POINTS_DIM_MAX
-    exact = [s for s in SOLVERS.values() if s.exact and b >= s.min_batch]
+    usable = SOLVERS if among is None else {n: s for n, s in SOLVERS.items() if n in among}
+    exact = [s for s in usable.values() if s.exact and b >= s.min_batch]
 
     def rank(s: SolverSpec) -> int:
         if points and s.points_priority is not None:

@@ -56,6 +56,30 @@ def test_assignment_benchmark_quick_run(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert out.is_file() and "cdist" in done.stdout
+    # ours:auto is couple() with its defaults: the call the check lines compare with cdist+scipy
+    assert "ours:auto" in {r["impl"] for r in json.loads(out.read_text())["results"]}
+
+
+def test_split_benchmark_quick_run_adds_up(tmp_path):
+    # --split: one couple() call = GEMM + solver + rest. Catches a rest that is not the remainder
+    # of the same medians, a missing budget line at B >= 1024, and a render that drops rows.
+    import call_split
+
+    out = tmp_path / "s.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "assignment.py"), "--split", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert [r["B"] for r in saved["split"]] == [64, 128] and saved["split_checks"] == []
+    for r in saved["split"]:
+        assert r["rest_ms"] == pytest.approx(r["call_ms"] - r["gemm_ms"] - r["solver_ms"])
+        assert r["rest_share"] == pytest.approx(r["rest_ms"] / r["call_ms"])
+    assert "| 128 | 3072 |" in call_split.render_split(saved)
+    row = {**saved["split"][0], "B": 1024, "rest_ms": 5.0, "call_ms": 100.0, "rest_share": 0.05}
+    assert "budget <= 10 %: met" in call_split.budget_line(row)
+    assert "MISSED" in call_split.budget_line({**row, "rest_ms": 11.0, "rest_share": 0.11})
 
 
 def test_assignment_benchmark_families_quick_run(tmp_path):
@@ -105,6 +129,9 @@ def test_race_replay_sums_every_candidate_over_the_first_batches(monkeypatch):
     times = {"a": [5.0] * 6, "b": [1.0, 9.0, 1.0, 1.0, 9.0, 11.0]}
     assert solver_families.replay_race(256, 784, times) == ("b", 12.0)
     assert solver_families.replay_race(256, 2, times)[1] == 0.0  # low-D: no race, no cost
+    # couple()'s per-process race (solver_cache) follows the same schedule, from B = 256 on.
+    assert solver_families.replay_shape_race(256, 784, times) == ("b", 12.0)
+    assert solver_families.replay_shape_race(128, 784, times) == ("a", 0.0)
 
 
 def test_performance_page_shows_the_committed_solver_family_run():
