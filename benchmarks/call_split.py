@@ -3,7 +3,8 @@
 Run through `python benchmarks/assignment.py --split` (see docs/performance.md, "Where a couple()
 call's time goes"). Per batch size B (default 512, 1024, 1536) and D = 3,072 (natural-image-like
 data against Gaussian noise, as in the main table), three things are timed on the same tensors,
-interleaved round-robin, `--repeats` rounds after a warm-up, medians reported:
+interleaved round-robin (so that a load change hits the parts of one round alike), `--repeats`
+rounds after a warm-up; medians over the rounds are reported:
 
 - `call`: `couple(x0, noise, solver=name)` with every other argument at its default (L2, the
   NaN/Inf check on), `name` being the exact solver the fixed rule picks for the shape;
@@ -11,7 +12,8 @@ interleaved round-robin, `--repeats` rounds after a warm-up, medians reported:
   cost, the one part no implementation of the L2 coupling can skip);
 - `solver`: the registered solver's function alone on the same float64 cost.
 
-`rest = call - gemm - solver` is everything else: the checks, the squared norms and the rest of
+`rest = call - gemm - solver` (per round, then its median and the median of its share of the call)
+is everything else: the checks, the squared norms and the rest of
 the cost matrix, the float64 copy handed to the solver, the gather of the paired noise and the
 before/after distances. The budget: `rest <= 10 %` of the call at B >= 1024.
 """
@@ -40,7 +42,7 @@ def _ms(fn: Any) -> float:
 
 
 def split_case(x0: torch.Tensor, noise: torch.Tensor, repeats: int) -> dict[str, Any]:
-    """One (B, D): median ms of the call, the GEMM and the solver, and the rest's share."""
+    """One (B, D): median ms of the call, the GEMM, the solver and the rest, and the rest's share."""
     b, d = x0.shape[0], x0[0].numel()
     name = choose_exact_solver(b, d)
     xf, nf = x0.reshape(b, -1).float().contiguous(), noise.reshape(b, -1).float().contiguous()
@@ -64,7 +66,7 @@ def split_case(x0: torch.Tensor, noise: torch.Tensor, repeats: int) -> dict[str,
             else:
                 times[key].append(_ms(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    rest = med["call"] - med["gemm"] - med["solver"]
+    rests = [c - g - s for c, g, s in zip(times["call"], times["gemm"], times["solver"], strict=True)]
     return {
         "B": b,
         "D": d,
@@ -72,8 +74,8 @@ def split_case(x0: torch.Tensor, noise: torch.Tensor, repeats: int) -> dict[str,
         "call_ms": med["call"],
         "gemm_ms": med["gemm"],
         "solver_ms": med["solver"],
-        "rest_ms": rest,
-        "rest_share": rest / med["call"],
+        "rest_ms": statistics.median(rests),
+        "rest_share": statistics.median(r / c for r, c in zip(rests, times["call"], strict=True)),
         "in_call_cost_ms": statistics.median(c for c, _ in in_call),
         "in_call_solve_ms": statistics.median(s for _, s in in_call),
         "repeats": repeats,
