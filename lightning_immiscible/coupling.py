@@ -34,6 +34,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from lightning_immiscible.checks import CouplingInputError, check_tensors, checked_ranges, cost_inputs
 from lightning_immiscible.costs import (
     METRICS,
     PRECISIONS,
@@ -43,10 +44,8 @@ from lightning_immiscible.costs import (
     assigned_distances,
     check_choice,
     cost_rows,
-    norm_checked_dtype,
     paired_distance,
     range_cost_dtype,
-    value_ranges,
 )
 from lightning_immiscible.solver_cache import AUTO_SOLVERS
 from lightning_immiscible.solvers import SolverSpec, resolve_solver, solve
@@ -54,18 +53,6 @@ from lightning_immiscible.solvers import SolverSpec, resolve_solver, solve
 Method = Literal["lsa", "knn", "flip", "none"]
 
 METHODS: tuple[Method, ...] = get_args(Method)
-
-
-class CouplingInputError(ValueError, TypeError):
-    """Invalid input to the coupling (NaN/Inf, integer tensors, mismatched shapes, unknown settings).
-
-    Subclasses both `ValueError` and `TypeError`. `reason` is a short machine-readable key (one of
-    `INPUT_ERROR_REASONS`) that ranks exchange so all of them fail together.
-    """
-
-    def __init__(self, message: str, reason: str = "invalid") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 INPUT_ERROR_REASONS: tuple[str, ...] = (
@@ -158,7 +145,7 @@ class CouplingSpec:
         check_inputs(x0, noise, self.method, check_finite=False)  # the values: one scan below
         b = x0.shape[0]
         if self.method == "knn" or self.method == "none" or b <= 1:
-            ranges = _checked_ranges(x0, noise, self.check_finite)
+            ranges = checked_ranges(x0, noise, self.check_finite)
             if self.method == "knn":
                 return _couple_knn(x0, noise, self.metric)
             wide = torch.float64 in (x0.dtype, noise.dtype)
@@ -166,7 +153,7 @@ class CouplingSpec:
             before = _mean(paired_distance(x0, noise, self.metric, dtype)) if b else 0.0
             index = torch.arange(b, device=x0.device)
             return CouplingResult(noise, index, before, before, method=self.method, metric=self.metric)
-        dtype, norms = _cost_inputs(x0, noise, self.metric, self.check_finite)
+        dtype, norms = cost_inputs(x0, noise, self.metric, self.check_finite)
         dim = x0[0].numel()
         solver = AUTO_SOLVERS.solver(b, dim, self.metric) if self.solver == "auto" else None
         found = assign(x0, noise, self, dtype=dtype, norms=norms, solver=solver)
@@ -325,78 +312,9 @@ def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: b
     """
     if method not in METHODS:
         raise CouplingInputError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    for name, t in (("x0", x0), ("noise", noise)):
-        _check_tensor(name, t)
-    expected = (x0.shape[0], noise.shape[1], *x0.shape[1:]) if method == "knn" else x0.shape
-    if method == "knn" and noise.ndim != x0.ndim + 1:
-        raise CouplingInputError(
-            f"knn needs noise of shape (B, k, *x0.shape[1:]) = (B, k, {', '.join(map(str, x0.shape[1:]))}), "
-            f"got {tuple(noise.shape)}.",
-            "shape",
-        )
-    if tuple(noise.shape) != tuple(expected):
-        raise CouplingInputError(
-            f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)} "
-            f"(expected {tuple(expected)} for method={method!r}).",
-            "shape",
-        )
-    if x0.device != noise.device:
-        raise CouplingInputError(f"x0 is on {x0.device} but noise is on {noise.device}.", "device")
+    check_tensors(x0, noise, method)
     if check_finite:
-        _checked_ranges(x0, noise, True)
-
-
-def _checked_ranges(x0: Tensor, noise: Tensor, check_finite: bool) -> list[tuple[float, float]]:
-    """`(min, max)` of each input in one pass over each (the group coupling passes `x0` twice: once).
-
-    Raises `CouplingInputError` for NaN/Inf when `check_finite`; the ranges also decide the cost's
-    dtype ([range_cost_dtype][lightning_immiscible.costs.range_cost_dtype]).
-    """
-    named = (("x0", x0),) if noise is x0 else (("x0", x0), ("noise", noise))
-    ranges = value_ranges(*(t for _, t in named))
-    for (name, t), (low, high) in zip(named, ranges, strict=True):
-        if check_finite and not (math.isfinite(low) and math.isfinite(high)):
-            _check_finite(name, t)
-    return ranges * 2 if noise is x0 else ranges
-
-
-def _cost_inputs(
-    x0: Tensor, noise: Tensor, metric: str, check_finite: bool
-) -> tuple[torch.dtype, tuple[Tensor, Tensor] | None]:
-    """The cost's dtype and, for `l2`/`sqeuclidean`, the squared norms: one pass over each input.
-
-    [norm_checked_dtype][lightning_immiscible.costs.norm_checked_dtype] checks the norms the cost
-    needs anyway; only when they fail (NaN/Inf inputs, or values so large that fp32 costs could
-    overflow) is each input scanned again, to tell the two apart.
-    """
-    checked = norm_checked_dtype(x0, noise) if metric != "l1" else None
-    if checked is not None:
-        return checked
-    wide = torch.float64 in (x0.dtype, noise.dtype)
-    return range_cost_dtype(_checked_ranges(x0, noise, check_finite), x0[0].numel(), metric, wide), None
-
-
-def _check_tensor(name: str, t: object) -> None:
-    if not isinstance(t, Tensor):
-        raise CouplingInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}.", "dtype")
-    if not t.is_floating_point():
-        raise CouplingInputError(
-            f"{name} has dtype {t.dtype}; the coupling needs floating-point tensors. Convert it "
-            f"(e.g. {name}.float(), images scaled as your model sees them) before coupling.",
-            "dtype",
-        )
-    if t.ndim < 1:
-        raise CouplingInputError(f"{name} must have a batch dimension, got a 0-d tensor.", "shape")
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    bad = t.numel() - int(torch.isfinite(t).sum())
-    if bad:
-        raise CouplingInputError(
-            f"{name} contains {bad} NaN/Inf value(s) (shape {tuple(t.shape)}); fix the data "
-            "pipeline or the model output that produced it before coupling.",
-            "non_finite",
-        )
+        checked_ranges(x0, noise, True)
 
 
 def _mean(t: Tensor) -> float:
