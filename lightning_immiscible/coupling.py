@@ -87,7 +87,9 @@ class CouplingSpec:
         precision: Cost-matrix matmul precision: `"auto"` (fp16 on CUDA, fp32 elsewhere),
             `"fp32"`, `"bf16"`, `"fp16"`.
         solver: `"auto"` (the installed exact solver measured fastest for the item dimension,
-            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]) or a name from
+            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]; in
+            [couple][lightning_immiscible.coupling.couple] refined by a race once per process and
+            cost shape, [SolverCache][lightning_immiscible.solver_cache.SolverCache]) or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers]. A plain `str`, not a
             `Literal`: the solver registry is open
             ([register_solver][lightning_immiscible.solvers.register_solver] adds names at run time),
@@ -97,7 +99,8 @@ class CouplingSpec:
         k: Candidates per item that the library draws for `"knn"` (group and worker coupling).
             [couple][lightning_immiscible.coupling.couple] reads `k` from the shape of the noise
             it is given instead.
-        check_finite: Scan the inputs for NaN/Inf first (recommended; one device sync).
+        check_finite: Raise on NaN/Inf inputs (recommended). The check rides on the pass that
+            the costs need anyway (one device sync); `False` only skips the error.
 
     Raises:
         CouplingInputError: On an unknown method, metric, precision or solver, or `k < 1`
@@ -368,9 +371,13 @@ def couple(
             overflow (see [cost_dtype][lightning_immiscible.costs.cost_dtype]).
         solver: Assignment solver name (`auto` = the installed exact solver measured fastest for
             the item dimension, see
-            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), or one of
+            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]; for items of
+            more than 64 values and B >= 256, the first 4 calls of each shape race the two fastest
+            candidates on the same cost, return the rule's answer, and later calls use the faster:
+            [SolverCache][lightning_immiscible.solver_cache.SolverCache]), or one of
             [available_solvers][lightning_immiscible.solvers.available_solvers].
-        check_finite: Scan inputs for NaN/Inf first (recommended; costs one device sync).
+        check_finite: Raise on NaN/Inf inputs (recommended; the check rides on the pass over the
+            inputs that the costs need anyway, one device sync).
 
     Returns:
         A [CouplingResult][lightning_immiscible.coupling.CouplingResult]; `result.noise` is on
