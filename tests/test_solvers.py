@@ -341,6 +341,8 @@ def _race_solvers(monkeypatch, calls: list[str], slow_ms: float = 20.0) -> None:
         return solve_scipy_raw(cost)
 
     _only(monkeypatch, "scipy")
+    for name in ("first", "second"):  # tracked by monkeypatch, so removed again after the test
+        monkeypatch.setitem(SOLVERS, name, SOLVERS["scipy"])
     register_solver("first", first, exact=True, priority=0, low_dim_priority=0)
     register_solver("second", second, exact=True, priority=1, low_dim_priority=1)
 
@@ -359,7 +361,7 @@ def test_couple_auto_races_per_shape_then_keeps_the_faster_solver(monkeypatch):
 
     calls: list[str] = []
     _race_solvers(monkeypatch, calls)
-    monkeypatch.setattr(AUTO_SOLVERS, "_races", {})
+    monkeypatch.setattr(AUTO_SOLVERS, "_races", {})  # the process's races, restored afterwards
     gen = torch.Generator().manual_seed(8)
     x0, noise = torch.rand(300, 3, 8, 8, generator=gen), torch.randn(300, 3, 8, 8, generator=gen)
     oracle = solve_scipy_raw(torch.cdist(x0.flatten(1).double(), noise.flatten(1).double()).numpy())
@@ -385,6 +387,8 @@ def test_race_calls_return_the_rules_answer_whatever_the_timings(monkeypatch):
     from lightning_immiscible.solver_cache import SolverCache
 
     _only(monkeypatch, "scipy")
+    for name in ("first", "second"):
+        monkeypatch.setitem(SOLVERS, name, SOLVERS["scipy"])
     register_solver("first", solve_scipy_raw, exact=True, priority=0)
     register_solver("second", lambda c: np.arange(len(c))[::-1].copy(), exact=True, priority=1)
     cost = np.random.default_rng(9).random((300, 300))
