@@ -50,6 +50,7 @@ def value_ranges(*tensors: Tensor) -> list[tuple[float, float]]:
     """
     stats = [torch.stack(torch.aminmax(t.detach())).double() if t.numel() else None for t in tensors]
     found = [s for s in stats if s is not None]
+    found = [s.to(found[0].device) for s in found]  # inputs on two devices: two numbers move
     values = iter(torch.cat(found).tolist() if found else [])
     return [(next(values), next(values)) if s is not None else (0.0, 0.0) for s in stats]
 

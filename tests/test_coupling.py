@@ -311,3 +311,24 @@ def test_non_finite_values_are_found_by_the_single_scan(metric):
         broken[2, 3] = bad
         with pytest.raises(CouplingInputError, match="noise contains 1 NaN/Inf"):
             couple(x0, broken, metric=metric)
+
+
+def test_one_pass_checks_report_ranges_and_norms_or_hand_over():
+    # value_ranges: min/max per tensor with NaN/Inf visible (oracle: Python's min/max on the
+    # values). norm_checked_dtype: the norms the cost uses (oracle: float64 sums of squares) when
+    # fp32 is safe, None (so the inputs get scanned) for NaN, Inf and values whose fp32 costs would
+    # overflow. Catches a NaN hidden by max() (torch.max propagates it, Python's does not), norms
+    # returned in another dtype or of the wrong rows, and an overflow passed off as fp32.
+    from lightning_immiscible.costs import norm_checked_dtype, value_ranges
+
+    a, b = torch.tensor([[1.0, -3.0], [2.0, 0.5]]), torch.tensor([float("inf"), 0.0])
+    assert value_ranges(a, torch.empty(0), b) == [(-3.0, 2.0), (0.0, 0.0), (0.0, float("inf"))]
+    assert all(v != v for v in value_ranges(torch.tensor([0.0, float("nan")]))[0])  # NaN, NaN
+    x, n = _data(5, 2, 3, seed=46), torch.randn(5, 2, 3, generator=_gen(47))
+    dtype, (x_sq, n_sq) = norm_checked_dtype(x, n)
+    assert dtype == torch.float32 and x_sq.dtype == torch.float32
+    torch.testing.assert_close(x_sq.double(), x.double().square().sum((1, 2)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(n_sq.double(), n.double().square().sum((1, 2)), rtol=1e-6, atol=0)
+    assert norm_checked_dtype(x.double(), n)[0] == torch.float64
+    for broken in (x * 1e19, x.masked_fill(x > 0.5, float("nan")), x.masked_fill(x > 0.5, float("inf"))):
+        assert norm_checked_dtype(broken, n) is None
