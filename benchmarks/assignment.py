@@ -16,8 +16,17 @@ With `--families`, instead: every registered solver on the same cost of each dat
 points, digits, MNIST, latents, images) at B = 128..2048, with the exact optimum checked and the
 solver `solver="auto"` picks (benchmarks/solver_families.py).
 
+With `--split`, instead: one `couple()` call split into the distance GEMM, the solver and
+everything else, at B = 512, 1024, 1536 and D = 3072 (benchmarks/call_split.py).
+
+`ours:auto` is `couple(x0, noise)` with every argument at its default (the NaN/Inf check on,
+`solver="auto"` after its per-process race, which is run before the timing): the call a plain
+user makes, and the one the check lines compare with `cdist` (the community port).
+
 Examples:
   python benchmarks/assignment.py --quick
+  python benchmarks/assignment.py --split --out benchmarks/results/call_split_cpu.json
+  python benchmarks/assignment.py --sizes 1024 1536 --dims 3072 --only cdist ours:auto --no-step-time
   python benchmarks/assignment.py --families --quick
   python benchmarks/assignment.py --families --threads 1 --out benchmarks/results/solver_families_cpu.json
   python benchmarks/assignment.py --out benchmarks/results/assignment_cpu.json
@@ -46,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 # The package imports Lightning only with its Lightning adapters: this script needs torch, NumPy and
 # SciPy alone, so it also runs on a GPU machine without Lightning.
 from lightning_immiscible.coupling import couple  # noqa: E402
+from lightning_immiscible.solver_cache import AUTO_SOLVERS, RACE_CALLS, RACE_WARMUP  # noqa: E402
 from lightning_immiscible.solvers import SOLVERS, available_solvers, choose_exact_solver  # noqa: E402
 from lightning_immiscible.workers import CouplingCollate, split_coupled_batch  # noqa: E402
 
@@ -152,6 +162,21 @@ def ours_impl(solver: str, method: str = "lsa") -> Callable[..., tuple[np.ndarra
     return run
 
 
+def ours_default(x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """`couple(x0, noise)` as a plain user calls it: every argument at its default."""
+    res = couple(x0, noise)
+    return res.index.cpu().numpy(), res.cost_ms, res.solve_ms
+
+
+def finish_auto_race(x0: torch.Tensor, noise: torch.Tensor) -> str:
+    """Runs `solver="auto"`'s per-process race for this shape (so that the timed calls are the
+    steady state a training loop sees) and returns the solver it decided on."""
+    for _ in range(RACE_WARMUP + RACE_CALLS):
+        couple(x0, noise)
+    b, d = x0.shape[0], x0[0].numel()
+    return AUTO_SOLVERS.decisions().get((b, d, "l2"), choose_exact_solver(b, d))
+
+
 def _call(fn: Callable, x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, tuple[float, ...]]:
     _sync(x0.device)
     start = time.perf_counter()
@@ -202,6 +227,7 @@ def implementations(device: torch.device) -> dict[str, Callable]:
         impls["torchcfm"] = torchcfm_impl
     except ImportError:
         pass
+    impls["ours:auto"] = ours_default
     for name in available_solvers():
         impls[f"ours:{name}"] = ours_impl(name)
     impls["ours:knn4"] = ours_impl("auto", "knn")
@@ -236,6 +262,8 @@ def run_case(b: int, d: int, args: argparse.Namespace, device: torch.device) -> 
         else:
             todo[name] = fn
     repeats = args.repeats if b < 2048 else max(1, args.repeats - 1)
+    if "ours:auto" in todo:
+        print(f"  B={b:5d} D={d:5d} ours:auto raced: uses {finish_auto_race(x0, noise)}", flush=True)
     for name, row in timed_round_robin(todo, x0, noise, repeats).items():
         if "skipped" in row:
             results.append({"impl": name, "B": b, "D": d, **row})
@@ -384,13 +412,14 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     lines = []
     by = {(r["impl"], r["B"], r["D"]): r for r in results if "total_ms" in r}
     for b, d in sorted({(r["B"], r["D"]) for r in results}):
-        auto = f"ours:{choose_exact_solver(b, d)}"
+        auto = "ours:auto" if ("ours:auto", b, d) in by else f"ours:{choose_exact_solver(b, d)}"
         ours, ref = by.get((auto, b, d)), by.get(("cdist", b, d))
         if ours and ref and b >= 1024:
             ok = ours["total_ms"] <= 0.3 * ref["total_ms"]
             lines.append(f"B={b} D={d}: {auto} total {ours['total_ms']:.0f} ms = "
                          f"{ours['total_ms'] / ref['total_ms']:.2f}x cdist+scipy (target <= 0.30: "
-                         f"{'met' if ok else 'MISSED'}); rel gap {ours['rel_gap']:.1e}")  # fmt: skip
+                         f"{'met' if ok else 'MISSED'}); rel gap {ours['rel_gap']:.1e} "
+                         f"({'same optimum' if abs(ours['rel_gap']) < 1e-6 else 'NOT optimal'})")  # fmt: skip
         exact = [r for (n, bb, dd), r in by.items() if (bb, dd) == (b, d) and n.startswith("ours:")
                  and n[5:] in SOLVERS and SOLVERS[n[5:]].exact]  # fmt: skip
         greedy = by.get(("ours:greedy", b, d))
@@ -406,7 +435,7 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="128..2048 (--split: 512 1024 1536)")
     p.add_argument("--dims", type=int, nargs="+", default=[3072, 4096, 12288])
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (B=2048: one fewer)")
     p.add_argument("--quick", action="store_true", help="B in {128, 256, 512}, D=3072, 2 repeats")
@@ -435,12 +464,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fam.add_argument(
         "--cap-s", type=float, default=12.0, help="skip a solver at 2B when 8x its time at B exceeds this"
     )
+    p.add_argument("--split", action="store_true", help="split one couple() call: GEMM, solver, the rest")
     args = p.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [512, 1024, 1536] if args.split else [128, 256, 512, 1024, 2048]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}, but torch.cuda.is_available() is False here; use --device cpu")
     if args.step_time_only:
         args.sizes, args.step_time = [], True
-    if args.quick and args.families is not None:
+    if args.quick and args.split:
+        args.sizes, args.repeats = [64, 128], 1
+    elif args.quick and args.families is not None:
         args.sizes, args.repeats, args.min_round_s, args.instances = [64, 128], 1, 0.0, 2
     elif args.quick:
         args.sizes, args.dims, args.repeats = [128, 256, 512], [3072], 2
@@ -466,6 +500,18 @@ def families_main(args: argparse.Namespace, card: str) -> dict[str, Any]:
     return out
 
 
+def split_main(args: argparse.Namespace, card: str) -> dict[str, Any]:
+    """The `--split` section: one couple() call as GEMM + solver + the rest (call_split.py)."""
+    import call_split
+
+    out = {"card": card, "argv": sys.argv[1:], "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(f"device cpu ({card}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    out.update(call_split.run(args.sizes, args.dims[0], args.repeats, natural_images))
+    print(call_split.render_split(out))
+    _write(out, args.out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling solver_families module
@@ -475,6 +521,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import solver_families
 
             print(solver_families.render_families(saved))
+        elif "split" in saved:
+            import call_split
+
+            print(call_split.render_split(saved))
         else:
             print(render_markdown(saved))
         return {}
@@ -484,6 +534,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     if args.families is not None:
         return families_main(args, card)
+    if args.split:
+        return split_main(args, card)
     print(f"device {device} ({card}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"solvers {available_solvers()}; auto (D > 64) -> {choose_exact_solver(1024, 3072)}")
     try:

@@ -1,11 +1,17 @@
 """Data-noise cost matrices: the distances the assignment minimises (pure torch, no Lightning).
 
 The cost matrix is one matmul (`||x||^2 + ||n||^2 - 2 x.n`), never a `(b, B, D)` broadcast
-tensor; half-precision inputs are norm-scaled so that fp16 cannot overflow.
+tensor; half-precision inputs are norm-scaled so that fp16 cannot overflow. The squared norms it
+is built from also serve as the inputs' NaN/Inf and overflow check, and the distances of the
+chosen pairs are read back from the matrix
+([assigned_distances][lightning_immiscible.costs.assigned_distances]): a coupling reads each input
+tensor once for its checks.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -26,8 +32,40 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 #: Bound on a squared norm (or an l1 sum) below which fp32 costs are safe: fp32's largest value is
-#: 3.4e38, and a cost adds two such terms.
+#: 3.4e38, and a squared distance is at most twice the sum of two squared norms.
 FP32_COST_LIMIT = 1e37
+
+#: A pair's squared distance read from the GEMM form is trusted when it is at least this fraction of
+#: the pair's squared norms (then rounding costs at most a few units of the dtype's precision,
+#: relative); closer pairs are recomputed from their differences.
+CANCELLATION_RATIO = 0.25
+
+
+def value_ranges(*tensors: Tensor) -> list[tuple[float, float]]:
+    """`(min, max)` of each tensor, in one pass over each and one device sync for all.
+
+    NaN anywhere shows as NaN and an infinity as `inf`/`-inf` (`torch.aminmax` propagates them), so
+    the same numbers serve the NaN/Inf check and the overflow decision. An empty tensor gives
+    `(0.0, 0.0)`.
+    """
+    stats = [torch.stack(torch.aminmax(t.detach())).double() if t.numel() else None for t in tensors]
+    found = [s for s in stats if s is not None]
+    found = [s.to(found[0].device) for s in found]  # inputs on two devices: two numbers move
+    values = iter(torch.cat(found).tolist() if found else [])
+    return [(next(values), next(values)) if s is not None else (0.0, 0.0) for s in stats]
+
+
+def range_cost_dtype(ranges: list[tuple[float, float]], dim: int, metric: str, wide: bool) -> torch.dtype:
+    """[cost_dtype][lightning_immiscible.costs.cost_dtype]'s rule on precomputed `value_ranges`.
+
+    A non-finite range (NaN/Inf inputs) gives float32, or float64 when `wide`: such inputs are an
+    error unless the caller skipped the check, and then they cost as before.
+    """
+    if wide:
+        return torch.float64
+    reach = sum(max(abs(low), abs(high)) for low, high in ranges)
+    bound = dim * reach if metric == "l1" else dim * reach * reach
+    return torch.float64 if bound > FP32_COST_LIMIT else torch.float32
 
 
 def cost_dtype(x: Tensor, noise: Tensor, metric: str = "l2") -> torch.dtype:
@@ -51,15 +89,29 @@ def cost_dtype(x: Tensor, noise: Tensor, metric: str = "l2") -> torch.dtype:
         return torch.float64
     if not x.numel() or not noise.numel():
         return torch.float32
-    dim = x[0].numel()
-    reach = _largest_magnitude(x) + _largest_magnitude(noise)
-    bound = dim * reach if metric == "l1" else dim * reach * reach
-    return torch.float64 if bound > FP32_COST_LIMIT else torch.float32
+    return range_cost_dtype(value_ranges(x, noise), x[0].numel(), metric, wide=False)
 
 
-def _largest_magnitude(t: Tensor) -> float:
-    low, high = torch.aminmax(t.detach())  # no |t| temporary of the input's size
-    return max(abs(float(low)), abs(float(high)))
+def norm_checked_dtype(x: Tensor, noise: Tensor) -> tuple[torch.dtype, tuple[Tensor, Tensor]] | None:
+    """The `l2`/`sqeuclidean` cost's dtype and both inputs' squared norms, when the norms vouch for it.
+
+    The norms the cost is built from are the inputs' check: a NaN or an infinity makes a row's
+    norm non-finite, and the largest norms bound every cost entry (a squared distance is at most
+    `2 (||x||^2 + ||n||^2)`). So float64 inputs keep float64 and fp32 is used while
+    `max ||x||^2 + max ||n||^2 <= FP32_COST_LIMIT`: one pass over each input and one device sync.
+
+    Returns:
+        `(dtype, (x_sq, n_sq))`, or `None` when a norm is not finite or too large for fp32: then
+        the inputs hold NaN/Inf, or values that need float64 (a scan with
+        [value_ranges][lightning_immiscible.costs.value_ranges] tells which).
+    """
+    wide = torch.float64 in (x.dtype, noise.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    norms = squared_norms(x, dtype), squared_norms(noise, dtype)
+    top = torch.stack([norms[0].max(), norms[1].max()]).tolist()
+    if all(math.isfinite(v) for v in top) and (wide or sum(top) <= FP32_COST_LIMIT):
+        return dtype, norms
+    return None
 
 
 def resolve_precision(precision: str, device: torch.device, base: torch.dtype = torch.float32) -> torch.dtype:
@@ -90,6 +142,74 @@ def _gram(x: Tensor, n: Tensor, dtype: torch.dtype) -> Tensor:
     return unit.to(x.dtype) * xn[:, None] * nn_[None, :]
 
 
+@dataclass(frozen=True)
+class CostRows:
+    """Cost rows and the squared norms they were built from.
+
+    Attributes:
+        cost: `(b, B)` costs `C[i, j] = metric(x[i], noise[j])`.
+        x_sq: `(b,)` squared norms of the data rows in the cost's dtype (`None` for `l1`).
+        n_sq: `(B,)` squared norms of the noise rows (`None` for `l1`).
+        exact: Whether the cross term was computed in the cost's dtype: then `cost` holds the
+            distances up to rounding; a half-precision matmul (`precision="fp16"`/`"bf16"`, or
+            `"auto"` on CUDA) holds approximations of them.
+    """
+
+    cost: Tensor
+    x_sq: Tensor | None = None
+    n_sq: Tensor | None = None
+    exact: bool = True
+
+
+def squared_norms(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`(b,)` squared L2 norms of the rows of `t` (`(b, *dims)`), accumulated in `dtype`.
+
+    One pass over `t` and no temporary of its size. A NaN or an infinity in a row gives a non-finite
+    norm, so the norms double as the inputs' NaN/Inf check.
+    """
+    return torch.linalg.vector_norm(t.detach().reshape(t.shape[0], -1), dim=1, dtype=dtype).square_()
+
+
+def cost_rows(
+    x: Tensor,
+    noise: Tensor,
+    metric: str = "l2",
+    precision: str = "auto",
+    dtype: torch.dtype | None = None,
+    norms: tuple[Tensor, Tensor] | None = None,
+) -> CostRows:
+    """[cost_matrix][lightning_immiscible.costs.cost_matrix] with the squared norms it used.
+
+    Args:
+        x: `(b, *dims)` data.
+        noise: `(B, *dims)` noise.
+        metric: `l2`, `sqeuclidean` or `l1`.
+        precision: Matmul input precision for `l2`/`sqeuclidean`.
+        dtype: The cost's dtype (`None`: [cost_dtype][lightning_immiscible.costs.cost_dtype]).
+        norms: `(b,)` and `(B,)` squared norms of `x` and `noise` in `dtype`, when the caller has
+            them already ([squared_norms][lightning_immiscible.costs.squared_norms]).
+
+    Returns:
+        The [CostRows][lightning_immiscible.costs.CostRows].
+    """
+    check_choice("metric", metric, METRICS)
+    dtype = dtype or cost_dtype(x, noise, metric)
+    xf = x.reshape(x.shape[0], -1).to(dtype)
+    nf = noise.reshape(noise.shape[0], -1).to(dtype)
+    if metric == "l1":
+        return CostRows(torch.cdist(xf, nf, p=1.0))
+    # ||x||^2 and ||n||^2 in the cost's dtype: only the cross term sees a reduced precision.
+    x_sq, n_sq = norms if norms is not None else (squared_norms(xf, dtype), squared_norms(nf, dtype))
+    matmul = resolve_precision(precision, x.device, dtype)
+    outer = x_sq[:, None] + n_sq[None, :]
+    if matmul == dtype:  # one GEMM accumulating into the norms' sum: no (b, B) temporaries
+        cost = outer.addmm_(xf, nf.T, alpha=-2.0)
+    else:
+        cost = outer.sub_(2.0 * _gram(xf, nf, matmul))
+    cost.clamp_min_(0.0)
+    return CostRows(cost.sqrt_() if metric == "l2" else cost, x_sq, n_sq, matmul == dtype)
+
+
 def cost_matrix(
     x: Tensor, noise: Tensor, metric: str = "l2", precision: str = "auto", dtype: torch.dtype | None = None
 ) -> Tensor:
@@ -114,31 +234,73 @@ def cost_matrix(
     Returns:
         `(b, B)` tensor of `dtype` on `x`'s device: `C[i, j] = metric(x[i], noise[j])`.
     """
-    check_choice("metric", metric, METRICS)
-    dtype = dtype or cost_dtype(x, noise, metric)
-    xf = x.reshape(x.shape[0], -1).to(dtype)
-    nf = noise.reshape(noise.shape[0], -1).to(dtype)
-    if metric == "l1":
-        return torch.cdist(xf, nf, p=1.0)
-    # ||x||^2 and ||n||^2 in the cost's dtype: only the cross term sees a reduced precision.
-    sq = xf.square().sum(1)[:, None] + nf.square().sum(1)[None, :]
-    cost = (sq - 2.0 * _gram(xf, nf, resolve_precision(precision, x.device, dtype))).clamp_min_(0.0)
-    return cost.sqrt_() if metric == "l2" else cost
+    return cost_rows(x, noise, metric, precision, dtype).cost
 
 
-def paired_distance(x: Tensor, noise: Tensor, metric: str = "l2") -> Tensor:
+def assigned_distances(
+    rows: CostRows | None, x: Tensor, noise: Tensor, cols: Tensor, metric: str = "l2", flipped: bool = False
+) -> Tensor:
+    """Distances (in `metric`) of the pairs `(x[i], noise[cols[i]])`, read from the cost rows.
+
+    `rows` are the costs of `x` against `noise` (against `-noise` when `flipped`, the `flip`
+    method's cost). Where they hold the pair's true distance up to rounding, it is read from
+    them (an `O(b)` gather); otherwise the pair is recomputed from its difference, which has no
+    cancellation: for pairs much closer than their norms (`CANCELLATION_RATIO`), for a
+    half-precision cross term, and for `l1` against `-noise`. The result matches
+    [paired_distance][lightning_immiscible.costs.paired_distance] to a few units of the cost
+    dtype's precision (relative).
+
+    Args:
+        rows: `(b, B)` [CostRows][lightning_immiscible.costs.CostRows]; `None`: no cost was built
+            (`method="none"`), every pair is computed from its difference.
+        x: `(b, *dims)` the data the rows were built from.
+        noise: `(B, *dims)` the noise (not negated for `flip`).
+        cols: `(b,)` int64: the noise item paired with each row.
+        metric: The metric of `rows`.
+        flipped: Whether `rows` were built against `-noise`.
+
+    Returns:
+        `(b,)` distances in the cost's dtype.
+    """
+    if rows is None:
+        return paired_distance(x, noise.index_select(0, cols), metric)
+    dtype = rows.cost.dtype
+    picked = rows.cost.gather(1, cols[:, None].to(rows.cost.device))[:, 0]
+    if metric == "l1" or rows.x_sq is None or rows.n_sq is None or not rows.exact:
+        if metric == "l1" and not flipped:
+            return picked
+        return paired_distance(x, noise.index_select(0, cols), metric, dtype)
+    norms = rows.x_sq + rows.n_sq.index_select(0, cols)
+    sq = picked.square() if metric == "l2" else picked.clone()
+    if flipped:  # ||x - n||^2 + ||x + n||^2 = 2 (||x||^2 + ||n||^2)
+        sq = (2.0 * norms).sub_(sq)
+    close = (norms * CANCELLATION_RATIO > sq).nonzero()[:, 0]  # includes clamped (zero) entries
+    if close.numel():
+        sq[close] = paired_distance(x[close], noise.index_select(0, cols[close]), "sqeuclidean", dtype)
+    if metric == "sqeuclidean":
+        return sq
+    if not flipped:
+        picked = picked.clone()
+        picked[close] = sq[close].sqrt()
+        return picked
+    return sq.sqrt_()
+
+
+def paired_distance(x: Tensor, noise: Tensor, metric: str = "l2", dtype: torch.dtype | None = None) -> Tensor:
     """Distance of each pair `(x[i], noise[i])`, from the differences (no cancellation).
 
     Args:
         x: `(B, *dims)`.
         noise: `(B, *dims)`.
         metric: One of `METRICS`.
+        dtype: The dtype to compute in; `None`:
+            [cost_dtype][lightning_immiscible.costs.cost_dtype] (one more pass over the inputs).
 
     Returns:
-        `(B,)` distances in [cost_dtype][lightning_immiscible.costs.cost_dtype] (float32, or
-        float64 for float64 inputs and values whose fp32 distance would overflow).
+        `(B,)` distances in `dtype` (by default float32, or float64 for float64 inputs and values
+        whose fp32 distance would overflow).
     """
-    dtype = cost_dtype(x, noise, metric)
+    dtype = dtype or cost_dtype(x, noise, metric)
     diff = (x.to(dtype) - noise.to(dtype)).reshape(x.shape[0], -1)
     if metric == "l1":
         return diff.abs().sum(1)

@@ -36,32 +36,25 @@ import torch
 from torch import Tensor
 
 from lightning_immiscible.conditional import assign_within, class_noise_means, condition_problem, prior_skew
+from lightning_immiscible.checks import CouplingInputError, check_tensors, checked_ranges, cost_inputs
 from lightning_immiscible.costs import (
     METRICS,
     PRECISIONS,
+    CostRows,
     Metric,
     Precision,
+    assigned_distances,
     check_choice,
-    cost_matrix,
+    cost_rows,
     paired_distance,
+    range_cost_dtype,
 )
+from lightning_immiscible.solver_cache import AUTO_SOLVERS
 from lightning_immiscible.solvers import SolverSpec, resolve_solver, solve
 
 Method = Literal["lsa", "knn", "flip", "none"]
 
 METHODS: tuple[Method, ...] = get_args(Method)
-
-
-class CouplingInputError(ValueError, TypeError):
-    """Invalid input to the coupling (NaN/Inf, integer tensors, mismatched shapes, unknown settings).
-
-    Subclasses both `ValueError` and `TypeError`. `reason` is a short machine-readable key (one of
-    `INPUT_ERROR_REASONS`) that ranks exchange so all of them fail together.
-    """
-
-    def __init__(self, message: str, reason: str = "invalid") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 INPUT_ERROR_REASONS: tuple[str, ...] = (
@@ -97,7 +90,9 @@ class CouplingSpec:
         precision: Cost-matrix matmul precision: `"auto"` (fp16 on CUDA, fp32 elsewhere),
             `"fp32"`, `"bf16"`, `"fp16"`.
         solver: `"auto"` (the installed exact solver measured fastest for the item dimension,
-            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]) or a name from
+            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]; in
+            [couple][lightning_immiscible.coupling.couple] refined by a race once per process and
+            cost shape, [SolverCache][lightning_immiscible.solver_cache.SolverCache]) or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers]. A plain `str`, not a
             `Literal`: the solver registry is open
             ([register_solver][lightning_immiscible.solvers.register_solver] adds names at run time),
@@ -107,7 +102,8 @@ class CouplingSpec:
         k: Candidates per item that the library draws for `"knn"` (group and worker coupling).
             [couple][lightning_immiscible.coupling.couple] reads `k` from the shape of the noise
             it is given instead.
-        check_finite: Scan the inputs for NaN/Inf first (recommended; one device sync).
+        check_finite: Raise on NaN/Inf inputs (recommended). The check rides on the pass that
+            the costs need anyway (one device sync); `False` only skips the error.
         within_condition: When a condition (class labels) is given, solve the assignment within
             each condition ([conditional][lightning_immiscible.conditional]); `False` couples across
             conditions as without labels, which then only feed the `prior_skew` diagnostic.
@@ -160,19 +156,23 @@ class CouplingSpec:
         """
         if condition is not None:
             return couple_with_condition(self, x0, noise, condition)
-        check_inputs(x0, noise, self.method, self.check_finite)
-        if self.method == "knn":
-            return _couple_knn(x0, noise, self.metric)
+        check_inputs(x0, noise, self.method, check_finite=False)  # the values: one scan below
         b = x0.shape[0]
-        before = paired_distance(x0, noise, self.metric) if b else x0.new_zeros(0)
-        if self.method == "none" or b <= 1:
+        if self.method == "knn" or self.method == "none" or b <= 1:
+            ranges = checked_ranges(x0, noise, self.check_finite)
+            if self.method == "knn":
+                return _couple_knn(x0, noise, self.metric)
+            wide = torch.float64 in (x0.dtype, noise.dtype)
+            dtype = range_cost_dtype(ranges, math.prod(x0.shape[1:]), self.metric, wide)
+            before = _mean(paired_distance(x0, noise, self.metric, dtype)) if b else 0.0
             index = torch.arange(b, device=x0.device)
-            return CouplingResult(
-                noise, index, _mean(before), _mean(before), method=self.method, metric=self.metric
-            )
-        found = assign(x0, noise, self)
-        paired = noise[found.index]
-        after = paired_distance(x0, paired, self.metric)
+            return CouplingResult(noise, index, before, before, method=self.method, metric=self.metric)
+        dtype, norms = cost_inputs(x0, noise, self.metric, self.check_finite)
+        dim = x0[0].numel()
+        solver = AUTO_SOLVERS.solver(b, dim, self.metric) if self.solver == "auto" else None
+        found = assign(x0, noise, self, dtype=dtype, norms=norms, solver=solver)
+        paired = noise.index_select(0, found.index)
+        before, after = pair_distances(found, x0, noise, 0, self)
         return found.result(paired, _mean(before), _mean(after), self)
 
 
@@ -228,11 +228,15 @@ class Assignment:
         index: `(b,)` int64 on the data's device: the noise (pool) item assigned to each row.
         cost_ms: Cost rows, their gathering across ranks and the device-to-host copy, ms.
         solve_ms: The solver, ms.
+        rows: This process's `(b, B)` cost rows (on the data's device), from which
+            [pair_distances][lightning_immiscible.coupling.pair_distances] reads the pairs'
+            distances; `None` when no cost was built (`method="none"`, one item).
     """
 
     index: Tensor
     cost_ms: float
     solve_ms: float
+    rows: CostRows | None = None
 
     def result(
         self, noise: Tensor, cost_before: float, cost_after: float, spec: CouplingSpec
@@ -251,6 +255,8 @@ def assign(
     gather_rows: Callable[[Tensor], Tensor] | None = None,
     offset: int = 0,
     dtype: torch.dtype | None = None,
+    norms: tuple[Tensor, Tensor] | None = None,
+    solver: str | SolverSpec | None = None,
 ) -> Assignment:
     """Cost -> solve -> timing: the one assignment step of every coupling path.
 
@@ -267,19 +273,47 @@ def assign(
         offset: Row of `x[0]` in the full matrix.
         dtype: The cost's dtype (a group's agreed one); `None` chooses it from the inputs (see
             [cost_dtype][lightning_immiscible.costs.cost_dtype]).
+        norms: Squared norms of `x` and `noise` in `dtype`, when the caller has them already.
+        solver: The solver for this call instead of `spec.solver`.
 
     Returns:
         The [Assignment][lightning_immiscible.coupling.Assignment]; `index` has shape `(b,)`.
     """
     start = time.perf_counter()
-    rows = cost_matrix(x, -noise if spec.method == "flip" else noise, spec.metric, spec.precision, dtype)
-    full = (rows if gather_rows is None else gather_rows(rows)).cpu()
+    target = -noise if spec.method == "flip" else noise
+    rows = cost_rows(x, target, spec.metric, spec.precision, dtype, norms)
+    full = (rows.cost if gather_rows is None else gather_rows(rows.cost)).cpu()
     mid = time.perf_counter()
-    # The item dimension lets solver="auto" pick the solver measured fastest for such costs.
-    col = solve(full.double().numpy(), spec.solver, dim=math.prod(noise.shape[1:]))
+    # The item dimension lets solver="auto" pick the solver measured fastest for such costs; a
+    # float32 cost needs no rescaling into float32's range.
+    col = solve(full.double().numpy(), solver or spec.solver, dim=math.prod(noise.shape[1:]),
+                in_float32_range=full.dtype == torch.float32)  # fmt: skip
     end = time.perf_counter()
     index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
-    return Assignment(index, (mid - start) * 1e3, (end - mid) * 1e3)
+    return Assignment(index, (mid - start) * 1e3, (end - mid) * 1e3, rows)
+
+
+def pair_distances(
+    found: Assignment, x: Tensor, noise: Tensor, offset: int, spec: CouplingSpec
+) -> tuple[Tensor, Tensor]:
+    """Per-row distances before and after the re-pairing, from the cost rows already built.
+
+    Args:
+        found: The [Assignment][lightning_immiscible.coupling.Assignment] of `x`'s rows.
+        x: `(b, *dims)` this process's data.
+        noise: `(B, *dims)` the noise (pool) `found` assigned from.
+        offset: Row of `x[0]` in the full matrix: before re-pairing `x[i]` has `noise[offset + i]`.
+        spec: The coupling's metric and method.
+
+    Returns:
+        `(before, after)`, each `(b,)`: the distance of `x[i]` to `noise[offset + i]` and to
+        `noise[found.index[i]]`, in `spec.metric`
+        ([assigned_distances][lightning_immiscible.costs.assigned_distances]).
+    """
+    identity = torch.arange(offset, offset + x.shape[0], device=x.device)
+    pairs = [assigned_distances(found.rows, x, noise, cols, spec.metric, spec.method == "flip")
+             for cols in (identity, found.index)]  # fmt: skip
+    return pairs[0], pairs[1]
 
 
 def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: bool = True) -> None:
@@ -296,50 +330,9 @@ def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: b
     """
     if method not in METHODS:
         raise CouplingInputError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    for name, t in (("x0", x0), ("noise", noise)):
-        _check_tensor(name, t)
-    expected = (x0.shape[0], noise.shape[1], *x0.shape[1:]) if method == "knn" else x0.shape
-    if method == "knn" and noise.ndim != x0.ndim + 1:
-        raise CouplingInputError(
-            f"knn needs noise of shape (B, k, *x0.shape[1:]) = (B, k, {', '.join(map(str, x0.shape[1:]))}), "
-            f"got {tuple(noise.shape)}.",
-            "shape",
-        )
-    if tuple(noise.shape) != tuple(expected):
-        raise CouplingInputError(
-            f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)} "
-            f"(expected {tuple(expected)} for method={method!r}).",
-            "shape",
-        )
-    if x0.device != noise.device:
-        raise CouplingInputError(f"x0 is on {x0.device} but noise is on {noise.device}.", "device")
+    check_tensors(x0, noise, method)
     if check_finite:
-        # The group coupling validates x0 alone as check_inputs(x0, x0): scan it once.
-        for name, t in (("x0", x0),) if noise is x0 else (("x0", x0), ("noise", noise)):
-            _check_finite(name, t)
-
-
-def _check_tensor(name: str, t: object) -> None:
-    if not isinstance(t, Tensor):
-        raise CouplingInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}.", "dtype")
-    if not t.is_floating_point():
-        raise CouplingInputError(
-            f"{name} has dtype {t.dtype}; the coupling needs floating-point tensors. Convert it "
-            f"(e.g. {name}.float(), images scaled as your model sees them) before coupling.",
-            "dtype",
-        )
-    if t.ndim < 1:
-        raise CouplingInputError(f"{name} must have a batch dimension, got a 0-d tensor.", "shape")
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    bad = t.numel() - int(torch.isfinite(t).sum())
-    if bad:
-        raise CouplingInputError(
-            f"{name} contains {bad} NaN/Inf value(s) (shape {tuple(t.shape)}); fix the data "
-            "pipeline or the model output that produced it before coupling.",
-            "non_finite",
-        )
+        checked_ranges(x0, noise, True)
 
 
 def _mean(t: Tensor) -> float:
@@ -394,9 +387,13 @@ def couple(
             overflow (see [cost_dtype][lightning_immiscible.costs.cost_dtype]).
         solver: Assignment solver name (`auto` = the installed exact solver measured fastest for
             the item dimension, see
-            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), or one of
+            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]; for items of
+            more than 64 values and B >= 256, the first 4 calls of each shape race the two fastest
+            candidates on the same cost, return the rule's answer, and later calls use the faster:
+            [SolverCache][lightning_immiscible.solver_cache.SolverCache]), or one of
             [available_solvers][lightning_immiscible.solvers.available_solvers].
-        check_finite: Scan inputs for NaN/Inf first (recommended; costs one device sync).
+        check_finite: Raise on NaN/Inf inputs (recommended; the check rides on the pass over the
+            inputs that the costs need anyway, one device sync).
         condition: `(B,)` integer labels (class ids, cluster ids of prompts) or `None`: couple
             within each condition, so that the noise each class trains on stays Gaussian (see
             [couple_with_condition][lightning_immiscible.coupling.couple_with_condition]).

@@ -43,7 +43,7 @@ from lightning_immiscible.conditional import (
     needs_wide_rows,
     prior_skew,
 )
-from lightning_immiscible.costs import cost_dtype, paired_distance
+from lightning_immiscible.costs import cost_dtype
 from lightning_immiscible.coupling import (
     INPUT_ERROR_REASONS,
     Assignment,
@@ -52,6 +52,7 @@ from lightning_immiscible.coupling import (
     CouplingSpec,
     assign,
     check_inputs,
+    pair_distances,
 )
 from lightning_immiscible.solvers import SOLVERS, SolverSpec
 
@@ -522,7 +523,6 @@ def couple_in_group(
     dtype = torch.float64 if bool(heads[:, FIELD["wide"]].any()) else torch.float32
     offset, total = sum(sizes[: group.ranks.index(_rank())]), sum(sizes)
     pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
-    mine = pool[offset : offset + x.shape[0]]
     found = Assignment(torch.arange(offset, offset + x.shape[0], device=device), 0.0, 0.0)
     skew = None
     gather = functools.partial(_gather_rows, group, sizes=sizes)
@@ -530,9 +530,8 @@ def couple_in_group(
         found, skew = _assign_with_labels(x, pool, condition, spec, gather, offset, dtype)
     elif spec.method != "none" and total > 1:
         found = assign(x, pool, spec, gather_rows=gather, offset=offset, dtype=dtype)
-    noise = pool[found.index].to(x.dtype)
-    distances = [paired_distance(x, mine, spec.metric), paired_distance(x, noise, spec.metric)]
-    before, after = _group_mean(group, distances, device)
+    noise = pool.index_select(0, found.index).to(x.dtype)
+    before, after = _group_mean(group, list(pair_distances(found, x, pool, offset, spec)), device)
     result = found.result(noise, before, after, spec)
     return (
         dataclasses.replace(result, prior_skew=skew)

@@ -20,6 +20,9 @@ Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``d
   than SciPy, 1.4-9.5x than ``lapjv``; the 64-D digits), and on images at B = 256-512.
 - ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``; slower than ``lapjvr``
   everywhere measured, kept for users who name it.
+- ``pot`` (exact, optional ``pip install pot``, MIT): POT's network simplex (``ot.emd``,
+  [solve_pot][lightning_immiscible.solvers.solve_pot]); the fastest measured on 2-D points at
+  B >= 512 (2.5-5x ahead of ``lapjvr``), slow on high-dimensional costs, imported on first use.
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment`` on the centred cost.
 - ``greedy`` (approximate): candidate greedy on the centred cost
   ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]); at B = 2048 it needs 12-20 % of
@@ -37,7 +40,8 @@ builds return other tuple layouts) falls back to SciPy instead of pairing silent
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +64,9 @@ class SolverSpec:
             of more than ``LOW_DIM_MAX`` values, or of unknown size.
         low_dim_priority: The same order for items of at most ``LOW_DIM_MAX`` values (2-D points,
             small vectors); ``None``: ``priority``.
+        points_priority: The same order for items of at most ``POINTS_DIM_MAX`` values (points in
+            the plane or in space); ``None``: ``low_dim_priority``.
+        min_batch: ``solver="auto"`` considers the solver only for costs of at least this many rows.
 
     """
 
@@ -68,20 +75,29 @@ class SolverSpec:
     exact: bool
     priority: int = 100
     low_dim_priority: int | None = None
+    points_priority: int | None = None
+    min_batch: int = 0
 
 
 SOLVERS: dict[str, SolverSpec] = {}
 
 
 def register_solver(
-    name: str, fn: SolverFn, *, exact: bool, priority: int = 100, low_dim_priority: int | None = None
+    name: str,
+    fn: SolverFn,
+    *,
+    exact: bool,
+    priority: int = 100,
+    low_dim_priority: int | None = None,
+    points_priority: int | None = None,
+    min_batch: int = 0,
 ) -> None:
     """Registers ``fn`` under ``name`` (replacing an existing entry of that name).
 
-    An exact solver registered with ``priority`` (and ``low_dim_priority``) below 5 becomes
+    An exact solver registered with ``priority`` (and ``low_dim_priority``) below 1 becomes
     ``solver="auto"``'s choice for every item dimension.
     """
-    SOLVERS[name] = SolverSpec(name, fn, exact, priority, low_dim_priority)
+    SOLVERS[name] = SolverSpec(name, fn, exact, priority, low_dim_priority, points_priority, min_batch)
 
 
 def _center(cost: np.ndarray) -> np.ndarray:
@@ -179,7 +195,29 @@ def _register_optional() -> None:
         register_solver("lapjvr", fn, exact=True, priority=15, low_dim_priority=5)
 
 
+def solve_pot(cost: np.ndarray) -> np.ndarray | None:
+    """Exact assignment with POT's network simplex (``ot.emd``, MIT), or ``None`` if it did not converge.
+
+    With unit marginals the optimal plan it returns is a vertex of the assignment polytope, a
+    permutation matrix; a plan that is not (or a run stopped at the iteration limit) gives
+    ``None``, and the registered wrapper then asks SciPy. POT is imported on the first call (about
+    2 s here, most of it scikit-learn, which POT imports when it is installed).
+    """
+    import ot  # MIT; imported here: importing POT takes seconds
+
+    ones = np.ones(cost.shape[0])
+    plan, log = ot.emd(ones, ones, cost, numItermax=10_000_000, log=True)
+    if log.get("result_code") != 1 or not np.all(plan.max(axis=1) > 0.5):
+        return None
+    return plan.argmax(axis=1).astype(np.int64)
+
+
 _register_optional()
+if importlib.util.find_spec("ot") is not None:  # POT: found, not imported (see solve_pot)
+    # Measured on 2-D points (8 Gaussians): 2.5-5x faster than lapjvr at B = 512-2048, level at
+    # 128-256; 3-8x slower than lapjvr on items of 64 values and more, and slower than SciPy there.
+    register_solver("pot", checked_backend(solve_pot), exact=True, priority=60, low_dim_priority=50,
+                    points_priority=1, min_batch=256)  # fmt: skip
 
 
 def _exact_leftovers(cost: np.ndarray) -> np.ndarray:
@@ -205,21 +243,32 @@ def available_solvers() -> list[str]:
 #: unmeasured; both solvers are exact there, so the boundary costs speed at most, never optimality.
 LOW_DIM_MAX = 64
 
+#: Items of at most this many values count as points for ``solver="auto"`` (``pot`` first there,
+#: when installed, for pools of at least 256). Measured: POT's network simplex beat ``lapjvr`` by
+#: 1.6-5x on 2-D and 3-D points at B >= 512, was level with it at 4-32 values and 3-8x behind it on
+#: the 64-D digits and above (``docs/performance.md``, "POT").
+POINTS_DIM_MAX = 3
 
-def choose_exact_solver(b: int, dim: int | None = None) -> str:
+
+def choose_exact_solver(b: int, dim: int | None = None, among: Collection[str] | None = None) -> str:
     """The exact solver ``solver="auto"`` uses for a ``(b, b)`` cost between items of ``dim`` values.
 
-    A fixed rule, identical on every rank (no timing): among the registered exact solvers, the one
-    with the lowest ``low_dim_priority`` when ``dim <= LOW_DIM_MAX``, else the lowest ``priority``.
-    With every optional package installed: ``lapjvr`` for ``dim <= 64``, ``lapjv`` above (or when
-    ``dim`` is unknown); the fallbacks follow the measured order (``docs/performance.md``). ``b``
-    does not change the choice today. Above 64 values the rule is up to 1.31x behind the faster of
-    ``lapjv`` and ``lapjvr`` at B = 256-1024 (which one wins depends on the data), so the callback
-    races them instead ([race_candidates][lightning_immiscible.solver_race.race_candidates]).
+    A fixed rule, identical on every rank (no timing): among the registered exact solvers whose
+    ``min_batch`` is at most ``b``, the one with the lowest ``points_priority`` when
+    ``dim <= POINTS_DIM_MAX``, the lowest ``low_dim_priority`` when ``dim <= LOW_DIM_MAX``, else the
+    lowest ``priority``. With every optional package installed: ``pot`` for ``dim <= 3`` and
+    ``b >= 256``, ``lapjvr`` for the rest of ``dim <= 64``, ``lapjv`` above (or when ``dim`` is
+    unknown); the fallbacks follow the measured order (``docs/performance.md``). Above 64 values
+    the rule is up to 1.31x behind the faster of ``lapjv`` and ``lapjvr`` at B = 256-1024 (which one
+    wins depends on the data), so the callback races them
+    ([race_candidates][lightning_immiscible.solver_race.race_candidates]), and so does
+    [couple][lightning_immiscible.coupling.couple], once per process and cost shape
+    ([SolverCache][lightning_immiscible.solver_cache.SolverCache]).
 
     Args:
         b: Items per side of the cost matrix.
         dim: Values per item (``x0[0].numel()``); ``None`` when unknown.
+        among: Only these registered solvers (e.g. those a benchmark run measured); ``None``: all.
 
     Returns:
         The name of a registered exact solver.
@@ -228,14 +277,17 @@ def choose_exact_solver(b: int, dim: int | None = None) -> str:
         ```python
         from lightning_immiscible.solvers import choose_exact_solver
 
-        name = choose_exact_solver(1024, dim=2)  # "lapjvr" when lapx is installed
+        name = choose_exact_solver(1024, dim=2)  # "pot" when POT is installed, else "lapjvr" with lapx
         ```
     """
-    del b  # part of the contract: a future rule may depend on the size
     low = dim is not None and dim <= LOW_DIM_MAX
-    exact = [s for s in SOLVERS.values() if s.exact]
+    points = dim is not None and dim <= POINTS_DIM_MAX
+    usable = SOLVERS if among is None else {n: s for n, s in SOLVERS.items() if n in among}
+    exact = [s for s in usable.values() if s.exact and b >= s.min_batch]
 
     def rank(s: SolverSpec) -> int:
+        if points and s.points_priority is not None:
+            return s.points_priority
         return s.low_dim_priority if low and s.low_dim_priority is not None else s.priority
 
     return min(exact, key=rank).name
@@ -263,7 +315,13 @@ def resolve_solver(name: str | SolverSpec, b: int = 0, dim: int | None = None) -
     return SOLVERS[name]
 
 
-def solve(cost: np.ndarray, solver: str | SolverSpec = "auto", *, dim: int | None = None) -> np.ndarray:
+def solve(
+    cost: np.ndarray,
+    solver: str | SolverSpec = "auto",
+    *,
+    dim: int | None = None,
+    in_float32_range: bool = False,
+) -> np.ndarray:
     """Solves the assignment for a square ``(B, B)`` cost matrix.
 
     Args:
@@ -273,6 +331,8 @@ def solve(cost: np.ndarray, solver: str | SolverSpec = "auto", *, dim: int | Non
         dim: Values per item the cost was computed from; lets ``"auto"`` pick the solver measured
             fastest for that dimension
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]).
+        in_float32_range: The caller knows every entry fits float32 (e.g. the cost was computed in
+            float32): skips the pass that finds the largest entry.
 
     Returns:
         ``(B,)`` int64 array ``col`` with row ``i`` assigned to column ``col[i]``.
@@ -283,7 +343,8 @@ def solve(cost: np.ndarray, solver: str | SolverSpec = "auto", *, dim: int | Non
         raise ValueError(f"solve() needs a square (B, B) cost matrix, got shape {cost.shape}.")
     if cost.shape[0] <= 1:
         return np.arange(cost.shape[0], dtype=np.int64)
-    return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(_within_float32(cost)), dtype=np.int64)
+    cost = cost if in_float32_range else _within_float32(cost)
+    return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(cost), dtype=np.int64)
 
 
 def _within_float32(cost: np.ndarray) -> np.ndarray:
@@ -292,5 +353,5 @@ def _within_float32(cost: np.ndarray) -> np.ndarray:
     Several backends (``lapjv``, ``greedy``) solve in float32: entries above 3.4e38 (e.g. squared
     distances of data scaled by 1e20) would become ``inf`` there, and ``lapjv`` then corrupts memory.
     """
-    top = float(np.abs(cost).max())
+    top = max(float(cost.max()), -float(cost.min()))  # no |cost| temporary
     return np.ldexp(cost, -int(np.frexp(top)[1])) if top > 1e30 else cost

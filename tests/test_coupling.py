@@ -263,3 +263,72 @@ def test_group_coupling_config_is_the_spec_under_its_former_name():
     assert GroupCouplingConfig("knn", "l1", "auto", "auto", 3, False) == CouplingSpec(
         method="knn", metric="l1", k=3, check_finite=False
     )
+
+
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "l1"])
+@pytest.mark.parametrize("method", ["lsa", "flip", "none"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_costs_before_and_after_equal_the_formula_for_the_returned_pairs(metric, method, precision):
+    # cost_before/after are read back from the cost matrix. Oracle: the metric's formula in float64
+    # on the pairs couple() returned. Catches: the diagonal of the flip cost (against -noise) taken
+    # as "before", assigned entries read from the wrong rows/columns, half-precision cross terms
+    # reported as distances, l1 flip distances read from the |x + n| costs. The last rows are
+    # near-duplicates of their noise (distance ~1e-3 of the norms): there the GEMM form cancels.
+    x0, noise = _data(40, 3, 4, 4, seed=40), torch.randn(40, 3, 4, 4, generator=_gen(41))
+    noise[-4:] = x0[-4:] + 1e-4 * torch.randn(4, 3, 4, 4, generator=_gen(42))
+    res = couple(x0, noise, method=method, metric=metric, precision=precision)
+    ident = torch.arange(40)
+    before = _formula_cost(x0, noise, metric)[ident, ident]
+    after = _formula_cost(x0, res.noise, metric)[ident, ident]
+    assert res.cost_before == pytest.approx(float(before.mean()), rel=1e-6)
+    assert res.cost_after == pytest.approx(float(after.mean()), rel=1e-6)
+
+
+def test_group_coupling_reports_the_formula_distances_of_its_pool_pairs():
+    # The group path reads its before/after from its own cost rows (pool rows offset by the rank's
+    # position). Oracle: the formula on the pool that draw_pool returns for the same seed and draw.
+    from lightning_immiscible.distributed import build_rank_group, couple_in_group, draw_pool
+
+    x0 = _data(24, 2, 3, 3, seed=43)
+    for method in ("lsa", "flip"):
+        res = couple_in_group(x0, build_rank_group("global"), 7, 3, CouplingSpec(method, precision="fp32"))
+        pool = draw_pool(x0.shape, 7, 0, 3)
+        ident = torch.arange(24)
+        before = _formula_cost(x0, pool, "l2")[ident, ident].mean()
+        after = _formula_cost(x0, pool[res.index], "l2")[ident, ident].mean()
+        assert res.cost_before == pytest.approx(float(before), rel=1e-6)
+        assert res.cost_after == pytest.approx(float(after), rel=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "l1"])
+def test_non_finite_values_are_found_by_the_single_scan(metric):
+    # The NaN/Inf check rides on the norms (l2) or one min/max scan (l1). Catches: an Inf hidden by
+    # an overflow path (taken for a huge finite value and costed in float64), a NaN that slips
+    # through one metric's path.
+    x0, noise = _data(6, 5, seed=44), torch.randn(6, 5, generator=_gen(45))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        broken = noise.clone()
+        broken[2, 3] = bad
+        with pytest.raises(CouplingInputError, match="noise contains 1 NaN/Inf"):
+            couple(x0, broken, metric=metric)
+
+
+def test_one_pass_checks_report_ranges_and_norms_or_hand_over():
+    # value_ranges: min/max per tensor with NaN/Inf visible (oracle: Python's min/max on the
+    # values). norm_checked_dtype: the norms the cost uses (oracle: float64 sums of squares) when
+    # fp32 is safe, None (so the inputs get scanned) for NaN, Inf and values whose fp32 costs would
+    # overflow. Catches a NaN hidden by max() (torch.max propagates it, Python's does not), norms
+    # returned in another dtype or of the wrong rows, and an overflow passed off as fp32.
+    from lightning_immiscible.costs import norm_checked_dtype, value_ranges
+
+    a, b = torch.tensor([[1.0, -3.0], [2.0, 0.5]]), torch.tensor([float("inf"), 0.0])
+    assert value_ranges(a, torch.empty(0), b) == [(-3.0, 2.0), (0.0, 0.0), (0.0, float("inf"))]
+    assert all(v != v for v in value_ranges(torch.tensor([0.0, float("nan")]))[0])  # NaN, NaN
+    x, n = _data(5, 2, 3, seed=46), torch.randn(5, 2, 3, generator=_gen(47))
+    dtype, (x_sq, n_sq) = norm_checked_dtype(x, n)
+    assert dtype == torch.float32 and x_sq.dtype == torch.float32
+    torch.testing.assert_close(x_sq.double(), x.double().square().sum((1, 2)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(n_sq.double(), n.double().square().sum((1, 2)), rtol=1e-6, atol=0)
+    assert norm_checked_dtype(x.double(), n)[0] == torch.float64
+    for broken in (x * 1e19, x.masked_fill(x > 0.5, float("nan")), x.masked_fill(x > 0.5, float("inf"))):
+        assert norm_checked_dtype(broken, n) is None

@@ -18,6 +18,7 @@ import lightning_immiscible
 from lightning_immiscible import couple
 from lightning_immiscible.solvers import (
     LOW_DIM_MAX,
+    POINTS_DIM_MAX,
     SOLVERS,
     available_solvers,
     checked_backend,
@@ -31,7 +32,7 @@ from lightning_immiscible.solvers_approx import solve_greedy
 
 # Every exact backend the library knows, installed or not: a missing optional package shows as a
 # skipped test (with the package to install), not as a test that silently never ran.
-OPTIONAL_PACKAGES = {"lapjv": "lapjv", "lapx": "lapx"}
+OPTIONAL_PACKAGES = {"lapjv": "lapjv", "lapx": "lapx", "pot": "pot"}
 EXACT = sorted({"scipy", *OPTIONAL_PACKAGES, *(name for name, spec in SOLVERS.items() if spec.exact)})
 
 
@@ -109,15 +110,19 @@ def test_auto_without_a_dimension_picks_an_exact_solver_preferring_lapjv():
 
 
 def test_auto_rule_with_every_optional_solver_installed():
-    # The documented rule: lapjvr for items of <= 64 values, lapjv above and when D is unknown.
-    # Catches: an off-by-one boundary (dim < 64), a rule ignoring dim, b changing the choice.
+    # The documented rule: pot for points (<= 3 values) from B = 256, lapjvr for the rest of
+    # <= 64 values, lapjv above and when D is unknown. Catches: an off-by-one boundary (dim < 64,
+    # dim < 3, b > 256), a rule ignoring dim, POT chosen for small pools or high-dimensional items.
     pytest.importorskip("lapjv")
     pytest.importorskip("lap")
-    assert LOW_DIM_MAX == 64
-    for b in (2, 256, 2048, 10_000):
-        assert [choose_exact_solver(b, d) for d in (1, 2, 64)] == ["lapjvr"] * 3
+    pytest.importorskip("ot")
+    assert (LOW_DIM_MAX, POINTS_DIM_MAX) == (64, 3)
+    for b in (2, 255, 256, 2048, 10_000):
+        points = "pot" if b >= 256 else "lapjvr"
+        assert [choose_exact_solver(b, d) for d in (1, 2, 3)] == [points] * 3
+        assert [choose_exact_solver(b, d) for d in (4, 64)] == ["lapjvr"] * 2
         assert [choose_exact_solver(b, d) for d in (65, 196, 3072, None)] == ["lapjv"] * 4
-    assert resolve_solver("auto", 512, 2).name == "lapjvr"
+    assert resolve_solver("auto", 512, 2).name == "pot"
 
 
 def _only(monkeypatch, *names):
@@ -132,6 +137,7 @@ def _only(monkeypatch, *names):
         (("scipy", "lapx", "lapjvr"), "lapjvr", "lapjvr"),  # Python >= 3.12: no lapjv wheels
         (("scipy", "lapx"), "scipy", "lapx"),  # an old lapx without lapjvr
         (("scipy", "greedy"), "scipy", "scipy"),  # SciPy alone
+        (("scipy", "pot"), "pot", "scipy"),  # POT without lapx: first on points, after SciPy above
     ],
 )
 def test_auto_rule_falls_back_in_the_measured_order(monkeypatch, installed, low, high):
@@ -307,6 +313,7 @@ def test_library_works_with_scipy_alone():
     # A fresh interpreter where importing lapjv / lap fails: only scipy and greedy get registered.
     code = (
         "import sys, types; sys.modules['lapjv'] = None; sys.modules['lap'] = None\n"
+        "import importlib.util; importlib.util.find_spec = lambda name, *a: None\n"
         f"sys.path.insert(0, {str(Path(PKG_DIR).parent)!r})\n"
         "import numpy as np\n"
         "from lightning_immiscible.solvers import SOLVERS, resolve_solver, solve\n"
@@ -317,3 +324,108 @@ def test_library_works_with_scipy_alone():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _race_solvers(monkeypatch, calls: list[str], slow_ms: float = 20.0) -> None:
+    """Two exact solvers besides SciPy, logging their calls: `first` (the rule's choice, slowed
+    down by `slow_ms`) and `second`."""
+    import time
+
+    def first(cost):
+        calls.append("first")
+        time.sleep(slow_ms / 1e3)
+        return solve_scipy_raw(cost)
+
+    def second(cost):
+        calls.append("second")
+        return solve_scipy_raw(cost)
+
+    _only(monkeypatch, "scipy")
+    for name in ("first", "second"):  # tracked by monkeypatch, so removed again after the test
+        monkeypatch.setitem(SOLVERS, name, SOLVERS["scipy"])
+    register_solver("first", first, exact=True, priority=0, low_dim_priority=0)
+    register_solver("second", second, exact=True, priority=1, low_dim_priority=1)
+
+
+def solve_scipy_raw(cost):
+    rows, cols = linear_sum_assignment(cost)
+    return cols[np.argsort(rows)].astype(np.int64)
+
+
+def test_couple_auto_races_per_shape_then_keeps_the_faster_solver(monkeypatch):
+    # couple()'s solver="auto" (no callback): on the first 4 calls of a (B, D, metric) both
+    # candidates solve the same cost and the rule's answer is used; then the faster one alone.
+    # Catches: a race that never ends or never switches, timings that pick the answer of a race
+    # call, a race keyed on nothing (a new shape must race again), and racing below the size limit.
+    from lightning_immiscible.solver_cache import AUTO_SOLVERS, RACE_CALLS, RACE_WARMUP
+
+    calls: list[str] = []
+    _race_solvers(monkeypatch, calls)
+    monkeypatch.setattr(AUTO_SOLVERS, "_races", {})  # the process's races, restored afterwards
+    gen = torch.Generator().manual_seed(8)
+    x0, noise = torch.rand(300, 3, 8, 8, generator=gen), torch.randn(300, 3, 8, 8, generator=gen)
+    oracle = solve_scipy_raw(torch.cdist(x0.flatten(1).double(), noise.flatten(1).double()).numpy())
+    race = RACE_WARMUP + RACE_CALLS
+    for step in range(race + 2):
+        calls.clear()
+        res = couple(x0, noise)
+        np.testing.assert_array_equal(res.index.numpy(), oracle)  # exact on every call
+        assert sorted(calls) == (["first", "second"] if step < race else ["second"])
+    assert AUTO_SOLVERS.decisions() == {(300, 192, "l2"): "second"}
+    calls.clear()
+    couple(x0[:280], noise[:280])  # another shape: races again
+    assert sorted(calls) == ["first", "second"]
+    calls.clear()
+    couple(x0[:200], noise[:200])  # below RACE_MIN_BATCH: the rule alone
+    couple(x0[:, :1, :4, :4].reshape(300, 16), noise[:, :1, :4, :4].reshape(300, 16))  # D <= 64
+    assert calls == ["first", "first"]
+
+
+def test_race_calls_return_the_rules_answer_whatever_the_timings(monkeypatch):
+    # On a race call the returned pairing is the rule's (first candidate's), even when the other
+    # candidate is faster and answers differently. Catches a race that returns the fastest answer.
+    from lightning_immiscible.solver_cache import SolverCache
+
+    _only(monkeypatch, "scipy")
+    for name in ("first", "second"):
+        monkeypatch.setitem(SOLVERS, name, SOLVERS["scipy"])
+    register_solver("first", solve_scipy_raw, exact=True, priority=0)
+    register_solver("second", lambda c: np.arange(len(c))[::-1].copy(), exact=True, priority=1)
+    cost = np.random.default_rng(9).random((300, 300))
+    cache = SolverCache()
+    for _ in range(4):
+        col = cache.solver(300, 3072, "l2").fn(cost)
+        np.testing.assert_array_equal(col, solve_scipy_raw(cost))
+
+
+def test_group_coupling_never_uses_the_per_process_race(monkeypatch):
+    # Ranks of a group must solve with the same solver: couple_in_group keeps the fixed rule.
+    from lightning_immiscible import CouplingSpec
+    from lightning_immiscible.distributed import build_rank_group, couple_in_group
+
+    calls: list[str] = []
+    _race_solvers(monkeypatch, calls, slow_ms=0.0)
+    x0 = torch.rand(300, 3, 8, 8, generator=torch.Generator().manual_seed(10))
+    for step in range(5):
+        couple_in_group(x0, build_rank_group("global"), 0, step, CouplingSpec("lsa"))
+    assert calls == ["first"] * 5
+
+
+def test_pot_reaches_the_scipy_optimum_on_points_and_falls_back_when_it_stops_early(monkeypatch):
+    # POT's network simplex answers with a plan; the registered solver turns it into a permutation.
+    # Oracle: SciPy on the raw cost. Catches: a plan read by columns instead of rows, a non-converged
+    # run (numItermax reached: POT returns a feasible, non-optimal plan) taken as the answer.
+    pytest.importorskip("ot")
+    for seed in range(3):
+        cost = _points_cost(300, seed, squared=seed == 2)
+        col = SOLVERS["pot"].fn(cost)
+        assert _is_perm(col, 300)
+        assert _objective(cost, col) == pytest.approx(_optimum(cost), rel=1e-12)
+    import ot
+
+    real = ot.emd
+    monkeypatch.setattr(ot, "emd", lambda *a, **k: real(*a, **{**k, "numItermax": 5}))
+    cost = _points_cost(300, 4)
+    with pytest.warns(UserWarning, match="numItermax"):
+        col = SOLVERS["pot"].fn(cost)
+    assert _objective(cost, col) == pytest.approx(_optimum(cost), rel=1e-12)  # SciPy's answer
