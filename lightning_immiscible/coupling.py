@@ -35,8 +35,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_immiscible.conditional import assign_within, class_noise_means, condition_problem, prior_skew
 from lightning_immiscible.checks import CouplingInputError, check_tensors, checked_ranges, cost_inputs
+from lightning_immiscible.conditional import assign_within, class_noise_means, condition_problem, prior_skew
 from lightning_immiscible.costs import (
     METRICS,
     PRECISIONS,
