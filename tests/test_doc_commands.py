@@ -346,7 +346,7 @@ def test_documented_script_command_parses(shown: Shown, tmp_path: Path, monkeypa
         for method in args.methods:
             cli = module.build_cli(args, method, args.seeds[0], tmp_path / method)
             coupling = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
-            assert [cb.config.method for cb in coupling] == [method]
+            assert [cb.config.method for cb in coupling] == [module.method_args(method)["method"]]
             assert cli.trainer.max_steps == args.max_steps
         return
     # The parsers refuse --device cuda where there is no GPU (test_cuda_commands_fail_clearly...).
