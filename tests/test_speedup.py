@@ -199,3 +199,45 @@ def test_flow_matching_sweep_with_overlay_configs_and_two_fid_keys(tmp_path):
     assert summaries[keys[0]]["lsa-sqeuclidean"]["quality"]["n"] == 1
     overlay = (tmp_path / "runs" / "lsa-sqeuclidean_seed0" / "method.yaml").read_text()
     assert "method: lsa" in overlay and "metric: sqeuclidean" in overlay
+
+
+def _page_commands(page: Path) -> list[list[str]]:
+    import re
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+    return [shlex.split(re.sub(r"\\\n\s*", " ", b)) for b in blocks]
+
+
+def test_preregistered_flow_matching_commands_build_the_registered_runs(tmp_path):
+    """The pre-registration page's runner commands build the arms, lengths and FID keys it registers."""
+    from example_projects.common.fid import fid_metric_name
+    from example_projects.flow_matching.callbacks import FlowMatchingFID
+
+    commands = _page_commands(ROOT / "docs/results/flow-matching-preregistration.md")
+    runner = [c for c in commands if c[:2] == ["python", "benchmarks/speedup.py"]]
+    assert [(len(speedup.parse_args(c[2:]).seeds), speedup.parse_args(c[2:]).max_steps) for c in runner] == [
+        (6, 3000), (3, 3000), (1, 9000)
+    ]  # fmt: skip
+    for words in runner:
+        args = speedup.parse_args(words[2:])
+        assert (
+            args.max_steps // args.eval_every == 8 and args.max_steps % args.eval_every == 0
+        )  # 8 evaluations
+        args.out = tmp_path
+        for method in args.methods:
+            cli = speedup.build_cli(args, method, args.seeds[0], tmp_path / method)
+            [fid] = [cb for cb in cli.trainer.callbacks if isinstance(cb, FlowMatchingFID)]
+            specs = [(n, s) for n, steps in fid.groups.items() for s in steps]
+            logged = {fid_metric_name(fid.feature, fid.num_samples, s, sampler=n) for n, s in specs}
+            assert set(args.metric) == logged, (args.metric, logged)  # the keys the runs will log
+            assert args.metric[0].endswith("_euler2")  # the primary first
+            [coupling] = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
+            expected = speedup.method_args(method)
+            assert (coupling.config.method, coupling.config.metric) == (
+                expected["method"], expected.get("metric", coupling.config.metric)
+            )  # fmt: skip
+            assert (
+                cli.trainer.max_steps == args.max_steps and cli.trainer.val_check_interval == args.eval_every
+            )
+            assert cli.datamodule.image_size == 16
