@@ -322,7 +322,7 @@ ARM_LABEL = {a: a.removeprefix("lsa-").replace("-p", " ") for a in ARM_ORDER if 
 ARM_LABEL["normctrl"] = "control"
 
 
-def _map_cell(r: dict | None) -> str:
+def map_cell(r: dict | None) -> str:
     if r is None:
         return "-"
     rel, sem = r["rel_pct"], r["rel_sem_pct"]
@@ -351,7 +351,7 @@ def map_markdown(rows: list[dict], recs: dict) -> str:
         for dataset in datasets:
             steps = sorted({k[2] for k in index if k[:2] == (objective, dataset)}, key=int)
             lines += [
-                _row(dataset, n, *[_map_cell(index.get((objective, dataset, n, a))) for a in arms])
+                _row(dataset, n, *[map_cell(index.get((objective, dataset, n, a))) for a in arms])
                 for n in steps
             ]
         lines.append("")

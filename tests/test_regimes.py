@@ -18,6 +18,7 @@ import regimes  # noqa: E402
 import regimes_metrics  # noqa: E402
 import regimes_quality  # noqa: E402
 import regimes_report  # noqa: E402
+import regimes_tables  # noqa: E402
 import regimes_train  # noqa: E402
 import regimes_unit  # noqa: E402
 
@@ -371,3 +372,22 @@ def test_results_page_shows_the_committed_sweep_map_and_plots():
     for objective in ("fm", "ddpm"):
         copy = ROOT / "docs" / "results" / f"regimes_effects_{objective}.png"
         assert copy.read_bytes() == (out / f"effects-{objective}.png").read_bytes()
+
+
+def test_results_page_tables_are_rendered_from_the_committed_report():
+    # The caveat tables of docs/when-does-it-help.md (the baseline's rise, steps to quality, where the
+    # data-space distances disagree) are what `regimes_tables.py` renders from report.json. Catches a
+    # number edited by hand, a table left stale after `--report`, or a table dropped from the page.
+    report = json.loads((ROOT / "benchmarks/results/regimes/report.json").read_text())
+    page = (ROOT / "docs" / "when-does-it-help.md").read_text()
+    for name, render in regimes_tables.TABLES.items():
+        start = page.index(f"<!-- regimes table: {name} -->")
+        shown = page[page.index("\n", start) + 1 : page.index("<!-- end of regimes table -->", start)]
+        assert shown.strip() == render(report).strip(), name
+    assert not page.startswith("---")  # no front matter hiding the navigation (it was hidden before)
+    # The baseline's one-step rise on digits that the page quotes, from the records themselves.
+    recs = regimes_report.load_records(ROOT / "benchmarks/results/regimes")
+    fd = [[recs[("digits64", "none", s)]["objectives"]["fm"]["evals"][c]["1"]["fd"] for s in range(6)]
+          for c in ("250", "500", "1000")]  # fmt: skip
+    assert [round(sum(v) / 6) for v in fd] == [36, 59, 120]
+    assert "from 36 to 59 to 120" in page
