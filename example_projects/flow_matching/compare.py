@@ -102,16 +102,17 @@ def arm_args(arm: str, out: Path, args: Sequence[str]) -> list[str]:
     ]
 
 
+def build_arm(name: str, out: Path, args: Sequence[str], cli_factory: Callable[..., Any]) -> Arm:
+    """Builds (does not train) one arm's CLI; LightningCLI seeds everything as it builds it."""
+    arm = Arm(name, cli_factory(arm_args(name, out, args), run=False))
+    arm.cli.trainer.callbacks.append(arm.history)
+    return arm
+
+
 def build_arms(args: Sequence[str], cli_factory: Callable[..., Any]) -> tuple[Path, list[Arm]]:
     """Builds (does not train) both arms' CLIs; returns the output folder and the arms."""
     out, rest = split_out(args)
-    arms = []
-    for name in ARMS:
-        cli = cli_factory(arm_args(name, out, rest), run=False)
-        arm = Arm(name, cli)
-        cli.trainer.callbacks.append(arm.history)
-        arms.append(arm)
-    return out, arms
+    return out, [build_arm(name, out, rest, cli_factory) for name in ARMS]
 
 
 def fid_specs(arm: Arm) -> list[tuple[str, str]]:
@@ -200,10 +201,15 @@ def report(out: Path, arms: list[Arm], args: Sequence[str]) -> dict[str, Any]:
 
 def compare(args: Sequence[str], cli_factory: Callable[..., Any]) -> dict[str, Any]:
     """Trains both arms one after the other, then reports (see the module docstring)."""
-    out, arms = build_arms(args, cli_factory)
-    for arm in arms:
-        say(f"\n=== Arm '{arm.name}' ({ARM_TITLES[arm.name]}, overlay {ARMS[arm.name]}) ===")
+    out, rest = split_out(args)
+    arms = []
+    for name in ARMS:
+        say(f"\n=== Arm '{name}' ({ARM_TITLES[name]}, overlay {ARMS[name]}) ===")
+        # Built right before it trains: the seed is set again, so both arms start from the same global
+        # random state (data order, training times), not the state the first arm's training left.
+        arm = build_arm(name, out, rest, cli_factory)
         arm.cli.trainer.fit(arm.cli.model, datamodule=arm.cli.datamodule)
+        arms.append(arm)
         if not arm.history.rows:
             raise RuntimeError(
                 f"Arm '{arm.name}' finished without an FID evaluation: set trainer.val_check_interval "

@@ -445,8 +445,37 @@ def test_toy2d_fit_logs_w2_straightness_and_a_picture(tmp_path: Path) -> None:
     assert (log_dir / "toy2d" / "latest.png").is_file() and (log_dir / "toy2d" / "step0000002.png").is_file()
 
 
-def test_compare_trains_both_arms_and_reports_fid_side_by_side(tmp_path: Path, capsys) -> None:
+class _Seen(L.Callback):
+    """Records the initial weights and the training batches of a run (for the same-start check)."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen, self.batches = seen, []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        first = next(iter(pl_module.net.parameters()))
+        self.seen.append((first.detach().clone(), self.batches))
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
+    ) -> None:
+        self.batches.append(batch[0].detach().clone())
+
+
+def test_compare_trains_both_arms_and_reports_fid_side_by_side(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`compare` on a tiny setting: both arms train on one seed; the table matches their own CSV logs."""
+    from example_projects.flow_matching import __main__ as main_module
+
+    seen: list = []
+
+    def recording_cli(args, run=True):
+        cli = original(args, run)
+        cli.trainer.callbacks.append(_Seen(seen))
+        return cli
+
+    original = main_module.fit_cli
+    monkeypatch.setattr(main_module, "fit_cli", recording_cli)
     out = tmp_path / "cmp"
     result = cli_main(
         [
@@ -482,6 +511,11 @@ def test_compare_trains_both_arms_and_reports_fid_side_by_side(tmp_path: Path, c
         row = f"| {steps} | {a:.3f} | {b:.3f} | {b - a:+.3f} |"
         assert row in result["table"] and row in printed, row
     assert "heun" not in result["table"]
+    # Same seed, same start: both arms begin from the same weights and see the same batches. Catches arms
+    # built up front, where the second arm trains from the random state the first arm's training left.
+    [(w_a, b_a), (w_b, b_b)] = seen
+    assert torch.equal(w_a, w_b) and len(b_a) == len(b_b) == 2
+    assert all(torch.equal(x, y) for x, y in zip(b_a, b_b, strict=True))
     png = result["png"]
     assert png == out / "compare.png" and png.stat().st_size > 1000
     from PIL import Image
