@@ -10,10 +10,13 @@ better (paired t p < 0.05), italics: worse, plain: no effect detected.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling regimes_* modules
 
 from regimes_quality import quality_markdown
 from regimes_report import map_cell
@@ -79,9 +82,18 @@ def quality_table(report: dict[str, Any]) -> str:
 TABLES = {"rise": rise_table, "disagreement": disagreement_table, "quality": quality_table}
 
 
-def main(out: Path = Path("benchmarks/results/regimes")) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``--out``: the sweep's folder, whose ``report.json`` the tables are rendered from."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/regimes"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints every table, each under its name."""
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((parse_args(argv).out / "report.json").read_text())
     for name, render in TABLES.items():
         sys.stdout.write(f"<!-- {name} -->\n{render(report)}\n")
 
