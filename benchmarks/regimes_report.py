@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from regimes_quality import quality_rows, quality_section
 from scipy import stats
 from speedup import paired_stats
 
@@ -321,7 +322,7 @@ ARM_LABEL = {a: a.removeprefix("lsa-").replace("-p", " ") for a in ARM_ORDER if 
 ARM_LABEL["normctrl"] = "control"
 
 
-def _map_cell(r: dict | None) -> str:
+def map_cell(r: dict | None) -> str:
     if r is None:
         return "-"
     rel, sem = r["rel_pct"], r["rel_sem_pct"]
@@ -350,7 +351,7 @@ def map_markdown(rows: list[dict], recs: dict) -> str:
         for dataset in datasets:
             steps = sorted({k[2] for k in index if k[:2] == (objective, dataset)}, key=int)
             lines += [
-                _row(dataset, n, *[_map_cell(index.get((objective, dataset, n, a))) for a in arms])
+                _row(dataset, n, *[map_cell(index.get((objective, dataset, n, a))) for a in arms])
                 for n in steps
             ]
         lines.append("")
@@ -431,12 +432,15 @@ def write_report(out: Path, args: argparse.Namespace | None = None) -> dict[str,
         "primary": prim,
         "correlations": corr,
         "knn_vs_control": knn_vs_control(recs),
+        "steps_to_quality": quality_rows(recs, PRIMARY_METRIC) if recs else [],
         "cells": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     (out / "report.md").write_text(
-        markdown(rows, prim, corr, len(recs), recs) + knn_markdown(summary["knn_vs_control"])
+        markdown(rows, prim, corr, len(recs), recs)
+        + knn_markdown(summary["knn_vs_control"])
+        + quality_section(summary["steps_to_quality"])
     )
     summary["plots"] = [str(p) for p in plot(out, rows, recs)] if rows else []
     return summary

@@ -6,11 +6,17 @@ FID every ``--eval-every`` steps, and writes to ``--out``:
 
 - ``curves.json``: every run's FID curve(s) and the settings;
 - ``fid_vs_steps.png``: FID vs training steps, mean and min-max band per method;
-- ``report.md``: per method, FID at each evaluation (mean +- std over seeds) and the steps needed to
-  reach the baseline's final FID, with the speed-up factor (per seed, paired with that seed's
-  baseline) and its spread; then, per evaluation, the paired difference to the baseline (mean +-
-  standard error over seeds, in how many seeds the method was better, and a two-sided sign-test
-  p-value), which tells a consistent effect from seed-to-seed noise.
+- ``report.md``: per FID key (``--metric``, several allowed), per method, FID at each evaluation
+  (mean +- std over seeds) and the steps needed to reach the baseline's final FID; then **steps to
+  quality**: the training steps each seed needs to reach its paired baseline's *best* FID over the
+  run (not its last: a few-step FID can rise with training), the speed-up factor (baseline's step of
+  its best / the method's step; geometric mean over seeds with a 95 % t-interval on the log factors),
+  a two-sided sign test of "faster than the baseline" and a one-sided sign test of "more than 2x
+  faster"; then, per evaluation, the paired difference to the baseline (mean +- standard error over
+  seeds, in how many seeds the method was better, and a two-sided sign-test p-value).
+
+A method is a coupling method, optionally with its metric: ``none`` (the baseline), ``lsa``,
+``knn``, ``lsa-sqeuclidean`` (minibatch OT, the flow-matching example's ``ot.yaml``), ``lsa-l2``.
 
 Resumable: each run lives in ``OUT/runs/{method}_seed{seed}`` with a ``last.ckpt`` written at every
 evaluation; a run with ``done.json`` is skipped, an interrupted one continues from its checkpoint.
@@ -19,6 +25,8 @@ evaluation; a run with ``done.json`` is skipped, an interrupted one continues fr
         --config example_projects/ddim/configs/quickstart.yaml \
         --methods none lsa --seeds 0 1 2 --max-steps 600 --eval-every 100 --out runs/speedup_ddim \
         -- --fid.num_samples=256 --fid.sampling_steps=[20]
+
+``--config`` takes several files (base, then overlays), applied before the runner's own settings.
 """
 
 from __future__ import annotations
@@ -37,6 +45,15 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 METHOD_ARGS = {"knn": {"k": 4}}
+METRICS = ("l2", "sqeuclidean", "cosine")
+
+
+def method_args(name: str) -> dict[str, Any]:
+    """``"lsa-sqeuclidean"`` -> ``{"method": "lsa", "metric": "sqeuclidean"}``; ``"knn"`` adds ``k``."""
+    method, _, metric = name.partition("-")
+    if metric and metric not in METRICS:
+        raise ValueError(f"method {name!r}: the part after '-' must be a metric of {METRICS}.")
+    return {"method": method, **({"metric": metric} if metric else {}), **METHOD_ARGS.get(method, {})}
 
 
 class CurveRecorder(L.Callback):
@@ -55,7 +72,7 @@ class CurveRecorder(L.Callback):
 
 
 def _overlay(run_dir: Path, method: str, seed: int) -> Path:
-    init = {"method": method, "seed": seed, **METHOD_ARGS.get(method, {})}
+    init = {**method_args(method), "seed": seed}
     args = "{" + ", ".join(f"{k}: {v}" for k, v in init.items()) + "}"
     path = run_dir / "method.yaml"
     path.write_text(
@@ -68,7 +85,9 @@ def _overlay(run_dir: Path, method: str, seed: int) -> Path:
 def build_cli(args: argparse.Namespace, method: str, seed: int, run_dir: Path) -> Any:
     """The example's LightningCLI for one (method, seed) run, instantiated but not run."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cli_args = ["--config", str(args.config), "--config", str(_overlay(run_dir, method, seed))]
+    configs = [str(c) for c in (args.config if isinstance(args.config, list) else [args.config])]
+    cli_args = [w for c in configs for w in ("--config", c)]
+    cli_args += ["--config", str(_overlay(run_dir, method, seed))]
     cli_args += [
         f"--seed_everything={seed}",
         f"--trainer.max_steps={args.max_steps}",
@@ -125,6 +144,74 @@ def steps_to_reach(curve: list[dict[str, float]], metric: str, target: float) ->
     return None
 
 
+def steps_to_quality(
+    curve: list[dict[str, float]], base: list[dict[str, float]], metric: str
+) -> dict[str, Any]:
+    """Training steps ``curve`` needs to reach the best ``metric`` its paired baseline ever logged.
+
+    The target is the baseline's best (lowest) value over its run, reached at ``base_steps`` (the
+    baseline's first evaluation with that value). ``steps`` is the first step at which ``curve`` is at
+    or below it (linear interpolation between evaluations; when the first evaluation is already at
+    or below it, that step, an upper bound, flagged ``at_first_eval``), ``None`` if never.
+    ``speedup`` = ``base_steps / steps``; a run that never reached it has none, only the upper
+    bound ``speedup_bound`` = ``base_steps / last step`` (it would need more than its whole run).
+    """
+    best = min(base, key=lambda row: (row[metric], row["step"]))
+    steps = steps_to_reach(curve, metric, best[metric])
+    return {
+        "target": best[metric],
+        "base_steps": float(best["step"]),
+        "steps": steps,
+        "at_first_eval": steps is not None and steps == curve[0]["step"],
+        "speedup": best["step"] / steps if steps else None,
+        "speedup_bound": None if steps else best["step"] / curve[-1]["step"],
+    }
+
+
+def one_sided_sign_p(above: int, below: int) -> float:
+    """Exact one-sided sign-test p of ``above`` or more successes in ``above + below`` fair trials."""
+    n = above + below
+    return 1.0 if n == 0 else sum(math.comb(n, k) for k in range(above, n + 1)) / 2**n
+
+
+def speedup_stats(per_seed: list[dict[str, Any]], claim: float = 2.0) -> dict[str, Any]:
+    """Geometric-mean speed-up over seeds with a 95 % t-interval, and the sign tests.
+
+    A seed that never reached the target enters the mean at its upper bound (so the mean is then an
+    upper estimate: ``censored`` counts those seeds) and counts as slower than 1x and than ``claim``
+    (it needed more steps than its baseline's whole run). ``p_faster``: two-sided sign test of
+    "faster than the baseline" (ties dropped); ``p_claim``: one-sided sign test of "more than
+    ``claim`` times faster".
+    """
+    from scipy import stats
+
+    factors = [r["speedup"] if r["speedup"] is not None else r["speedup_bound"] for r in per_seed]
+    reached = [r["speedup"] for r in per_seed if r["speedup"] is not None]
+    censored = len(per_seed) - len(reached)
+    faster, slower = sum(f > 1 for f in reached), sum(f < 1 for f in reached) + censored
+    above, below = sum(f > claim for f in reached), sum(f < claim for f in reached) + censored
+    out: dict[str, Any] = {"n": len(per_seed), "censored": censored, "faster": faster, "slower": slower,
+                           "p_faster": sign_test_p(faster, slower), "claim": claim, "above_claim": above,
+                           "below_claim": below, "p_claim": one_sided_sign_p(above, below),
+                           "geomean": None, "ci95": None}  # fmt: skip
+    logs = [math.log(f) for f in factors if f > 0]
+    if logs:
+        out["geomean"] = math.exp(statistics.mean(logs))
+    if len(logs) > 1:
+        half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+        out["ci95"] = (math.exp(statistics.mean(logs) - half), math.exp(statistics.mean(logs) + half))
+    return out
+
+
+def quality(seeds: dict[int, dict], base: dict[int, dict], metric: str) -> dict[str, Any]:
+    """Steps to quality of one method: per seed (paired with the same seed's baseline) and overall."""
+    per_seed = {}
+    for seed, r in sorted(seeds.items()):
+        if seed in base and base[seed]["curve"] and r["curve"]:
+            per_seed[seed] = steps_to_quality(r["curve"], base[seed]["curve"], metric)
+    return {"per_seed": per_seed, **speedup_stats(list(per_seed.values()))} if per_seed else {}
+
+
 def summarize(runs: list[dict[str, Any]], metric: str, baseline: str = "none") -> dict[str, Any]:
     """Per method: FID per step (mean, std, min, max) and steps/speed-up vs the paired baseline."""
     by_method: dict[str, dict[int, dict]] = {}
@@ -149,6 +236,8 @@ def summarize(runs: list[dict[str, Any]], metric: str, baseline: str = "none") -
             if needed:
                 speedups.append(final["step"] / needed)
         summary[method] = {"fid": fid, "steps_to_baseline_final": reach, "speedup": speedups}
+        if method != baseline:
+            summary[method]["quality"] = quality(seeds, base, metric)
     for method, by_step in paired_differences(runs, metric, baseline).items():
         summary[method]["paired"] = by_step
     return summary
@@ -203,7 +292,15 @@ def _fmt_speedup(values: list[float], n: int) -> str:
 
 
 def write_report(out: Path, summary: dict[str, Any], metric: str, settings: dict[str, Any]) -> str:
-    """Writes ``report.md`` and ``fid_vs_steps.png``; returns the Markdown."""
+    """Writes ``report.md`` and ``fid_vs_steps.png`` for one metric; returns the Markdown."""
+    text = report_section(summary, metric, settings)
+    (out / "report.md").write_text(text)
+    _plot(out / "fid_vs_steps.png", summary, metric)
+    return text
+
+
+def report_section(summary: dict[str, Any], metric: str, settings: dict[str, Any]) -> str:
+    """The Markdown of one metric: FID per evaluation, steps to quality, paired differences."""
     steps = sorted({s for m in summary.values() for s in m["fid"]})
     lines = [f"FID metric: `{metric}`; settings: `{json.dumps(settings)}`", ""]
     lines.append(
@@ -236,10 +333,39 @@ def write_report(out: Path, summary: dict[str, Any], metric: str, settings: dict
         for method, by_step in paired.items():
             cells = [_fmt_paired(by_step[s]) if s in by_step else "" for s in steps]
             lines.append(f"| {method} − none | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    _plot(out / "fid_vs_steps.png", summary, metric)
-    return text
+    lines += quality_lines(summary, metric)
+    return "\n".join(lines) + "\n"
+
+
+QUALITY_NOTE = (
+    "Steps to quality ({metric}): per seed, the step of the same seed's baseline's best value over its run"
+    " -> the step at which the method first reached that value (`-`: never; `<=`: already at its first"
+    " evaluation); speed-up = the first / the second, geometric mean over seeds [95 % t-interval on log"
+    " factors] (`*`: includes never-reached seeds at their upper bound); faster/slower than the baseline"
+    " with a two-sided sign test; more than 2x faster with a one-sided sign test."
+)
+
+
+def quality_lines(summary: dict[str, Any], metric: str) -> list[str]:
+    """The steps-to-quality table: per seed, the speed-up's geometric mean and 95 % CI, sign tests."""
+    rows = {m: v["quality"] for m, v in summary.items() if v.get("quality")}
+    if not rows:
+        return []
+    lines = ["", QUALITY_NOTE.format(metric=metric), ""]
+    lines.append("| method | per seed | speed-up [95 % CI] | faster/slower (p) | > 2x (one-sided p) |")
+    lines.append("|---|---|---:|---:|---:|")
+    for method, q in rows.items():
+        per_seed = ", ".join(_fmt_seed_quality(r) for r in q["per_seed"].values())
+        ci = f" [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}]" if q["ci95"] else ""
+        mean = f"{q['geomean']:.2f}x{ci}{'*' if q['censored'] else ''}" if q["geomean"] else "-"
+        lines.append(f"| {method} | {per_seed} | {mean} | {q['faster']}/{q['slower']} (p={q['p_faster']:.3f})"
+                     f" | {q['above_claim']}/{q['n']} (p={q['p_claim']:.3f}) |")  # fmt: skip
+    return lines
+
+
+def _fmt_seed_quality(r: dict[str, Any]) -> str:
+    reached = "-" if r["steps"] is None else f"{'<=' if r['at_first_eval'] else ''}{r['steps']:.0f}"
+    return f"{r['base_steps']:.0f} -> {reached}"
 
 
 def _fmt_paired(row: dict[str, Any]) -> str:
@@ -276,12 +402,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--example", default="ddim", help="example_projects.<name> with a cli_main")
-    parser.add_argument("--config", type=Path, required=True, help="the example's base config")
+    parser.add_argument(
+        "--config", type=Path, nargs="+", required=True, help="the example's base config, then overlays"
+    )
     parser.add_argument("--methods", nargs="+", default=["none", "lsa"], help="'none' is the baseline")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--metric", default=None, help="FID key to compare (default: the first val/fid* key)")
+    parser.add_argument(
+        "--metric", nargs="+", default=None, help="FID key(s) to compare (default: the first val/fid* key)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/speedup"))
     args = parser.parse_args(argv)
     args.extra = extra
@@ -291,16 +421,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Trains (or resumes) every run, then writes ``curves.json``, ``report.md`` and the plots."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [run_one(args, m, s) for s in args.seeds for m in args.methods]
-    metric = args.metric or sorted(k for k in runs[0]["curve"][0] if k.startswith("val/fid"))[0]
+    metrics = args.metric or [sorted(k for k in runs[0]["curve"][0] if k.startswith("val/fid"))[0]]
     settings = {k: str(v) for k, v in vars(args).items()}
-    summary = summarize(runs, metric)
-    (args.out / "curves.json").write_text(json.dumps({"settings": settings, "metric": metric, "runs": runs,
-                                                      "summary": summary}, indent=2))  # fmt: skip
-    print(write_report(args.out, summary, metric, settings))
-    return summary
+    summaries = {metric: summarize(runs, metric) for metric in metrics}
+    record = {"settings": settings, "metric": metrics[0], "metrics": metrics, "runs": runs}
+    record |= {"summary": summaries[metrics[0]], "summaries": summaries}
+    (args.out / "curves.json").write_text(json.dumps(record, indent=2))
+    text = "\n".join(report_section(summaries[m], m, settings) for m in metrics)
+    (args.out / "report.md").write_text(text)
+    for i, metric in enumerate(metrics):
+        _plot(args.out / plot_name(metric, first=i == 0), summaries[metric], metric)
+    print(text)
+    return summaries[metrics[0]] if len(metrics) == 1 else summaries
+
+
+def plot_name(metric: str, first: bool) -> str:
+    """``fid_vs_steps.png`` for the first metric, ``fid_vs_steps_<last part of the key>.png`` for others."""
+    return "fid_vs_steps.png" if first else f"fid_vs_steps_{metric.rsplit('_', 1)[-1]}.png"
 
 
 if __name__ == "__main__":

@@ -263,8 +263,31 @@ def _check_call(argv: list[str], cli: Any, calls: list) -> None:
         assert [cb.scope for cb in coupling] == [scope]
 
 
+def dry_run_compare(words: tuple[str, ...], workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m example_projects.flow_matching compare ...``: both arms build, each with its coupling."""
+    from example_projects.flow_matching.__main__ import fit_cli
+    from example_projects.flow_matching.compare import ARMS, build_arms
+
+    assert words[2] == "example_projects.flow_matching", words
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["cli"])
+    out, arms = build_arms(list(words[4:]), fit_cli)
+    assert out == Path("runs/flow_compare")  # the folder the README names
+    assert [a.name for a in arms] == list(ARMS) == ["independent", "ot"]
+    couplings = [
+        [cb.config for cb in a.cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
+        for a in arms
+    ]
+    assert [(c.method, c.metric) for [c] in couplings] == [("none", "l2"), ("lsa", "sqeuclidean")]
+    assert arms[0].cli.trainer.max_steps == arms[1].cli.trainer.max_steps > 0
+    assert arms[0].cli.config.seed_everything == arms[1].cli.config.seed_everything
+
+
 @pytest.mark.parametrize("shown", _of_kind("example"))
 def test_documented_example_command_dry_run(shown: Shown, workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    if shown.words[3:4] == ("compare",):
+        dry_run_compare(shown.words, workdir, monkeypatch)
+        return
     dry_run(shown.words, workdir, monkeypatch)
 
 
@@ -326,7 +349,7 @@ def test_documented_script_command_parses(shown: Shown, tmp_path: Path, monkeypa
         for method in args.methods:
             cli = module.build_cli(args, method, args.seeds[0], tmp_path / method)
             coupling = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
-            assert [cb.config.method for cb in coupling] == [method]
+            assert [cb.config.method for cb in coupling] == [module.method_args(method)["method"]]
             assert cli.trainer.max_steps == args.max_steps
         return
     # The parsers refuse --device cuda where there is no GPU (test_cuda_commands_fail_clearly...).

@@ -20,7 +20,8 @@ def test_readme_has_exactly_two_quickstart_commands_and_ci_runs_the_test_one():
     quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)```", quickstart, flags=re.S)
     assert len(commands) == 2 and all(c.count("\n") == 1 for c in commands)
-    assert commands[0].startswith('pip install -e ".[examples]" && python -m example_projects.ddim fit')
+    main_job = 'pip install -e ".[examples]" && python -m example_projects.flow_matching compare'
+    assert commands[0].startswith(main_job)
     assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
     for config in re.findall(r"--config (\S+)", commands[0]):
         assert (ROOT / config).is_file(), config

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import regimes  # noqa: E402
 import regimes_metrics  # noqa: E402
+import regimes_quality  # noqa: E402
 import regimes_report  # noqa: E402
+import regimes_tables  # noqa: E402
 import regimes_train  # noqa: E402
 import regimes_unit  # noqa: E402
 
@@ -196,6 +198,38 @@ def test_map_marks_helps_harms_and_missing_cells():
     assert lines.count("| --- | --- | --- | --- |") == 1  # only flow matching has records here
 
 
+def _curve_rec(arm, seed, values):
+    """A 2-D record whose 1-step W2 is ``values`` at the checkpoints 250, 500 and 1,000."""
+    rec = _rec(arm, seed, 0.0)
+    rec["objectives"]["fm"]["evals"] = {
+        str(s): {"1": {"w2": v}} for s, v in zip((250, 500, 1000), values, strict=True)
+    }
+    return rec
+
+
+def test_steps_to_quality_from_the_three_checkpoints_by_hand():
+    # Seed 0: the baseline's best is 2.0 at step 500 (it rises to 3.0 by 1,000); the arm has 4.0 at 250
+    # and 1.0 at 500, so it reaches 2.0 at 250 + 250 * (4 - 2) / (4 - 1) = 416.7: 500 / 416.7 = 1.2x.
+    # Seed 1: best 1.5 at 1,000; the arm is at 1.0 already at 250: <= 250 steps, 4x (a lower bound).
+    # Seed 2: best 1.0 at 500; the arm never gets there: censored at 500 / 1,000 = 0.5x.
+    # Catches a target taken from the baseline's last value (seed 0 would read 250 steps, 2x) and
+    # seeds counted as faster when they never arrive.
+    base = {0: (5.0, 2.0, 3.0), 1: (4.0, 3.0, 1.5), 2: (3.0, 1.0, 2.0)}
+    arm = {0: (4.0, 1.0, 1.0), 1: (1.0, 1.0, 1.0), 2: (3.0, 2.0, 1.5)}
+    recs = {("2d", "none", s): _curve_rec("none", s, v) for s, v in base.items()}
+    recs |= {("2d", "lsa-l2-p64", s): _curve_rec("lsa-l2-p64", s, v) for s, v in arm.items()}
+    [row] = regimes_quality.quality_rows(recs, {"2d": "w2"})
+    steps = [r["steps"] for r in row["per_seed"]]
+    assert steps[0] == pytest.approx(250 + 250 * 2 / 3) and steps[1] == 250 and steps[2] is None
+    assert [r["base_steps"] for r in row["per_seed"]] == [500, 1000, 500]
+    factors = [500 / steps[0], 4.0, 0.5]
+    assert row["geomean"] == pytest.approx(math.prod(factors) ** (1 / 3))
+    assert (row["faster"], row["slower"], row["censored"], row["at_first_eval"]) == (2, 1, 1, 1)
+    assert (row["above_claim"], row["below_claim"]) == (1, 2)
+    line = regimes_quality.quality_markdown([row]).splitlines()[2]
+    assert line.startswith("| 2d | fm | lsa-l2-p64 | 1 | 500, 500, 1000 | ") and "x [" in line and "*" in line
+
+
 def test_frechet_distance_against_scipy_sqrtm():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(400, 5, generator=g) @ torch.randn(5, 5, generator=g)
@@ -298,7 +332,8 @@ def test_tiny_sweep_writes_the_report_with_every_cell(tmp_path):
     }
     assert all(r["n"] == 2 for r in summary["cells"])
     md = (tmp_path / "report.md").read_text()
-    assert "| 2d | lsa-l2-p8 |" in md and "Spearman" in md
+    assert "| 2d | lsa-l2-p8 |" in md and "Spearman" in md and "## Steps to quality" in md
+    assert len(summary["steps_to_quality"]) == 2 * 2 * 2 * 4  # (dataset, objective, arm, sampler steps)
     assert json.loads((tmp_path / "report.json").read_text())["units"] == 12
     assert (tmp_path / "effects-fm.png").stat().st_size > 0 and (tmp_path / "effects-ddpm.png").exists()
     assert (tmp_path / "cache" / "classifier-digits64.pt").exists()
@@ -337,3 +372,22 @@ def test_results_page_shows_the_committed_sweep_map_and_plots():
     for objective in ("fm", "ddpm"):
         copy = ROOT / "docs" / "results" / f"regimes_effects_{objective}.png"
         assert copy.read_bytes() == (out / f"effects-{objective}.png").read_bytes()
+
+
+def test_results_page_tables_are_rendered_from_the_committed_report():
+    # The caveat tables of docs/when-does-it-help.md (the baseline's rise, steps to quality, where the
+    # data-space distances disagree) are what `regimes_tables.py` renders from report.json. Catches a
+    # number edited by hand, a table left stale after `--report`, or a table dropped from the page.
+    report = json.loads((ROOT / "benchmarks/results/regimes/report.json").read_text())
+    page = (ROOT / "docs" / "when-does-it-help.md").read_text()
+    for name, render in regimes_tables.TABLES.items():
+        start = page.index(f"<!-- regimes table: {name} -->")
+        shown = page[page.index("\n", start) + 1 : page.index("<!-- end of regimes table -->", start)]
+        assert shown.strip() == render(report).strip(), name
+    assert not page.startswith("---")  # no front matter hiding the navigation (it was hidden before)
+    # The baseline's one-step rise on digits that the page quotes, from the records themselves.
+    recs = regimes_report.load_records(ROOT / "benchmarks/results/regimes")
+    fd = [[recs[("digits64", "none", s)]["objectives"]["fm"]["evals"][c]["1"]["fd"] for s in range(6)]
+          for c in ("250", "500", "1000")]  # fmt: skip
+    assert [round(sum(v) / 6) for v in fd] == [36, 59, 120]
+    assert "from 36 to 59 to 120" in page

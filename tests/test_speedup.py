@@ -97,3 +97,147 @@ def test_paired_differences_count_seeds_and_sign_test():
     assert first["sem"] == pytest.approx(0.0)
     assert (second["mean"], second["better"], second["worse"]) == (0.25, 0, 1)  # a tie is neither
     assert speedup.summarize(runs, "fid")["lsa"]["paired"] == paired["lsa"]
+
+
+# ----------------------------------------------------------------------------- steps to quality
+
+
+def _curve(*points):
+    return [{"step": s, "fid": f} for s, f in points]
+
+
+def test_steps_to_quality_targets_the_baselines_best_not_its_last_value():
+    base = _curve((100, 5.0), (200, 3.0), (300, 4.0))  # best 3.0 at step 200, then it rises
+    # Reaches 3.0 halfway between its evaluations at 100 (4.0) and 200 (2.0): step 150, 200/150 faster.
+    # Against the baseline's last value (4.0) it would be step 100 and 3x: that variant fails here.
+    q = speedup.steps_to_quality(_curve((100, 4.0), (200, 2.0)), base, "fid")
+    assert (q["target"], q["base_steps"], q["steps"]) == (3.0, 200.0, pytest.approx(150.0))
+    assert q["speedup"] == pytest.approx(4 / 3) and q["speedup_bound"] is None and not q["at_first_eval"]
+    never = speedup.steps_to_quality(_curve((100, 6.0), (300, 3.5)), base, "fid")
+    assert (
+        never["steps"] is None and never["speedup"] is None and never["speedup_bound"] == pytest.approx(2 / 3)
+    )
+    first = speedup.steps_to_quality(_curve((100, 2.5), (200, 2.0)), base, "fid")
+    assert first["steps"] == 100 and first["at_first_eval"] and first["speedup"] == 2.0
+    # A baseline whose best value repeats: its first occurrence counts.
+    tie = speedup.steps_to_quality(_curve((100, 3.0)), _curve((100, 4.0), (200, 3.0), (300, 3.0)), "fid")
+    assert tie["base_steps"] == 200.0
+
+
+def test_speedup_stats_geometric_mean_interval_and_sign_tests():
+    seeds = [{"speedup": f, "speedup_bound": None} for f in (2.0, 4.0, 8.0)]
+    stats = speedup.speedup_stats(seeds)
+    # log2 factors 1, 2, 3: mean 2 -> 4x; s.d. 1 -> 95 % half-width t(0.975, 2) / sqrt(3) in log2 units,
+    # with t(0.975, 2) = 4.302652729911275 (Student's t table).
+    half = 4.302652729911275 / 3**0.5
+    assert stats["geomean"] == pytest.approx(4.0)
+    assert stats["ci95"] == pytest.approx((2 ** (2 - half), 2 ** (2 + half)))
+    assert (stats["faster"], stats["slower"], stats["p_faster"]) == (3, 0, pytest.approx(2 / 8))
+    # 2.0 is a tie with the 2x claim (dropped): 2 of 2 above, one-sided p = 1/4.
+    assert (stats["above_claim"], stats["below_claim"], stats["p_claim"]) == (2, 0, pytest.approx(1 / 4))
+    # A seed that never reached the target: slower than 1x and than 2x, in the mean at its bound.
+    censored = speedup.speedup_stats([*seeds, {"speedup": None, "speedup_bound": 0.5}])
+    assert censored["censored"] == 1 and censored["geomean"] == pytest.approx(32**0.25)
+    assert (censored["faster"], censored["slower"]) == (3, 1)
+    assert censored["p_faster"] == pytest.approx(2 * 5 / 16)  # P(X <= 1 | n = 4), two-sided
+    assert (censored["above_claim"], censored["below_claim"]) == (2, 1)
+    assert censored["p_claim"] == pytest.approx(4 / 8)  # P(X >= 2 | n = 3)
+    six = speedup.speedup_stats([{"speedup": 3.0, "speedup_bound": None}] * 6)
+    assert six["p_claim"] == pytest.approx(1 / 64) and six["p_faster"] == pytest.approx(2 / 64)
+
+
+def test_summarize_reports_steps_to_quality_per_method():
+    runs = [
+        {"method": "none", "seed": 0, "curve": _curve((100, 5.0), (200, 3.0), (300, 4.0))},
+        {"method": "lsa-sqeuclidean", "seed": 0, "curve": _curve((100, 4.0), (200, 2.0), (300, 2.0))},
+    ]
+    summary = speedup.summarize(runs, "fid")
+    assert "quality" not in summary["none"]
+    q = summary["lsa-sqeuclidean"]["quality"]
+    assert q["per_seed"][0]["steps"] == pytest.approx(150.0) and q["geomean"] == pytest.approx(4 / 3)
+    text = speedup.report_section(summary, "fid", {})
+    assert "| lsa-sqeuclidean | 200 -> 150 | 1.33x | 1/0 (p=1.000) | 0/1 (p=1.000) |" in text
+
+
+def test_method_names_map_to_the_flow_matching_overlays():
+    """The runner's arms are the settings of baseline.yaml, ot.yaml and immiscible.yaml."""
+    import yaml
+
+    configs = ROOT / "example_projects/flow_matching/configs"
+    for name, overlay in (("none", "baseline"), ("lsa-sqeuclidean", "ot"), ("lsa-l2", "immiscible")):
+        init = yaml.safe_load((configs / f"{overlay}.yaml").read_text())["trainer"]["callbacks"][0][
+            "init_args"
+        ]
+        assert {k: init[k] for k in ("method", "metric") if k in speedup.method_args(name)} == {
+            k: v for k, v in speedup.method_args(name).items() if k != "k"
+        }, name
+    with pytest.raises(ValueError, match="metric"):
+        speedup.method_args("lsa-euclid")
+
+
+def test_flow_matching_sweep_with_overlay_configs_and_two_fid_keys(tmp_path):
+    """The pre-registered run's shape, tiny: flow matching, base + overlay configs, a report per FID key."""
+    configs = f"{ROOT}/example_projects/flow_matching/configs/"
+    keys = ["val/fid16_n8_euler2", "val/fid16_n8_euler1"]
+    tiny = [
+        w for w in TINY if not w.startswith(("--fid.sampling_steps", "--data.dataset", "--data.num_synth"))
+    ]
+    summaries = speedup.main(
+        ["--example", "flow_matching", "--config", f"{configs}quickstart.yaml", f"{configs}compare.yaml",
+         "--methods", "none", "lsa-sqeuclidean", "--seeds", "0", "--max-steps", "4", "--eval-every", "2",
+         "--metric", *keys, "--out", str(tmp_path), "--", *tiny, "--fid.samplers=[euler1, euler2]"]
+    )  # fmt: skip
+    assert list(summaries) == keys
+    # the runner's settings win over compare.yaml's (1,000 steps, evaluations every 500)
+    data = json.loads((tmp_path / "curves.json").read_text())
+    assert [row["step"] for row in data["runs"][0]["curve"]] == [2, 4]
+    assert data["metric"] == keys[0] and data["metrics"] == keys
+    assert (tmp_path / "fid_vs_steps.png").is_file() and (tmp_path / "fid_vs_steps_euler1.png").is_file()
+    report = (tmp_path / "report.md").read_text()
+    for key in keys:
+        assert f"Steps to quality ({key})" in report
+    assert summaries[keys[0]]["lsa-sqeuclidean"]["quality"]["n"] == 1
+    overlay = (tmp_path / "runs" / "lsa-sqeuclidean_seed0" / "method.yaml").read_text()
+    assert "method: lsa" in overlay and "metric: sqeuclidean" in overlay
+
+
+def _page_commands(page: Path) -> list[list[str]]:
+    import re
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+    return [shlex.split(re.sub(r"\\\n\s*", " ", b)) for b in blocks]
+
+
+def test_preregistered_flow_matching_commands_build_the_registered_runs(tmp_path):
+    """The pre-registration page's runner commands build the arms, lengths and FID keys it registers."""
+    from example_projects.common.fid import fid_metric_name
+    from example_projects.flow_matching.callbacks import FlowMatchingFID
+
+    commands = _page_commands(ROOT / "docs/results/flow-matching-preregistration.md")
+    runner = [c for c in commands if c[:2] == ["python", "benchmarks/speedup.py"]]
+    assert [(len(speedup.parse_args(c[2:]).seeds), speedup.parse_args(c[2:]).max_steps) for c in runner] == [
+        (6, 3000), (3, 3000), (1, 9000)
+    ]  # fmt: skip
+    for words in runner:
+        args = speedup.parse_args(words[2:])
+        assert (
+            args.max_steps // args.eval_every == 8 and args.max_steps % args.eval_every == 0
+        )  # 8 evaluations
+        args.out = tmp_path
+        for method in args.methods:
+            cli = speedup.build_cli(args, method, args.seeds[0], tmp_path / method)
+            [fid] = [cb for cb in cli.trainer.callbacks if isinstance(cb, FlowMatchingFID)]
+            specs = [(n, s) for n, steps in fid.groups.items() for s in steps]
+            logged = {fid_metric_name(fid.feature, fid.num_samples, s, sampler=n) for n, s in specs}
+            assert set(args.metric) == logged, (args.metric, logged)  # the keys the runs will log
+            assert args.metric[0].endswith("_euler2")  # the primary first
+            [coupling] = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
+            expected = speedup.method_args(method)
+            assert (coupling.config.method, coupling.config.metric) == (
+                expected["method"], expected.get("metric", coupling.config.metric)
+            )  # fmt: skip
+            assert (
+                cli.trainer.max_steps == args.max_steps and cli.trainer.val_check_interval == args.eval_every
+            )
+            assert cli.datamodule.image_size == 16

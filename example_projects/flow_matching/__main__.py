@@ -1,10 +1,18 @@
-"""``python -m example_projects.flow_matching fit --config .../quickstart.yaml --config .../ot.yaml``."""
+"""``python -m example_projects.flow_matching fit|validate|compare --config .../quickstart.yaml ...``.
+
+``fit`` and the other LightningCLI subcommands train or evaluate one run; ``compare`` trains the
+independent-pairs and OT-pairs arms on the same seed and reports them side by side (``compare.py``).
+"""
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 from example_projects.common.cli import ExampleCLI
 from example_projects.common.data import ImageDataModule
 from example_projects.flow_matching.callbacks import FlowMatchingFID
+from example_projects.flow_matching.compare import compare
 from example_projects.flow_matching.model import FlowMatching
 
 
@@ -14,7 +22,16 @@ class FlowMatchingCLI(ExampleCLI):
     fid_class = FlowMatchingFID
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> FlowMatchingCLI:
+def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
+    """The LightningCLI of one run, or, for ``compare ...``, the side-by-side report (a dict)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:
+        return compare(argv[1:], cli_factory=fit_cli)
+    return fit_cli(args, run)
+
+
+def fit_cli(args: list[str] | None = None, run: bool = True) -> FlowMatchingCLI:
+    """The example's LightningCLI (``run=False``: instantiated, not run; ``args`` without a subcommand)."""
     return FlowMatchingCLI(
         FlowMatching, ImageDataModule, args=args, run=run, save_config_kwargs={"overwrite": True}
     )

@@ -453,3 +453,89 @@ def test_toy2d_fit_logs_w2_straightness_and_a_picture(tmp_path: Path) -> None:
     for key in ("toy/w2_euler1", "toy/w2_euler2", "toy/w2_euler4", "toy/straightness", "toy/w2_floor"):
         assert any(r.get(key) and math.isfinite(float(r[key])) for r in rows), key
     assert (log_dir / "toy2d" / "latest.png").is_file() and (log_dir / "toy2d" / "step0000002.png").is_file()
+
+
+class _Seen(L.Callback):
+    """Records the initial weights and the training batches of a run (for the same-start check)."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen, self.batches = seen, []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        first = next(iter(pl_module.net.parameters()))
+        self.seen.append((first.detach().clone(), self.batches))
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
+    ) -> None:
+        self.batches.append(batch[0].detach().clone())
+
+
+def test_compare_trains_both_arms_and_reports_fid_side_by_side(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`compare` on a tiny setting: both arms train on one seed; the table matches their own CSV logs."""
+    from example_projects.flow_matching import __main__ as main_module
+
+    seen: list = []
+
+    def recording_cli(args, run=True):
+        cli = original(args, run)
+        cli.trainer.callbacks.append(_Seen(seen))
+        return cli
+
+    original = main_module.fit_cli
+    monkeypatch.setattr(main_module, "fit_cli", recording_cli)
+    out = tmp_path / "cmp"
+    result = cli_main(
+        [
+            "compare",
+            "--config",
+            QUICK,
+            "--config",
+            str(CONFIGS / "compare.yaml"),
+            f"--out={out}",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.log_every_n_steps=1",
+            *TINY_FID,
+            "--fid.samplers=[euler1, euler2, euler8, heun2]",
+            *TINY_NET,
+            "--data.batch_size=16",
+        ]
+    )
+    printed = capsys.readouterr().out
+    csv_fid = {}
+    for arm in ("independent", "ot"):
+        log_dir = Path(result["arms"][arm]["log_dir"])
+        assert log_dir.parent == out / arm  # each arm in its own folder (a shared one mixes the CSVs)
+        rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+        csv_fid[arm] = {k: float(r[k]) for r in rows for k in r if k.startswith("val/fid") and r[k]}
+        # The coupling that ran: the baseline logs a 0 % reduction, OT a positive one (both overlays the same
+        # would fail here).
+        reductions = [float(r["immiscible/reduction_pct"]) for r in rows if r.get("immiscible/reduction_pct")]
+        assert reductions and (max(reductions) == 0.0) == (arm == "independent"), (arm, reductions)
+    # One row per Euler spec (heun2 is left out), the values and differences of the arms' own logs.
+    for steps in (1, 2, 8):
+        a, b = (csv_fid[arm][f"val/fid16_n8_euler{steps}"] for arm in ("independent", "ot"))
+        row = f"| {steps} | {a:.3f} | {b:.3f} | {b - a:+.3f} |"
+        assert row in result["table"] and row in printed, row
+    assert "heun" not in result["table"]
+    # Same seed, same start: both arms begin from the same weights and see the same batches. Catches arms
+    # built up front, where the second arm trains from the random state the first arm's training left.
+    [(w_a, b_a), (w_b, b_b)] = seen
+    assert torch.equal(w_a, w_b) and len(b_a) == len(b_b) == 2
+    assert all(torch.equal(x, y) for x, y in zip(b_a, b_b, strict=True))
+    png = result["png"]
+    assert png == out / "compare.png" and png.stat().st_size > 1000
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.format == "PNG" and min(image.size) > 200
+    for path in (
+        png,
+        result["markdown"],
+        result["json"],
+        *[Path(a["log_dir"]) for a in result["arms"].values()],
+    ):
+        assert str(path) in printed and path.exists(), path

@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "example_projects"
 # A file name with one of these suffixes, alone or after a relative path.
 REFERENCE = re.compile(r"(?<![\w/.-])((?:\.\.\./|[\w.-]+/)*[\w-]+(?:\.[\w-]+)*\.(?:yaml|py|md|png))\b")
-# Written by a run, not shipped: sample grids, the CLI's saved config, the user's own config.
-OUTPUTS = {"latest.png", "config.yaml", "my.yaml"}
+# Written by a run, not shipped: sample grids, the CLI's saved config, the user's own config, and the
+# flow-matching `compare` command's picture and table.
+OUTPUTS = {"latest.png", "config.yaml", "my.yaml", "compare.png", "compare.md"}
 
 
 def _exists(ref: str, source: Path) -> bool:
