@@ -181,6 +181,22 @@ MUTATIONS = (
         "pool = draw_pool((total, *x.shape[1:]), seed, _rank(), draw_index, device)",
         ("tests/test_ddp.py::test_global_coupling_equals_single_process_coupling_of_concatenated_batch",),
     ),
+    Mutation(
+        "blocks_ignore_labels",
+        "with a condition, each label's items take their own block of the pool, solved optimally",
+        "lightning_immiscible/conditional.py",
+        "    order = torch.argsort(labels, stable=True)\n",
+        "    order = torch.arange(labels.numel())\n",
+        ("tests/test_conditional.py::test_each_condition_is_solved_optimally_within_its_own_block",),
+    ),
+    Mutation(
+        "non_finite_input_accepted",
+        "NaN/Inf inputs fail with a clear error (the one-pass check)",
+        "lightning_immiscible/checks.py",
+        "        if check_finite and not (math.isfinite(low) and math.isfinite(high)):",
+        "        if False:",
+        ("tests/test_coupling.py::test_non_finite_values_are_found_by_the_single_scan",),
+    ),
 )
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_immiscible.checks import check_tensors, checked_ranges
 from lightning_immiscible.conditional import (
     assign_gathered,
     class_noise_means,
@@ -43,7 +44,7 @@ from lightning_immiscible.conditional import (
     needs_wide_rows,
     prior_skew,
 )
-from lightning_immiscible.costs import cost_dtype
+from lightning_immiscible.costs import range_cost_dtype
 from lightning_immiscible.coupling import (
     INPUT_ERROR_REASONS,
     Assignment,
@@ -51,7 +52,6 @@ from lightning_immiscible.coupling import (
     CouplingResult,
     CouplingSpec,
     assign,
-    check_inputs,
     pair_distances,
 )
 from lightning_immiscible.solvers import SOLVERS, SolverSpec
@@ -415,30 +415,30 @@ written against it keeps working (same fields, same order)."""
 
 def _validate_local(
     x: Tensor | None, error: BaseException | None, spec: CouplingSpec
-) -> BaseException | None:
-    if error is not None or x is None:
-        return error or CouplingInputError("No data tensor to couple.", "no_tensor")
-    try:
-        check_inputs(x, x, "lsa", spec.check_finite)  # x0 against itself: dtype, ndim, NaN/Inf
-    except CouplingInputError as exc:
-        return exc
-    if x.shape[0] == 0:
-        return CouplingInputError(
-            f"This rank's batch has 0 items (x0 shape {tuple(x.shape)}); the coupling needs at least "
-            "one item per rank. Check the sampler / dataloader that yields empty batches.",
-            "empty",
-        )
-    return None
+) -> tuple[BaseException | None, bool]:
+    """This rank's input check and whether its costs need float64, from one pass over `x`.
 
-
-def _needs_float64(x: Tensor, metric: str) -> bool:
-    """Whether this rank's costs need float64 (float64 data, or fp32 costs that could overflow).
-
-    Decided from ``x`` and a bound on the noise (10 standard deviations) before the pool is drawn,
-    so the group can agree on one dtype for the gathered rows in the header exchange.
+    Returns:
+        `(error, wide)`: the error to share with the group (or `None`), and whether the costs need
+        float64 (float64 data, or fp32 costs that could overflow: decided from `x`'s range and a
+        bound on the noise, 10 standard deviations, before the pool is drawn, so that the group
+        agrees on one dtype for the gathered rows in the header exchange).
     """
-    bound = torch.full((1, *x.shape[1:]), 10.0, dtype=torch.float32, device=x.device)
-    return cost_dtype(x, bound, metric) == torch.float64
+    if error is not None or x is None:
+        return error or CouplingInputError("No data tensor to couple.", "no_tensor"), False
+    try:
+        check_tensors(x, x, "lsa")  # dtype, ndim, device: no pass over the values
+        if x.shape[0] == 0:
+            raise CouplingInputError(
+                f"This rank's batch has 0 items (x0 shape {tuple(x.shape)}); the coupling needs at "
+                "least one item per rank. Check the sampler / dataloader that yields empty batches.",
+                "empty",
+            )
+        ranges = checked_ranges(x, x, spec.check_finite)[:1]  # one min/max pass: NaN/Inf and range
+    except CouplingInputError as exc:
+        return exc, False
+    wide = x.dtype == torch.float64
+    return None, range_cost_dtype([*ranges, (10.0, 10.0)], x[0].numel(), spec.metric, wide) == torch.float64
 
 
 def couple_in_group(
@@ -497,10 +497,10 @@ def couple_in_group(
         res = couple_in_group(x0, group, seed=0, draw_index=0, spec=CouplingSpec("lsa"))
         ```
     """
-    error = _validate_local(x, error, spec)
+    error, wide = _validate_local(x, error, spec)
     error = error or _condition_error(x, condition)
     device = x.device if x is not None else torch.device("cpu")
-    wide = x is not None and error is None and (_needs_float64(x, spec.metric) or needs_wide_rows(condition))
+    wide = error is None and (wide or needs_wide_rows(condition))
     identity = solver_identity(spec)
     extra = {
         "solver": _solver_code(identity),

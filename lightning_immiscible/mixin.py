@@ -85,7 +85,8 @@ class ImmiscibleMixin:
                 x0 = self.coupled_data(batch)       # = immiscible_data(batch), computed once
                 noise = self.noise_like(x0)         # coupled when ImmiscibleCoupling is active
                 t = torch.randint(0, 1000, (x0.shape[0],), device=x0.device)
-                x_t = a[t] * x0 + s[t] * noise
+                at, st = (c[t].view(-1, *[1] * (x0.ndim - 1)) for c in (a, s))  # (B, 1, ..., 1)
+                x_t = at * x0 + st * noise
                 return F.mse_loss(self.model(x_t, t), noise)
 
         trainer = L.Trainer(callbacks=[ImmiscibleCoupling(method="lsa")])

@@ -2,10 +2,10 @@
 
 ``greedy`` ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy])
 trades a little of the distance reduction for a large speed-up of
-the solver. Measured on this project's costs (natural-image-like data against Gaussian noise, L2,
-2-core CPU, ``benchmarks/assignment.py``; see ``docs/performance.md``): at B = 2048 it needs
-12-20 % of ``lapjv``'s solver time (4-8 % of SciPy's) and keeps 98 % of the exact distance
-reduction (96.8-98.2 % at every measured B from 128 to 2048). It beats ``lapjv`` from B ~ 256-512 on.
+the solver. Measured on this project's costs (data families from 2-D points to 3x32x32 images
+against Gaussian noise, L2, one CPU thread, ``benchmarks/assignment.py --families``; see the
+Performance page): it keeps 95.7-99.7 % of the exact distance reduction (97.2-98.1 % on images and
+latents) for 0.09-0.26x of the exact solver's time from B = 1024 on. It beats ``lapjv`` from B ~ 256-512 on.
 
 It has no worst-case optimality guarantee: on adversarial costs (e.g. a cost whose k nearest
 columns are the same for every row) it degrades towards plain row-greedy. Use an exact solver where
