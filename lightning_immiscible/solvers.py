@@ -26,7 +26,8 @@ Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``d
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment`` on the centred cost.
 - ``greedy`` (approximate): candidate greedy on the centred cost
   ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]); it keeps 95.7-99.7 % of the
-  exact distance reduction for 0.09-0.26x of the exact solver's time from B = 1024 on.
+  exact distance reduction for 0.08-0.35x of the fastest exact solver's time from B = 1024 on
+  (0.5-0.7x on 2-D points).
 
 ``solver="auto"`` here follows a fixed rule of the item dimension D
 ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]): every rank of a coupling
@@ -259,8 +260,8 @@ def choose_exact_solver(b: int, dim: int | None = None, among: Collection[str] |
     lowest ``priority``. With every optional package installed: ``pot`` for ``dim <= 3`` and
     ``b >= 256``, ``lapjvr`` for the rest of ``dim <= 64``, ``lapjv`` above (or when ``dim`` is
     unknown); the fallbacks follow the measured order (``docs/performance.md``). Above 64 values
-    the rule is up to 1.31x behind the faster of ``lapjv`` and ``lapjvr`` at B = 256-1024 (which one
-    wins depends on the data), so the callback races them
+    the rule was up to 2.5x behind the faster of ``lapjv`` and ``lapjvr`` at B = 256-2048 (which one
+    wins depends on the data and changes between runs), so the callback races them
     ([race_candidates][lightning_immiscible.solver_race.race_candidates]), and so does
     [couple][lightning_immiscible.coupling.couple], once per process and cost shape
     ([SolverCache][lightning_immiscible.solver_cache.SolverCache]).
