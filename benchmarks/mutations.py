@@ -102,14 +102,6 @@ MUTATIONS = (
         ("tests/test_callback.py::test_huge_data_is_coupled_with_float64_costs_through_the_callback",),
     ),
     Mutation(
-        "full_precision_guard_removed",
-        "the coupling runs in full precision inside an autocast region",
-        CB,
-        "        with full_precision(x0):\n            result = couple_in_group(",
-        "        with torch.inference_mode(False):\n            result = couple_in_group(",
-        ("tests/test_callback.py::test_the_coupling_runs_in_full_precision_inside_an_autocast_region",),
-    ),
-    Mutation(
         "draws_not_restored",
         "a resumed run continues the noise stream at the saved draw",
         CB,
