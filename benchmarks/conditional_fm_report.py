@@ -39,12 +39,16 @@ def paired(records: list[dict[str, Any]], a: str, b: str, cell: dict[str, Any], 
     return [x - y for x, y in pairs if x is not None and y is not None]
 
 
-def summary(diffs: list[float]) -> dict[str, float]:
-    """Mean, 95 % t interval and the exact two-sided sign-test p of paired differences."""
+def summary(diffs: list[float], lower_is_better: bool = True) -> dict[str, float]:
+    """Mean, 95 % t interval and the exact two-sided sign-test p of paired differences.
+
+    `a_better` counts the seeds where A is better: a negative difference for FID, a positive one
+    for class accuracy (`lower_is_better=False`).
+    """
     n = len(diffs)
     mean = statistics.fmean(diffs) if n else math.nan
     half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-    wins = sum(d < 0 for d in diffs)
+    wins = sum((d < 0) if lower_is_better else (d > 0) for d in diffs)
     nonzero = sum(d != 0 for d in diffs)
     p = stats.binomtest(wins, nonzero, 0.5).pvalue if nonzero else 1.0
     return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "sign_p": p, "a_better": wins}
@@ -67,6 +71,26 @@ def _row(label: str, s: dict[str, float], extra: str = "") -> str:
     )
 
 
+def _arm_means(records: list[dict[str, Any]], settings: dict[str, Any], step: int, w: float) -> list[str]:
+    """Each arm's mean FID and class accuracy over seeds at the last checkpoint (context for the tests)."""
+    arms = sorted({r["arm"] for r in records})
+    lines = [f"## Each arm at step {step}, guidance {w}: mean over seeds (FID / class accuracy)", ""]
+    lines += ["| Euler steps | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for k in settings["sampler_steps"]:
+        cells = []
+        for arm in arms:
+            values = [
+                (e["fid_clf"], e["class_acc"])
+                for r in records if r["arm"] == arm
+                for e in r["evals"] if (e["step"], e["guidance"], e["euler_steps"]) == (step, w, k)
+            ]  # fmt: skip
+            fid = statistics.fmean(v[0] for v in values) if values else math.nan
+            acc = statistics.fmean(v[1] for v in values) if values else math.nan
+            cells.append(f"{fid:.1f} / {acc:.3f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(out: Path, path: Path, arms: list[str]) -> dict[str, Any]:
     """Writes the comparisons to `path` and returns them; nothing to compare yields a short note."""
     records = load(out)
@@ -77,7 +101,13 @@ def write_report(out: Path, path: Path, arms: list[str]) -> dict[str, Any]:
     settings = records[0]["settings"]
     last, w0 = max(settings["checkpoints"]), settings["guidance"][0]
     lines = ["# Conditional flow matching: the pre-listed comparisons", ""]
-    lines += [f"{len(records)} finished (arm, seed) runs. Differences are A - B (negative: A better).", ""]
+    lines += [
+        f"{len(records)} finished (arm, seed) runs. Differences are A - B: for the FID negative means A "
+        "is better, for class accuracy positive means A is better (the `A better` column counts seeds "
+        "either way).",
+        "",
+    ]
+    lines += _arm_means(records, settings, last, w0)
     head = "| cell | seeds | mean A - B | 95 % CI | A better | sign p |"
     primary = [
         summary(
@@ -99,7 +129,7 @@ def write_report(out: Path, path: Path, arms: list[str]) -> dict[str, Any]:
                 for w in settings["guidance"]:
                     for k in settings["sampler_steps"]:
                         cell = {"step": step, "guidance": w, "euler_steps": k}
-                        s = summary(paired(records, a, b, cell, metric))
+                        s = summary(paired(records, a, b, cell, metric), metric != "class_acc")
                         result["secondary"].append({"a": a, "b": b, "metric": metric, **cell, **s})
                         lines.append(_row(f"step {step}, w {w}, {k} steps", s))
     lines += ["", "## The prior-skew diagnostic per arm (mean over training batches, then over seeds)", ""]

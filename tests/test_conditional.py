@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,29 @@ def test_worker_noise_coupled_without_the_module_labels_warns_once():
     with pytest.warns(UserWarning, match="workers coupled across conditions") as record:
         trainer(callbacks=[ImmiscibleCoupling(seed=1)], max_steps=3).fit(WorkerFed())
     assert sum("workers coupled across conditions" in str(w.message) for w in record) == 1
+
+
+def test_the_report_counts_a_better_class_accuracy_as_a_win():
+    # Oracle: differences written by hand. Catches the committed report's first version, which
+    # counted negative accuracy differences (A less accurate) as "A better".
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from conditional_fm_report import summary
+
+    assert summary([-2.0, -1.0, 0.5])["a_better"] == 2  # FID: lower is better
+    assert summary([0.10, 0.20, -0.05], lower_is_better=False)["a_better"] == 2  # accuracy
+
+
+def test_the_docs_report_is_the_committed_records_rendered():
+    # The results page's report is regenerated from the committed records, not edited by hand.
+    # Catches a report left behind after the records or the report code changed.
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from conditional_fm import ARMS
+    from conditional_fm_report import write_report
+
+    out = root / "benchmarks" / "results" / "conditional_fm"
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(out, Path(tmp) / "report.md", list(ARMS))
+        rendered = (Path(tmp) / "report.md").read_text()
+    assert rendered == (root / "docs" / "results" / "conditional_fm_report.md").read_text()
+    assert rendered == (out / "report.md").read_text()
