@@ -72,9 +72,14 @@ def value_at(run: dict[str, Any], metric: str, step: int) -> float | None:
     return next((row[metric] for row in run["curve"] if row["step"] == step), None)
 
 
+def values_at(runs: dict[int, dict[str, Any]], metric: str, step: int) -> list[float]:
+    """``metric`` at evaluation ``step`` of every run that has it (seed order)."""
+    return [v for _, r in sorted(runs.items()) if (v := value_at(r, metric, step)) is not None]
+
+
 def seed_spread(runs: dict[int, dict[str, Any]], metric: str, step: int) -> float | None:
     """Sample standard deviation over seeds of ``metric`` at ``step`` (``None`` below 2 seeds)."""
-    values = [v for r in runs.values() if (v := value_at(r, metric, step)) is not None]
+    values = values_at(runs, metric, step)
     return statistics.stdev(values) if len(values) > 1 else None
 
 
@@ -327,7 +332,7 @@ def floor_section(
     for step in steps:
         cells = []
         for k in SAMPLER_STEPS:
-            values = [v for r in base.values() if (v := value_at(r, key(k), step)) is not None]
+            values = values_at(base, key(k), step)
             sd = statistics.stdev(values) if len(values) > 1 else None
             cells.append(f"{statistics.mean(values):.4f} ({_f(sd)})" if values else "")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
@@ -394,7 +399,7 @@ def arms_section(runs: dict[str, dict[int, dict]], steps: list[int]) -> list[str
         for step in steps:
             cells = []
             for seeds in runs.values():
-                values = [v for r in seeds.values() if (v := value_at(r, key(k), step)) is not None]
+                values = values_at(seeds, key(k), step)
                 sd = f" ({statistics.stdev(values):.4f})" if len(values) > 1 else ""
                 cells.append(f"{statistics.mean(values):.4f}{sd}" if values else "")
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
@@ -484,10 +489,7 @@ def figure(runs_list: list[dict], path: Path) -> Path:
                     lw=0.8,
                 )
             steps = sorted({row["step"] for r in seeds.values() for row in r["curve"]})
-            means = [
-                statistics.mean(v for r in seeds.values() if (v := value_at(r, key(k), s)) is not None)
-                for s in steps
-            ]
+            means = [statistics.mean(values_at(seeds, key(k), s)) for s in steps]
             ax.plot(
                 steps,
                 means,
