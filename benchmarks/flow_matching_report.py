@@ -360,6 +360,9 @@ def long_section(long_runs: dict[str, dict[int, dict]], runs: dict[str, dict[int
         return [*lines, "Not finished yet.", ""]
     steps = [row["step"] for row in base[0]["curve"]]
     lines += [
+        "![FID against training steps, seed 0: the 9,000-step pair thick, the same seed's 3,000-step"
+        " runs thin (log scale)](flow_matching_long.png)",
+        "",
         "OT minus baseline, seed 0 (negative = OT better):",
         "",
         "| training step | " + " | ".join(f"{k} step{'s' * (k > 1)}" for k in SAMPLER_STEPS) + " |",
@@ -509,6 +512,46 @@ def figure(runs_list: list[dict], path: Path) -> Path:
     return path
 
 
+def long_figure(long_list: list[dict], runs_list: list[dict], path: Path) -> Path:
+    """The 9,000-step pair (thick) beside the same seed's 3,000-step runs (thin), per Euler step count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long_runs, runs = by_method(long_list), by_method(runs_list)
+    colors = {BASE: "tab:gray", OT: "tab:blue"}
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    for ax, k in zip(axes, SAMPLER_STEPS, strict=True):
+        for method, color in colors.items():
+            for seeds, lw, label in (
+                (runs.get(method, {}), 0.8, "3,000 steps"),
+                (long_runs.get(method, {}), 2, "9,000 steps"),
+            ):
+                if 0 not in seeds:
+                    continue
+                curve = seeds[0]["curve"]
+                ax.plot(
+                    [row["step"] for row in curve],
+                    [row[key(k)] for row in curve],
+                    color=color,
+                    lw=lw,
+                    marker="o",
+                    ms=3 if lw > 1 else 2,
+                    alpha=1.0 if lw > 1 else 0.6,
+                    label=f"{NAMES[method]}, seed 0, {label}",
+                )
+        ax.set_title(f"{k} Euler step{'s' * (k > 1)}")
+        ax.set_xlabel("training steps")
+        ax.set_yscale("log")
+    axes[0].set_ylabel("FID (64-channel Inception, 1,024 samples)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # The sampling scatter
 
@@ -571,12 +614,14 @@ def main(argv: list[str] | None = None) -> str:
     if args.scatter:
         measure_scatter(args.runs / "runs" / "none_seed0" / "last.ckpt", scatter_path)
     scatter = json.loads(scatter_path.read_text()) if scatter_path.is_file() else None
-    runs = load_runs(args.runs)
-    text = render(runs, load_runs(args.long), scatter)
+    runs, long_list = load_runs(args.runs), load_runs(args.long)
+    text = render(runs, long_list, scatter)
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "flow_matching_report.md").write_text(text)
     if runs:
         figure(runs, args.docs / "flow_matching_curves.png")
+    if all(0 in by_method(long_list).get(m, {}) for m in LONG_PLAN):
+        long_figure(long_list, runs, args.docs / "flow_matching_long.png")
     print(text)
     return text
 

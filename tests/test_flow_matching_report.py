@@ -153,6 +153,23 @@ def test_complete_report_reads_the_long_pair_and_the_scatter(tmp_path):
     assert "| 2 | 0.0300 | 0.0158 |" in text  # mean and sample sd of 0.01..0.05
 
 
+def test_main_draws_the_long_pair_only_once_both_of_its_runs_have_finished(tmp_path):
+    # Catches: a long-pair figure drawn from one run (a KeyError on the missing arm, or a picture of
+    # one arm presented as the pair), or never drawn when the pair is in.
+    _sweep(tmp_path / "short", [FAST_CURVE] * 6)
+    long_dir, docs = tmp_path / "long", tmp_path / "docs"
+    _write(long_dir, _run("none", 0, BASE_CURVE))
+    args = ["--runs", str(tmp_path / "short"), "--long", str(long_dir), "--docs", str(docs)]
+    text = fmr.main(args)
+    assert (docs / "flow_matching_curves.png").is_file()
+    assert not (docs / "flow_matching_long.png").exists()
+    assert "flow_matching_long.png" not in text
+    _write(long_dir, _run("lsa-sqeuclidean", 0, FAST_CURVE))
+    text = fmr.main(args)
+    assert (docs / "flow_matching_long.png").stat().st_size > 0
+    assert "](flow_matching_long.png)" in text
+
+
 def test_scatter_command_is_the_preregistered_one():
     page = (ROOT / "docs/results/flow-matching-preregistration.md").read_text()
     blocks = [
