@@ -185,9 +185,11 @@ def _quality_table(arm: dict[int, dict], base: dict[int, dict], steps_list: tupl
             for seed, r in q["per_seed"].items()
         )
         ci = f" [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}]" if q["ci95"] else ""
-        mean = (
-            f"{q['geomean']:.2f}x{ci}{' (upper estimate)' if q['censored'] else ''}" if q["geomean"] else "-"
-        )
+        early = sum(r["steps"] is not None and r["at_first_eval"] for r in q["per_seed"].values())
+        notes = [" (upper estimate)"] * bool(q["censored"]) + [
+            f" (a lower estimate: {early} of {q['n']} reached it by the first evaluation)"
+        ] * bool(early)
+        mean = f"{q['geomean']:.2f}x{ci}{''.join(notes)}" if q["geomean"] else "-"
         lines.append(
             f"| {k} | {per_seed} | {mean} | {q['faster']} / {q['slower']} (p = {q['p_faster']:.3f}) | "
             f"{q['above_claim']} of {q['n']} (p = {q['p_claim']:.3f}) |"

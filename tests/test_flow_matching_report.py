@@ -153,6 +153,19 @@ def test_complete_report_reads_the_long_pair_and_the_scatter(tmp_path):
     assert "| 2 | 0.0300 | 0.0158 |" in text  # mean and sample sd of 0.01..0.05
 
 
+def test_a_speed_up_from_arms_already_there_at_the_first_evaluation_is_called_a_lower_estimate():
+    # Oracle by hand: the baseline's best is 0.01 at step 3000; an arm at 0.005 from step 375 on
+    # reached it by 375, so 3000 / 375 = 8x is only a lower bound for every seed. Catches: a table
+    # that presents such a factor as a measured speed-up (the first evaluation caps it).
+    base = {s: _run("none", s, BASE_CURVE) for s in range(3)}
+    early = {s: _run("lsa-sqeuclidean", s, [0.005] * 8) for s in range(3)}
+    row = fmr._quality_table(early, base, (2,))[-1]
+    assert "s0: 3000 -> <=375" in row
+    assert "8.00x" in row and "(a lower estimate: 3 of 3 reached it by the first evaluation)" in row
+    later = {s: _run("lsa-sqeuclidean", s, FAST_CURVE) for s in range(3)}
+    assert "lower estimate" not in fmr._quality_table(later, base, (2,))[-1]
+
+
 def test_main_draws_the_long_pair_only_once_both_of_its_runs_have_finished(tmp_path):
     # Catches: a long-pair figure drawn from one run (a KeyError on the missing arm, or a picture of
     # one arm presented as the pair), or never drawn when the pair is in.
