@@ -166,6 +166,18 @@ def test_a_speed_up_from_arms_already_there_at_the_first_evaluation_is_called_a_
     assert "lower estimate" not in fmr._quality_table(later, base, (2,))[-1]
 
 
+def test_relative_effect_is_the_mean_of_per_seed_ratios_with_a_t_interval():
+    # Oracle by hand: ratios 0.5/1 - 1 = -0.5 and 0.3/0.5 - 1 = -0.4: mean -0.45, sample sd 0.0707,
+    # half-width t(0.975, 1) * 0.0707 / sqrt(2) = 12.706 * 0.05 = 0.635. Catches: a ratio of the
+    # arms' means (0.4 / 0.75 - 1 = -0.467) instead of the mean of paired ratios, or an unpaired seed.
+    base = {0: _run("none", 0, [1.0] * 8), 1: _run("none", 1, [0.5] * 8), 2: _run("none", 2, [9.0] * 8)}
+    arm = {0: _run("lsa-sqeuclidean", 0, [0.5] * 8), 1: _run("lsa-sqeuclidean", 1, [0.3] * 8)}
+    cell = fmr.relative_cell(arm, base, fmr.key(2), 3000)
+    assert cell["n"] == 2
+    assert cell["mean"] == pytest.approx(-0.45)
+    assert cell["ci95"] == pytest.approx((-0.45 - 0.6353, -0.45 + 0.6353), abs=1e-3)
+
+
 def test_main_draws_the_long_pair_only_once_both_of_its_runs_have_finished(tmp_path):
     # Catches: a long-pair figure drawn from one run (a KeyError on the missing arm, or a picture of
     # one arm presented as the pair), or never drawn when the pair is in.
