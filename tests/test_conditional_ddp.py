@@ -61,7 +61,11 @@ def _rank_main(rank: int, world: int, port: int, scope, method: str, fault, queu
 
 
 def _run(world: int, scope, method: str = "lsa", fault: str | None = None) -> dict[int, tuple[str, object]]:
-    ctx = mp.get_context("fork")
+    # Not "fork": a child forked from a process whose torch thread pool is already running (any test
+    # before this one ran a matrix product) can hang in its first parallel op (seen here: every rank
+    # stuck in the cost matrix's GEMM). The fork server starts once, clean, with this module imported.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     queue, port = ctx.Queue(), _free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(r, world, port, scope, method, fault, queue))
