@@ -42,6 +42,10 @@ def _condition(rank: int, labels: torch.Tensor, fault: str | None) -> object:
 
 
 def _rank_main(rank: int, world: int, port: int, scope, method: str, fault, queue) -> None:
+    # A child forked from a process whose torch thread pool is already running (any earlier test ran a
+    # matrix product) can hang in its first parallel op (seen here: every rank stuck in the cost
+    # matrix's GEMM). One thread, set before any op, is what DataLoader workers do for the same reason.
+    torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         group = build_rank_group(scope, ranks_per_node=world, timeout_s=30)
@@ -61,11 +65,7 @@ def _rank_main(rank: int, world: int, port: int, scope, method: str, fault, queu
 
 
 def _run(world: int, scope, method: str = "lsa", fault: str | None = None) -> dict[int, tuple[str, object]]:
-    # Not "fork": a child forked from a process whose torch thread pool is already running (any test
-    # before this one ran a matrix product) can hang in its first parallel op (seen here: every rank
-    # stuck in the cost matrix's GEMM). The fork server starts once, clean, with this module imported.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx = mp.get_context("fork")  # each child sets one torch thread first: see _rank_main
     queue, port = ctx.Queue(), _free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(r, world, port, scope, method, fault, queue))
