@@ -32,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from conditional_fm_report import summary as mean_interval  # noqa: E402
 from speedup import paired_stats, quality  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,15 +84,20 @@ def seed_spread(runs: dict[int, dict[str, Any]], metric: str, step: int) -> floa
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def seed_pairs(
+    arm: dict[int, dict], base: dict[int, dict], metric: str, step: int
+) -> list[tuple[float, float]]:
+    """``(arm, baseline)`` values of ``metric`` at ``step``, per seed where both runs have it (seed order)."""
+    pairs = [
+        (value_at(arm[s], metric, step), value_at(base[s], metric, step))
+        for s in sorted(set(arm) & set(base))
+    ]
+    return [(a, b) for a, b in pairs if a is not None and b is not None]
+
+
 def paired_cell(arm: dict[int, dict], base: dict[int, dict], metric: str, step: int) -> dict[str, Any] | None:
     """Arm minus the same seed's baseline at ``step`` (negative = arm better), over seeds with both."""
-    diffs = []
-    for seed in sorted(arm):
-        if seed not in base:
-            continue
-        a, b = value_at(arm[seed], metric, step), value_at(base[seed], metric, step)
-        if a is not None and b is not None:
-            diffs.append(a - b)
+    diffs = [a - b for a, b in seed_pairs(arm, base, metric, step)]
     return paired_stats(diffs) if diffs else None
 
 
@@ -102,20 +108,11 @@ def relative_cell(
 
     Returns ``{"mean", "ci95", "n"}`` (``ci95`` is ``None`` below 2 seeds), or ``None`` without a pair.
     """
-    from scipy import stats
-
-    ratios = []
-    for seed in sorted(set(arm) & set(base)):
-        a, b = value_at(arm[seed], metric, step), value_at(base[seed], metric, step)
-        if a is not None and b:
-            ratios.append(a / b - 1)
+    ratios = [a / b - 1 for a, b in seed_pairs(arm, base, metric, step) if b]
     if not ratios:
         return None
-    mean, n = statistics.mean(ratios), len(ratios)
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": n}
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(ratios) / math.sqrt(n)
-    return {"mean": mean, "ci95": (mean - half, mean + half), "n": n}
+    s = mean_interval(ratios)
+    return {"mean": s["mean"], "ci95": (s["lo"], s["hi"]) if s["n"] > 1 else None, "n": s["n"]}
 
 
 def is_real(cell: dict[str, Any], floor: float | None) -> bool:
@@ -521,16 +518,36 @@ def render(runs_list: list[dict], long_list: list[dict], scatter: dict[str, Any]
 # Figure
 
 
-def figure(runs_list: list[dict], path: Path) -> Path:
-    """FID against training steps at 1, 2, 4 and 8 Euler steps: every run thin, each arm's mean thick."""
+def _panels() -> tuple[Any, Any]:
+    """One row of four axes, one per Euler step count, titled and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    for ax, k in zip(axes, SAMPLER_STEPS, strict=True):
+        ax.set_title(f"{k} Euler step{'s' * (k > 1)}")
+        ax.set_xlabel("training steps")
+    axes[0].set_ylabel("FID (64-channel Inception, 1,024 samples)")
+    return fig, axes
+
+
+def _save(fig: Any, axes: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def figure(runs_list: list[dict], path: Path) -> Path:
+    """FID against training steps at 1, 2, 4 and 8 Euler steps: every run thin, each arm's mean thick."""
     runs = by_method(runs_list)
     colors = {BASE: "tab:gray", OT: "tab:blue", L2: "tab:orange"}
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    fig, axes = _panels()
     for ax, k in zip(axes, SAMPLER_STEPS, strict=True):
         for method in [m for m in PLAN if m in runs]:
             seeds = runs[method]
@@ -553,26 +570,14 @@ def figure(runs_list: list[dict], path: Path) -> Path:
                 ms=3,
                 label=f"{NAMES.get(method, method)} ({len(seeds)} seeds)",
             )
-        ax.set_title(f"{k} Euler step{'s' * (k > 1)}")
-        ax.set_xlabel("training steps")
-    axes[0].set_ylabel("FID (64-channel Inception, 1,024 samples)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def long_figure(long_list: list[dict], runs_list: list[dict], path: Path) -> Path:
     """The 9,000-step pair (thick) beside the same seed's 3,000-step runs (thin), per Euler step count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     long_runs, runs = by_method(long_list), by_method(runs_list)
     colors = {BASE: "tab:gray", OT: "tab:blue"}
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    fig, axes = _panels()
     for ax, k in zip(axes, SAMPLER_STEPS, strict=True):
         for method, color in colors.items():
             for seeds, lw, label in (
@@ -592,15 +597,8 @@ def long_figure(long_list: list[dict], runs_list: list[dict], path: Path) -> Pat
                     alpha=1.0 if lw > 1 else 0.6,
                     label=f"{NAMES[method]}, seed 0, {label}",
                 )
-        ax.set_title(f"{k} Euler step{'s' * (k > 1)}")
-        ax.set_xlabel("training steps")
         ax.set_yscale("log")
-    axes[0].set_ylabel("FID (64-channel Inception, 1,024 samples)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 # ---------------------------------------------------------------------------------------------
