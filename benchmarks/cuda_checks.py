@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_immiscible import ImmiscibleCoupling, cost_matrix, couple
-from lightning_immiscible.distributed import draw_pool
+from lightning_immiscible.streams import draw_pool
 
 
 def _objective(x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from lightning_immiscible.coupling import CouplingSpec
-from lightning_immiscible.distributed import HEADER_SIZE
+from lightning_immiscible.protocol import HEADER_SIZE
 from lightning_immiscible.sizing import time_assignment
 from lightning_immiscible.solvers import available_solvers, resolve_solver
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lightning_immiscible.costs import cost_matrix
-from lightning_immiscible.distributed import RACE_FIELDS
+from lightning_immiscible.protocol import RACE_FIELDS
 from lightning_immiscible.solver_cache import ShapeRace, shape_candidates
 from lightning_immiscible.solver_race import AutoSolver, race_candidates
 from lightning_immiscible.solvers import SOLVERS, choose_exact_solver, solve

@@ -3,59 +3,29 @@
 The names below are imported on first use (PEP 562), so `from lightning_immiscible import couple`
 and `import lightning_immiscible.coupling` load only torch, NumPy and SciPy; Lightning is imported
 with the first Lightning adapter (`ImmiscibleCoupling`, `ImmiscibleMixin`, `CoupledBatch`).
+Everything else lives in the module that defines it (`lightning_immiscible.distributed`, ...).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from lightning_immiscible.batches import find_data_tensor
-    from lightning_immiscible.callback import ImmiscibleCoupling
-    from lightning_immiscible.costs import cost_matrix, paired_distance
-    from lightning_immiscible.coupling import (
-        CouplingInputError,
-        CouplingResult,
-        CouplingSpec,
-        check_inputs,
-        couple,
-    )
-    from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin
-    from lightning_immiscible.solvers import available_solvers, register_solver
-
-#: Public name -> the module that defines it.
+#: The public names, each with the module that defines it (`__all__` is its keys).
 _EXPORTS: dict[str, str] = {
-    "CoupledBatch": "mixin",
-    "CouplingInputError": "coupling",
-    "CouplingResult": "coupling",
-    "CouplingSpec": "coupling",
     "ImmiscibleCoupling": "callback",
     "ImmiscibleMixin": "mixin",
-    "available_solvers": "solvers",
-    "check_inputs": "coupling",
-    "cost_matrix": "costs",
+    "CoupledBatch": "mixin",
+    "CouplingCollate": "workers",
     "couple": "coupling",
-    "find_data_tensor": "batches",
-    "paired_distance": "costs",
+    "CouplingSpec": "coupling",
+    "CouplingResult": "coupling",
+    "CouplingInputError": "coupling",
+    "available_solvers": "solvers",
     "register_solver": "solvers",
 }
 
-__all__ = [
-    "CoupledBatch",
-    "CouplingInputError",
-    "CouplingResult",
-    "CouplingSpec",
-    "ImmiscibleCoupling",
-    "ImmiscibleMixin",
-    "available_solvers",
-    "check_inputs",
-    "cost_matrix",
-    "couple",
-    "find_data_tensor",
-    "paired_distance",
-    "register_solver",
-]
+__all__ = list(_EXPORTS)
 
 __version__ = "0.1.0"
 

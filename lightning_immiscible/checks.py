@@ -20,7 +20,7 @@ class CouplingInputError(ValueError, TypeError):
     """Invalid input to the coupling (NaN/Inf, integer tensors, mismatched shapes, unknown settings).
 
     Subclasses both `ValueError` and `TypeError`. `reason` is a short machine-readable key (one of
-    `INPUT_ERROR_REASONS`) that ranks exchange so all of them fail together.
+    `lightning_immiscible.protocol.REASONS`) that ranks exchange so all of them fail together.
     """
 
     def __init__(self, message: str, reason: str = "invalid") -> None:

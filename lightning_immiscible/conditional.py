@@ -77,27 +77,6 @@ def condition_problem(condition: object, batch_size: int) -> tuple[str, str] | N
     return None
 
 
-def condition_code(condition: Tensor | None) -> int:
-    """The header's condition field: 0 without a condition, else `1 + LABEL_DTYPES.index(dtype)`."""
-    return 0 if condition is None else 1 + LABEL_DTYPES.index(condition.dtype)
-
-
-def condition_codes_problem(codes: list[int], ranks: list[int]) -> str | None:
-    """A message when the ranks of a group disagree on the condition (absent on some, other dtypes).
-
-    Args:
-        codes: Each rank's [condition_code][lightning_immiscible.conditional.condition_code].
-        ranks: The global ranks the codes came from.
-    """
-    if len(set(codes)) <= 1:
-        return None
-    named = {r: "none" if c == 0 else str(LABEL_DTYPES[c - 1]) for r, c in zip(ranks, codes, strict=True)}
-    return (
-        f"Ranks disagree on the coupling condition (rank: label dtype {named}): give the same kind of "
-        "condition on every rank, `(B_r,)` labels of one integer dtype (or None on all of them)."
-    )
-
-
 def needs_wide_rows(condition: Tensor | None) -> bool:
     """Whether the labels need float64 cost rows to travel exactly (labels `>= 2**24`)."""
     return condition is not None and condition.numel() > 0 and int(condition.max()) >= FLOAT32_EXACT

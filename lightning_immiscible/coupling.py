@@ -57,20 +57,6 @@ Method = Literal["lsa", "knn", "flip", "none"]
 METHODS: tuple[Method, ...] = get_args(Method)
 
 
-INPUT_ERROR_REASONS: tuple[str, ...] = (
-    "invalid",
-    "non_finite",
-    "dtype",
-    "shape",
-    "no_tensor",
-    "device",
-    "empty",
-    "exception",
-    "out_of_step",
-    "solver",
-)
-
-
 @dataclass(frozen=True)
 class CouplingSpec:
     """How to couple: one validated, immutable description used by every coupling path.

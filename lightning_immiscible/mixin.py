@@ -4,11 +4,12 @@ Mix it into a `LightningModule` and replace `torch.randn_like(x0)` with `self.no
 The hand-off is explicit: for each training batch,
 [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] calls
 [immiscible_data][lightning_immiscible.mixin.ImmiscibleMixin.immiscible_data] once, couples the
-noise and passes a [CoupledBatch][lightning_immiscible.mixin.CoupledBatch] to
-[receive_coupled_batch][lightning_immiscible.mixin.ImmiscibleMixin.receive_coupled_batch]; the
+noise and puts a [CoupledBatch][lightning_immiscible.mixin.CoupledBatch] into the module's
+[HandOff][lightning_immiscible.mixin.HandOff] ([hand_off][lightning_immiscible.mixin.hand_off]); the
 training step reads it through `noise_like` (and `coupled_data`); the callback releases it when the
-batch ends or fails. Without the callback (or in validation and sampling) `noise_like` is plain
-`torch.randn_like`. Nothing here rewrites a method the user wrote.
+batch ends or fails, and warns when the module never took the coupled noise. Without the callback
+(or in validation and sampling) `noise_like` is plain `torch.randn_like`. Nothing here rewrites a
+method the user wrote, and the only names the mixin adds to the module are the ones users call.
 
 The noise is paired with what `immiscible_data(batch)` returns, so any transform of the data the
 noise is added to (scaling to [-1, 1], an encoder) belongs in an `immiscible_data` override;
@@ -17,20 +18,18 @@ noise is added to (scaling to [-1, 1], an encoder) belongs in an `immiscible_dat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_immiscible.batches import DATA_KEYS, find_data_tensor, same_batch
+from lightning_immiscible.batches import find_data_tensor, same_batch
 from lightning_immiscible.coupling import CouplingResult
 from lightning_immiscible.workers import WorkerCoupling
-
-__all__ = ["DATA_KEYS", "CoupledBatch", "ImmiscibleMixin", "find_data_tensor"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,69 @@ class CoupledBatch:
     def noise(self) -> Tensor:
         """`(B, *dims)` the coupled noise: `noise[i]` is paired with `x0[i]`."""
         return self.result.noise
+
+
+class Notices(WarningCache):
+    """Lightning's `WarningCache`, keyed by a short name: each notice is given once (per fit)."""
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warns `message` on rank zero unless the notice `key` was given already."""
+        if key not in self:
+            self.add(key)
+            rank_zero_warn(message)
+
+    def info_once(self, key: str, message: str) -> None:
+        """Logs `message` (info) on rank zero unless the notice `key` was given already."""
+        if key not in self:
+            self.add(key)
+            self.info(message)
+
+
+@dataclass
+class HandOff:
+    """What the callback and the module share for the current training batch.
+
+    Attributes:
+        coupled: The batch's [CoupledBatch][lightning_immiscible.mixin.CoupledBatch], `None`
+            outside a coupled training batch.
+        worker: The noise a DataLoader worker coupled with the current batch, if it did.
+        taken: Whether `noise_like` handed out the coupled noise of `coupled`.
+        notices: The warnings given once per fit (the callback starts a new set each fit).
+    """
+
+    coupled: CoupledBatch | None = None
+    worker: WorkerCoupling | None = None
+    taken: bool = False
+    notices: Notices = field(default_factory=Notices)
+
+    def give(self, coupled: CoupledBatch) -> None:
+        """Hands `coupled` to the module for this batch."""
+        self.coupled, self.taken = coupled, False
+
+    def release(self) -> None:
+        """Drops the current batch's hand-off, so nothing leaks into a later batch or validation."""
+        self.coupled, self.worker, self.taken = None, None, False
+
+
+def hand_off(module: object) -> HandOff:
+    """The [HandOff][lightning_immiscible.mixin.HandOff] of a module that mixes in `ImmiscibleMixin`.
+
+    Raises:
+        TypeError: If the module does not mix it in, with the fix.
+    """
+    if not isinstance(module, ImmiscibleMixin):
+        raise TypeError(
+            f"ImmiscibleCoupling needs a LightningModule that mixes in ImmiscibleMixin "
+            f"(class {type(module).__name__}(ImmiscibleMixin, L.LightningModule)) and calls "
+            "self.noise_like(x0) instead of torch.randn_like(x0) in training_step."
+        )
+    found = module.__dict__.get(_HAND_OFF)
+    if found is None:
+        found = module.__dict__[_HAND_OFF] = HandOff()  # not through nn.Module.__setattr__
+    return found
+
+
+_HAND_OFF = "_immiscible_hand_off"
 
 
 class ImmiscibleMixin:
@@ -92,11 +154,6 @@ class ImmiscibleMixin:
         trainer = L.Trainer(callbacks=[ImmiscibleCoupling(method="lsa")])
         ```
     """
-
-    # Class-level defaults: the mixin needs no __init__, so it composes with any module signature.
-    _coupled_batch: CoupledBatch | None = None
-    _worker_coupling: WorkerCoupling | None = None
-    _warned_recomputed = False
 
     def immiscible_data(self, batch: Any) -> Tensor:
         """Returns the data tensor `x0` (`(B, *dims)`, floating point) the noise is paired with.
@@ -143,7 +200,7 @@ class ImmiscibleMixin:
             object, so an expensive `immiscible_data` ran only once), otherwise a fresh
             `immiscible_data(batch)` (no callback, validation, another batch).
         """
-        coupled = self._coupled_batch
+        coupled = hand_off(self).coupled
         if coupled is not None and self._in_training() and same_batch(coupled.batch, batch):
             return coupled.x0
         return self.immiscible_data(batch)
@@ -166,7 +223,8 @@ class ImmiscibleMixin:
                 `immiscible_data(batch)` returned, not with this one. Move the transform into an
                 `immiscible_data` override and read `x0` with `coupled_data(batch)`.
         """
-        coupled = self._coupled_batch
+        hand = hand_off(self)
+        coupled = hand.coupled
         if coupled is None or not self._in_training():
             return torch.randn_like(x0)
         if coupled.noise.shape != x0.shape:
@@ -178,7 +236,8 @@ class ImmiscibleMixin:
             return torch.randn_like(x0)
         if x0 is not coupled.x0:
             _check_same_values(x0, coupled.x0)
-            self._warn_recomputed()
+            self._warn_recomputed(hand.notices)
+        hand.taken = True
         return coupled.noise.to(device=x0.device, dtype=x0.dtype)
 
     @property
@@ -187,55 +246,32 @@ class ImmiscibleMixin:
 
         Set by the callback in `on_train_batch_start`, `None` outside a coupled training batch.
         """
-        return self._coupled_batch
-
-    @property
-    def immiscible_noise_ready(self) -> bool:
-        """Whether coupled noise is prepared for the current training batch."""
-        return self._coupled_batch is not None
-
-    @property
-    def worker_coupling(self) -> WorkerCoupling | None:
-        """The noise a DataLoader worker coupled with the current batch, if it did (else `None`)."""
-        return self._worker_coupling
-
-    def receive_coupled_batch(self, coupled: CoupledBatch) -> None:
-        """Takes the callback's hand-off for the current training batch (the callback calls it)."""
-        self._coupled_batch = coupled
-
-    def release_coupled_batch(self) -> None:
-        """Drops the current batch's hand-off (the callback calls it at batch end and on errors).
-
-        So nothing prepared for one batch leaks into a later batch, validation or sampling.
-        """
-        self._coupled_batch = None
-        self._worker_coupling = None
+        return hand_off(self).coupled
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Unwraps a [CouplingCollate][lightning_immiscible.workers.CouplingCollate] batch.
 
-        The hooks and `training_step` then see the inner batch; the worker's noise is kept in
-        [worker_coupling][lightning_immiscible.mixin.ImmiscibleMixin.worker_coupling] for the
-        callback. Other batches pass through. Call `super()` if you override this hook.
+        The hooks and `training_step` then see the inner batch; the worker's noise is kept in the
+        module's [HandOff][lightning_immiscible.mixin.HandOff] for the callback. Other batches pass
+        through. Call `super()` if you override this hook.
         """
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
-        self._worker_coupling = WorkerCoupling.from_batch(batch)
-        return batch if self._worker_coupling is None else self._worker_coupling.batch
+        worker = hand_off(self).worker = WorkerCoupling.from_batch(batch)
+        return batch if worker is None else worker.batch
 
     def _in_training(self) -> bool:
         return bool(getattr(self, "training", True))
 
-    def _warn_recomputed(self) -> None:
+    def _warn_recomputed(self, notices: Notices) -> None:
         """Hints once when `training_step` recomputed an overridden `immiscible_data`."""
-        overridden = type(self).immiscible_data is not ImmiscibleMixin.immiscible_data
-        if overridden and not self._warned_recomputed:
-            self._warned_recomputed = True
-            rank_zero_warn(
+        if type(self).immiscible_data is not ImmiscibleMixin.immiscible_data:
+            notices.warn_once(
+                "recomputed",
                 "noise_like(x0) got a tensor other than the x0 the callback coupled for this batch: "
                 f"{type(self).__name__}.immiscible_data ran again in training_step. The coupled noise "
                 "is returned, but read x0 with `x0 = self.coupled_data(batch)` so an expensive "
-                "immiscible_data runs once per batch and the noise is paired with that very x0."
+                "immiscible_data runs once per batch and the noise is paired with that very x0.",
             )
 
 
@@ -251,18 +287,3 @@ def _check_same_values(x0: Tensor, coupled: Tensor) -> None:
             "data. Do the transform in an immiscible_data override (`def immiscible_data(self, batch): "
             "return batch[0] * 2 - 1`) and read x0 with `x0 = self.coupled_data(batch)`."
         )
-
-
-def as_immiscible_module(pl_module: pl.LightningModule) -> ImmiscibleMixin:
-    """Returns `pl_module` typed as an [ImmiscibleMixin][lightning_immiscible.mixin.ImmiscibleMixin].
-
-    Raises:
-        TypeError: If the module does not mix it in, with the fix.
-    """
-    if not isinstance(pl_module, ImmiscibleMixin):
-        raise TypeError(
-            f"ImmiscibleCoupling needs a LightningModule that mixes in ImmiscibleMixin "
-            f"(class {type(pl_module).__name__}(ImmiscibleMixin, L.LightningModule)) and calls "
-            "self.noise_like(x0) instead of torch.randn_like(x0) in training_step."
-        )
-    return pl_module

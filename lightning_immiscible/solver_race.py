@@ -79,7 +79,7 @@ def race_candidates(b: int, dim: int, n: int = 2) -> tuple[str, ...]:
 
 
 @dataclass
-class SolverRace:
+class OneRace:
     """One race: every candidate solves each race batch; the group's times, per candidate.
 
     Attributes:
@@ -199,10 +199,10 @@ class AutoSolver:
         self.warmup = warmup
         self.max_batches = max_batches
         self.decided: dict[tuple[int, int], str] = {}
-        self.races: dict[tuple[int, int], SolverRace] = {}
+        self.races: dict[tuple[int, int], OneRace] = {}
         self.raced: dict[int, int] = {}
         self.notes: list[str] = []
-        self._racing: SolverRace | None = None  # the race of the batch solver_for last answered
+        self._racing: OneRace | None = None  # the race of the batch solver_for last answered
         self._report: dict[str, int] = {}
 
     def solver_for(self, batch: int, ranks: int, dim: int) -> str | SolverSpec:
@@ -221,7 +221,7 @@ class AutoSolver:
             candidates = race_candidates(batch * ranks, dim)
             if len(candidates) == 1:
                 return self._decide(key, candidates[0], self._no_race_note(candidates[0], batch * ranks, dim))
-            race = self.races[key] = SolverRace(candidates, batch, ranks, dim, self.rounds, self.warmup)
+            race = self.races[key] = OneRace(candidates, batch, ranks, dim, self.rounds, self.warmup)
         if race.exhausted or self.raced.get(ranks, 0) >= self.max_batches:
             why = (
                 "the race ran out of batches" if race.exhausted else "race batches for this group size spent"
@@ -233,7 +233,7 @@ class AutoSolver:
         return race.solver()
 
     @property
-    def racing(self) -> SolverRace | None:
+    def racing(self) -> OneRace | None:
         """The race of the batch ``solver_for`` last answered (``None``: not a race batch)."""
         return self._racing
 
@@ -290,3 +290,31 @@ class AutoSolver:
         """Restores decisions (those of solvers not registered here are dropped: raced again)."""
         self.decided = {(int(r), int(d)): str(n) for r, d, n in state.get("decided", []) if n in SOLVERS}
         self.raced = {int(r): int(n) for r, n in state.get("raced", [])}
+
+
+class SolverRace(AutoSolver):
+    """Interim adapter of `AutoSolver` to the group coupling's race interface (pool-size keyed)."""
+
+    def solver_for(self, pool: int, dim: int, metric: str = "l2") -> str | SolverSpec:  # type: ignore[override]
+        """The solver for a pool of `pool` items (the group's agreed total) of `dim` values."""
+        return super().solver_for(pool, 1, dim)
+
+    def record(self) -> None:  # type: ignore[override]
+        """Ends the batch just solved."""
+        if self._racing is not None:
+            super().record(self._racing.batch)
+
+    def header_fields(self) -> dict[str, int]:
+        """The race fields of this step's header."""
+        report = super().header_fields()
+        return {("race_pool" if k == "race_ranks" else k): v for k, v in report.items()}
+
+    def receive_headers(self, rows: dict[str, list[int]]) -> None:
+        """Counts the group's reported round."""
+        pools = rows["race_pool"]
+        super().receive_headers({**rows, "race_ranks": [1] * len(pools), "race_dim": rows["race_dim"]})
+
+    def pop_notes(self) -> list[str]:
+        """Decisions made since the last call."""
+        notes, self.notes = self.notes, []
+        return notes

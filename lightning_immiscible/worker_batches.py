@@ -16,12 +16,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_immiscible.batches import same_batch
 from lightning_immiscible.coupling import CouplingInputError, CouplingResult
-from lightning_immiscible.mixin import ImmiscibleMixin
+from lightning_immiscible.mixin import Notices, hand_off
 from lightning_immiscible.workers import NOISE_KEY, CouplingCollate, WorkerCoupling, find_collates
 
 
@@ -31,14 +30,14 @@ def full_precision(x0: Tensor | None) -> torch.autocast:
     return torch.autocast(device_type=device_type if device_type in ("cuda", "cpu") else "cpu", enabled=False)
 
 
-def worker_coupling(module: ImmiscibleMixin, batch: Any) -> WorkerCoupling | None:
+def worker_coupling(module: object, batch: Any) -> WorkerCoupling | None:
     """The worker-coupled noise of this very batch, if the module unwrapped one.
 
     Raises:
         RuntimeError: If the batch still carries the collate's noise (an ``on_after_batch_transfer``
             override that does not call ``super()``).
     """
-    worker = module.worker_coupling
+    worker = hand_off(module).worker
     if worker is not None and same_batch(worker.batch, batch):
         return worker
     if isinstance(batch, Mapping) and NOISE_KEY in batch:
@@ -61,11 +60,11 @@ class WorkerBatches:
             draw from other seeds is warned about).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, notices: Notices | None = None) -> None:
         self.collates: list[CouplingCollate] = []
         self.assign_ms = 0.0
         self.seeds: list[int] = []
-        self._noted: set[str] = set()
+        self.notices = notices if notices is not None else Notices()
 
     def start_epoch(self, trainer: pl.Trainer) -> None:
         """Tells the collates the epoch: their batch positions restart per epoch."""
@@ -76,13 +75,13 @@ class WorkerBatches:
     def _find(self, trainer: pl.Trainer) -> None:
         self.collates = find_collates(trainer.train_dataloader)
         seeds = [c.seed for c in self.collates]
-        if self.seeds and seeds and seeds != self.seeds and "seed" not in self._noted:
-            self._noted.add("seed")
-            rank_zero_warn(
+        if self.seeds and seeds and seeds != self.seeds:
+            self.notices.warn_once(
+                "seed",
                 f"ImmiscibleCoupling: the CouplingCollate seed(s) {seeds} differ from the checkpoint's "
                 f"{self.seeds}: the resumed run's workers draw other noise than the interrupted run's "
                 "would have (never the same noise twice). For a reproducible resume pass "
-                "CouplingCollate(seed=...) or call seed_everything(...) before building it."
+                "CouplingCollate(seed=...) or call seed_everything(...) before building it.",
             )
         self.seeds = seeds or self.seeds
 
@@ -134,9 +133,7 @@ class WorkerBatches:
                 "collated data tensor, so use it only when immiscible_data returns that tensor.",
                 "shape",
             )
-        if "worker" not in self._noted:
-            self._noted.add("worker")
-            (rank_zero_warn if warn else rank_zero_info)(note)
+        (self.notices.warn_once if warn else self.notices.info_once)("worker", note)
         self.assign_ms = worker.assign_ms
         noise, index = worker.noise.to(x0), worker.index.to(x0.device)
         result = CouplingResult(
@@ -151,31 +148,29 @@ class WorkerBatches:
         position: tuple[int, int, int],
         fallback: Callable[[Tensor], CouplingResult],
     ) -> CouplingResult:
-        if "fallback" not in self._noted:
-            self._noted.add("fallback")
-            rank_zero_warn(
-                f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
-                f"but the training loop is at {position}, and the train dataloader has "
-                f"{len(self.collates)} CouplingCollate(s) as its collate_fn (not exactly one: wrapped "
-                "in another callable, or several training loaders), so the batch cannot be coupled "
-                "again with the worker's stream. Coupling it on the training process with this "
-                "callback's method and noise stream instead (correct, but on the critical path). "
-                "To keep the coupling in the workers, pass the CouplingCollate itself as the "
-                "collate_fn of a single training DataLoader, with persistent_workers=False."
-            )
+        self.notices.warn_once(
+            "fallback",
+            f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
+            f"but the training loop is at {position}, and the train dataloader has "
+            f"{len(self.collates)} CouplingCollate(s) as its collate_fn (not exactly one: wrapped "
+            "in another callable, or several training loaders), so the batch cannot be coupled "
+            "again with the worker's stream. Coupling it on the training process with this "
+            "callback's method and noise stream instead (correct, but on the critical path). "
+            "To keep the coupling in the workers, pass the CouplingCollate itself as the "
+            "collate_fn of a single training DataLoader, with persistent_workers=False.",
+        )
         with full_precision(x0):
             return dataclasses.replace(fallback(x0), method="worker")
 
     def _recouple(self, x0: Tensor, worker: WorkerCoupling, position: tuple[int, int, int]) -> CouplingResult:
-        if "position" not in self._noted:
-            self._noted.add("position")
-            rank_zero_warn(
-                f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
-                f"but the training loop is at {position}; coupling it again on the training process "
-                "(correct, but on the critical path). Expected for the first epoch after a resume at "
-                "epoch > 0; otherwise use persistent_workers=False and a map-style dataset, and "
-                "build CouplingCollate in train_dataloader() (or pass rank=)."
-            )
+        self.notices.warn_once(
+            "position",
+            f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
+            f"but the training loop is at {position}; coupling it again on the training process "
+            "(correct, but on the critical path). Expected for the first epoch after a resume at "
+            "epoch > 0; otherwise use persistent_workers=False and a map-style dataset, and "
+            "build CouplingCollate in train_dataloader() (or pass rank=).",
+        )
         with full_precision(x0):
             result = self.collates[0].couple_on(x0, position, worker.condition)  # the same labels
         return dataclasses.replace(result, method="worker")

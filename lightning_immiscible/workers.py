@@ -74,14 +74,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
 
 from lightning_immiscible.batches import find_data_tensor
 from lightning_immiscible.coupling import CouplingResult, CouplingSpec, Method, Metric
+from lightning_immiscible.groups import distributed_ready, process_rank
+from lightning_immiscible.streams import Stream, draw_noise
 
 #: Key of the coupled noise in a batch produced by `CouplingCollate`.
 NOISE_KEY = "immiscible_noise"
@@ -144,7 +144,7 @@ class CouplingCollate:
         self.condition_fn = condition_fn
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.rank = rank
-        self._built_on_rank = _process_rank()
+        self._built_on_rank = process_rank() if distributed_ready() else None
         self.collate_fn = collate_fn or default_collate
         self.data_fn = data_fn or find_data_tensor
         self.epoch = 0
@@ -173,9 +173,8 @@ class CouplingCollate:
         """The rank this process draws for (see the `rank` argument)."""
         if self.rank is not None:
             return int(self.rank)
-        found = _process_rank()
-        if found is not None:
-            return found
+        if distributed_ready():
+            return process_rank()
         return self._built_on_rank or 0
 
     def next_position(self) -> tuple[int, int, int]:
@@ -189,13 +188,11 @@ class CouplingCollate:
     def noise_for(self, x0: Tensor, position: tuple[int, int, int]) -> Tensor:
         """The noise drawn for the batch at `position` = `(rank, epoch, batch index)`.
 
-        A `torch.Generator` seeded from NumPy's `SeedSequence([seed, 2, rank, epoch, index])`
-        (63 bits) draws `(B, *dims)` (`knn`: `(B, k, *dims)`) float32 standard normal noise.
+        The stream [Stream.WORKER][lightning_immiscible.streams.Stream] at `position` draws
+        `(B, *dims)` (`knn`: `(B, k, *dims)`) float32 standard normal noise on the CPU.
         """
-        state = np.random.SeedSequence([self.seed, 2, *position]).generate_state(2)
-        gen = torch.Generator().manual_seed(((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1))
         shape = (x0.shape[0], self.k, *x0.shape[1:]) if self.method == "knn" else tuple(x0.shape)
-        return torch.randn(shape, generator=gen, dtype=torch.float32)
+        return draw_noise(shape, self.seed, Stream.WORKER, *position)
 
     def couple_at(
         self, x0: Tensor, position: tuple[int, int, int], condition: Tensor | None = None
@@ -306,11 +303,6 @@ class WorkerCoupling:
         skew = float(batch[SKEW_KEY][0]) if SKEW_KEY in batch else math.nan
         condition, skew_or_none = batch.get(CONDITION_KEY), None if math.isnan(skew) else skew
         return cls(inner, noise, batch[INDEX_KEY], before, after, ms, position, condition, skew_or_none)  # type: ignore[arg-type]
-
-
-def _process_rank() -> int | None:
-    """This process's global rank where a process group is initialised (forked workers inherit it)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
 def find_collates(loaders: Any) -> list[CouplingCollate]:

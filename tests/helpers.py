@@ -42,7 +42,7 @@ class ToyDiffusion(ImmiscibleMixin, L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x0 = self.immiscible_data(batch)
-        self.val_noise_was_coupled.append(self.immiscible_noise_ready)
+        self.val_noise_was_coupled.append(self.coupled_batch is not None)
         return nn.functional.mse_loss(self.net(x0 + self.noise_like(x0)), x0)
 
     def configure_optimizers(self):

@@ -10,7 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_immiscible import ImmiscibleCoupling, couple
-from lightning_immiscible.distributed import draw_pool
+from lightning_immiscible.mixin import hand_off
+from lightning_immiscible.streams import Stream, draw_noise, draw_pool
 from lightning_immiscible.workers import CouplingCollate
 from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
@@ -97,11 +98,11 @@ def test_resume_draws_the_same_noise_stream(tmp_path, caplog, stop):
         trainer(callbacks=[cb2], max_steps=9).fit(
             resumed, ckpt_path=next(tmp_path.glob(f"*step={stop}*.ckpt"))
         )
-    assert cb2.seed == cb.seed and cb2.draws == 9
+    assert cb2.resolved_seed == cb.resolved_seed and cb2.draws == 9
     seeds_logged = re.findall(r"seed=(\d+)", caplog.text)
-    assert seeds_logged == [str(cb.seed)]  # only the restored seed, never a fresh one first
+    assert seeds_logged == [str(cb.resolved_seed)]  # only the restored seed, never a fresh one first
     uninterrupted = ResumableToy(sizes=(48,))
-    _fit(uninterrupted, ImmiscibleCoupling(seed=cb.seed), max_steps=9)
+    _fit(uninterrupted, ImmiscibleCoupling(seed=cb.resolved_seed), max_steps=9)
     interrupted = first.records + resumed.records
     assert len(interrupted) == len(uninterrupted.records) == 9
     for a, b in zip(interrupted, uninterrupted.records, strict=True):
@@ -111,10 +112,9 @@ def test_resume_draws_the_same_noise_stream(tmp_path, caplog, stop):
 
 def test_state_dict_round_trip():
     cb = ImmiscibleCoupling(seed=9)
-    cb.draws = 17
     other = ImmiscibleCoupling()
-    other.load_state_dict(cb.state_dict())
-    assert (other.seed, other.draws) == (9, 17)
+    other.load_state_dict({**cb.state_dict(), "draws": 17})
+    assert (other.resolved_seed, other.draws, other.seed) == (9, 17, None)  # the constructor's stays
 
 
 def test_scope_auto_group_size_is_restored_on_resume_in_the_same_world():
@@ -122,9 +122,8 @@ def test_scope_auto_group_size_is_restored_on_resume_in_the_same_world():
     # groups of 2 at once, not probe locally again. Catches a load_state_dict that drops
     # auto_group_size (the resumed run would couple alone, with other pools, until it re-decided).
     cb = ImmiscibleCoupling(scope="auto", seed=3)
-    cb.auto_group_size, cb.draws = 2, 12
     again = ImmiscibleCoupling(scope="auto")
-    again.load_state_dict(cb.state_dict())
+    again.load_state_dict({**cb.state_dict(), "auto_group_size": 2, "draws": 12})
     assert again.auto_group_size == 2 and again.effective_scope() == 2
 
 
@@ -137,12 +136,12 @@ def test_single_item_batches_warn_once_and_keep_noise():
 
 def test_overhead_and_large_pool_warnings(monkeypatch):
     monkeypatch.setattr("lightning_immiscible.callback.LARGE_POOL", 8)
-    module, cb = ToyDiffusion(sizes=(64,)), ImmiscibleCoupling(seed=7, max_step_fraction=0.0)
+    module, cb = ToyDiffusion(sizes=(64,)), ImmiscibleCoupling(seed=7, max_step_fraction=1e-9)
     with pytest.warns(UserWarning) as record:
         _fit(module, cb, max_steps=6)
     messages = " ".join(str(w.message) for w in record)
     assert "about cubic in the pool" in messages
-    assert "max_step_fraction=0.0" in messages
+    assert "max_step_fraction=1e-09" in messages
 
 
 def test_bad_data_raises_clear_error_during_fit():
@@ -188,18 +187,18 @@ def test_configurable_from_lightning_cli_yaml(tmp_path):
         "trainer:\n"
         "  callbacks:\n"
         "    - class_path: lightning_immiscible.ImmiscibleCoupling\n"
-        "      init_args: {method: flip, metric: sqeuclidean, scope: 2, seed: 11, log_every_n_steps: 5}\n"
+        "      init_args: {method: flip, metric: sqeuclidean, scope: 2, seed: 11, max_step_fraction: 0.5}\n"
     )
     cli = LightningCLI(ToyDiffusion, run=False, args=["--config", str(config), "--trainer.logger=false"])
     cbs = [c for c in cli.trainer.callbacks if isinstance(c, ImmiscibleCoupling)]
     assert len(cbs) == 1
     cb = cbs[0]
-    assert (cb.spec.method, cb.spec.metric, cb.scope, cb.seed, cb.log_every_n_steps) == (
+    assert (cb.spec.method, cb.spec.metric, cb.scope, cb.seed, cb.max_step_fraction) == (
         "flip",
         "sqeuclidean",
         2,
         11,
-        5,
+        0.5,
     )
 
 
@@ -246,7 +245,7 @@ def test_the_hand_off_is_the_coupled_batch_and_is_released_after_each_batch():
     for (draw, noise, index), rec in zip(module.seen, module.records, strict=True):
         pool = draw_pool(rec["x0"].shape, 8, 0, draw)
         assert torch.equal(noise, rec["noise"]) and torch.equal(noise, pool[index])
-    assert module.coupled_batch is None and module.worker_coupling is None
+    assert module.coupled_batch is None and hand_off(module).worker is None
     assert module.val_noise_was_coupled == [False]
 
 
@@ -385,7 +384,7 @@ def test_seed_none_follows_seed_everything():
         L.seed_everything(s)
         module, cb = ToyDiffusion(), ImmiscibleCoupling()
         _fit(module, cb, max_steps=2)
-        assert cb.seed == s
+        assert cb.resolved_seed == s and cb.seed is None
         noises.append(torch.cat([r["noise"] for r in module.records]))
     assert torch.equal(noises[0], noises[1])
     assert not torch.equal(noises[0], noises[2])
@@ -402,8 +401,8 @@ class WrappedCollateToy(ToyDiffusion):
 def test_stale_worker_noise_of_an_unidentifiable_collate_is_coupled_again_not_reused():
     # A wrapped collate never hears set_epoch, so epoch 1's batches carry noise drawn for epoch 0's
     # positions (the same noise as epoch 0, batch by batch). The callback must not use it: it couples
-    # those batches on the training process with its own stream (stream 3 of the pool generator at
-    # this draw) and warns how to fix the setup. Catches stale noise used silently (before issue 25:
+    # those batches on the training process with its own stream (Stream.FALLBACK at this rank and
+    # draw) and warns how to fix the setup. Catches stale noise used silently (before issue 25:
     # epoch 1 repeated epoch 0's noise exactly, since only exactly one found collate was re-run).
     module, cb = WrappedCollateToy(sizes=(32,)), ImmiscibleCoupling(seed=1)
     with pytest.warns(UserWarning, match=r"0 CouplingCollate\(s\) as its collate_fn .* single training"):
@@ -412,7 +411,7 @@ def test_stale_worker_noise_of_an_unidentifiable_collate_is_coupled_again_not_re
     assert len(epoch1) == 4
     for i, (a, b) in enumerate(zip(epoch0, epoch1, strict=True)):
         assert torch.equal(a["x0"], b["x0"]) and not torch.equal(a["noise"], b["noise"])
-        pool = draw_pool(b["x0"].shape, 1, group_index=0, draw_index=4 + i, stream=3)
+        pool = draw_noise(b["x0"].shape, 1, Stream.FALLBACK, 0, 4 + i)  # rank 0, draw 4 + i
         assert torch.equal(b["noise"], couple(b["x0"], pool).noise)
     for a in epoch0:  # epoch 0's positions match: the worker's noise is used as it is
         assert torch.equal(couple(a["x0"], a["noise"]).index, torch.arange(8))
@@ -452,11 +451,9 @@ def test_a_resume_with_another_method_or_scope_continues_the_stream_and_says_so(
     ).fit(first)
     resumed, cb = ResumableToy(sizes=(48,)), ImmiscibleCoupling(seed=99, **after)
     ((name, value),) = after.items()
-    with pytest.warns(
-        UserWarning, match=rf"couples with .*{name}={value!r}.* continues from it \(seed 7, draw 3"
-    ):
+    with pytest.warns(UserWarning, match=rf"{name}=.* -> {value!r}.* continues from it \(seed 7, draw 3"):
         trainer(callbacks=[cb], max_steps=6).fit(resumed, ckpt_path=next(tmp_path.glob("*step=3*.ckpt")))
-    assert cb.seed == 7 and cb.draws == 6
+    assert cb.resolved_seed == 7 and cb.draws == 6
     for draw, rec in zip((3, 4, 5), resumed.records, strict=True):
         pool = draw_pool(rec["x0"].shape, 7, group_index=0, draw_index=draw)
         assert torch.equal(rec["noise"], couple(rec["x0"], pool, method=cb.spec.method).noise)
@@ -472,7 +469,7 @@ def test_the_hand_off_is_released_when_the_module_skips_the_rest_of_the_epoch():
             return -1 if batch_idx == 1 else None
 
         def on_train_epoch_end(self):
-            self.ready_at_epoch_end.append(self.immiscible_noise_ready)
+            self.ready_at_epoch_end.append(self.coupled_batch is not None)
 
     module = Skipping(sizes=(32,))
     module.ready_at_epoch_end = []
@@ -495,7 +492,7 @@ def test_manual_optimization_gets_the_coupled_noise_and_releases_it():
             loss = super().training_step(batch, batch_idx)
             self.manual_backward(loss)
             opt.step()
-            self.ready.append(self.immiscible_noise_ready)
+            self.ready.append(self.coupled_batch is not None)
 
     module = Manual(sizes=(32,))
     module.ready = []

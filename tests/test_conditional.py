@@ -15,7 +15,9 @@ from scipy.optimize import linear_sum_assignment
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_immiscible import CouplingInputError, CouplingSpec, ImmiscibleCoupling, couple
-from lightning_immiscible.distributed import build_rank_group, couple_in_group, draw_pool
+from lightning_immiscible.distributed import couple_in_group
+from lightning_immiscible.groups import build_rank_group
+from lightning_immiscible.streams import draw_pool
 from lightning_immiscible.workers import CouplingCollate, WorkerCoupling
 from tests.helpers import ToyDiffusion, trainer
 

@@ -13,7 +13,9 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lightning_immiscible import CouplingSpec, ImmiscibleCoupling, couple
-from lightning_immiscible.distributed import build_rank_group, couple_in_group, draw_pool, partition_ranks
+from lightning_immiscible.distributed import couple_in_group
+from lightning_immiscible.groups import build_rank_group, partition_ranks
+from lightning_immiscible.streams import draw_pool
 from tests.helpers import trainer
 from tests.test_conditional import LabeledToy
 

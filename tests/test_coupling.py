@@ -287,7 +287,9 @@ def test_costs_before_and_after_equal_the_formula_for_the_returned_pairs(metric,
 def test_group_coupling_reports_the_formula_distances_of_its_pool_pairs():
     # The group path reads its before/after from its own cost rows (pool rows offset by the rank's
     # position). Oracle: the formula on the pool that draw_pool returns for the same seed and draw.
-    from lightning_immiscible.distributed import build_rank_group, couple_in_group, draw_pool
+    from lightning_immiscible.distributed import couple_in_group
+    from lightning_immiscible.groups import build_rank_group
+    from lightning_immiscible.streams import draw_pool
 
     x0 = _data(24, 2, 3, 3, seed=43)
     for method in ("lsa", "flip"):

@@ -14,8 +14,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_immiscible.distributed as li_dist
+import lightning_immiscible.groups as li_groups
+import lightning_immiscible.protocol as li_protocol
 from lightning_immiscible import ImmiscibleCoupling, couple
-from lightning_immiscible.distributed import draw_pool
+from lightning_immiscible.mixin import hand_off
+from lightning_immiscible.streams import draw_pool
 from lightning_immiscible.workers import CouplingCollate
 from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
@@ -34,9 +37,9 @@ class Dump(Callback):
         torch.save(
             {
                 "records": pl_module.records,
-                "seed": self.coupling.seed,
+                "seed": self.coupling.resolved_seed,
                 "auto_group_size": self.coupling.auto_group_size,
-                "auto_solver": self.coupling.auto_solver.state_dict(),
+                "race": self.coupling.race.state_dict(),
                 "solver_calls": list(SOLVER_CALLS),
                 "error": error,
                 "calls": dict(getattr(li_dist.dist, "calls", {})),
@@ -94,6 +97,14 @@ class CountingDist:
             return target(*args, **kwargs)
 
         return counted
+
+
+def count_collectives(monkeypatch) -> CountingDist:
+    """Counts the library's collectives (every module that issues one), in the forked ranks too."""
+    counting = CountingDist()
+    for module in (li_dist, li_groups, li_protocol):
+        monkeypatch.setattr(module, "dist", counting)
+    return counting
 
 
 def _run(tmp_path, module, coupling, **kwargs):
@@ -168,13 +179,13 @@ def test_local_scope_and_knn_exchange_only_a_header(tmp_path, monkeypatch, scope
     # the seed) their noise would be equal. knn's oracle rebuilds each rank's candidates from the
     # seed and the rank. The only collective is the per-step header (so bad input on one rank fails
     # all ranks): catches noise or cost rows crossing the network for local coupling.
-    monkeypatch.setattr(li_dist, "dist", CountingDist())  # inherited by the forked ranks
+    count_collectives(monkeypatch)  # inherited by the forked ranks
     coupling = ImmiscibleCoupling(method=method, scope=scope, seed=5, k=4)
     ranks = _run(tmp_path, ToyDiffusion(sizes=(16, 16), batch_size=8, same_data=True), coupling, max_steps=2)
     for rank in ranks:
         collectives = {k: v for k, v in rank["calls"].items() if k in CountingDist.COLLECTIVES}
         assert collectives == {"all_gather": 2}  # one header per step
-        assert rank["bytes"] == {"all_gather": 2 * li_dist.HEADER_SIZE * 8}
+        assert rank["bytes"] == {"all_gather": 2 * li_protocol.HEADER_SIZE * 8}
         assert len(rank["records"]) == 2
     for r, rank in enumerate(ranks):
         for draw, rec in enumerate(rank["records"]):
@@ -191,13 +202,13 @@ def test_local_scope_and_knn_exchange_only_a_header(tmp_path, monkeypatch, scope
 
 @pytest.mark.parametrize("dim", [12, 3072])
 def test_only_distance_rows_cross_the_network_never_noise_or_data(tmp_path, monkeypatch, dim):
-    monkeypatch.setattr(li_dist, "dist", CountingDist())
+    count_collectives(monkeypatch)
     coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=5)
     module = ToyDiffusion(sizes=(16, 12), batch_size=8, dim=dim)  # steps: (8, 8) then (8, 4) items
     ranks = _run(tmp_path, module, coupling, max_steps=2)
     # per step: one header all_gather, one cost-row all_gather, one stats all_reduce
     assert ranks[0]["calls"] == ranks[1]["calls"] == {"all_gather": 4, "all_reduce": 2}
-    header = 2 * li_dist.HEADER_SIZE * 8  # int64 header, once per step
+    header = 2 * li_protocol.HEADER_SIZE * 8  # int64 header, once per step
     rows = (8 * 16 + 8 * 12) * 4  # each rank sends max(b_r) x B fp32 rows: B=16, then B=12
     stats = 2 * 3 * 8  # sums before / after and the count, float64
     expected = {"all_gather": header + rows, "all_reduce": stats}
@@ -230,7 +241,7 @@ def test_resume_on_a_different_world_size_continues_the_draw_counter(tmp_path):
     path = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
     resumed, again = ToyDiffusion(sizes=(32,), batch_size=8), ImmiscibleCoupling(method="lsa", seed=0)
     trainer(callbacks=[again], max_steps=4).fit(resumed, ckpt_path=path)  # one process now
-    assert again.seed == 8 and again.draws == 4
+    assert again.resolved_seed == 8 and again.draws == 4
     for draw, rec in zip((2, 3), resumed.records, strict=True):  # draws 0-1 ran on two ranks
         pool = draw_pool(rec["x0"].shape, 8, group_index=0, draw_index=draw)
         assert torch.equal(rec["noise"], couple(rec["x0"], pool).noise)
@@ -248,7 +259,7 @@ def test_auto_scope_probes_locally_then_adopts_the_largest_group_that_fits(tmp_p
         return decision if torch_dist.get_rank() == 0 else dataclasses.replace(decision, size=1)
 
     monkeypatch.setattr(li_callback, "choose_group_size", rank_dependent)
-    monkeypatch.setattr(li_dist, "dist", CountingDist())
+    count_collectives(monkeypatch)
     coupling = ImmiscibleCoupling(method="lsa", scope="auto", seed=4, max_step_fraction=1e6)
     ranks = _run(tmp_path, ToyDiffusion(sizes=(64, 64), batch_size=8), coupling, max_steps=7)
     assert coupling.auto_group_size is None  # the parent process never trained; the ranks decided
@@ -290,7 +301,7 @@ def test_auto_solver_race_decides_alike_on_every_rank_from_the_groups_times(tmp_
     expected = ["a", "b"] * 5 + ["b"] * 4  # both race on the first 5 batches, then the group's winner
     assert ranks[0]["solver_calls"] == ranks[1]["solver_calls"] == expected
     decided = {"decided": [[2, 100, "b"]], "raced": [[2, 5]]}
-    assert ranks[0]["auto_solver"] == ranks[1]["auto_solver"] == decided
+    assert ranks[0]["race"] == ranks[1]["race"] == decided
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
     for draw, (a, b) in enumerate(zip(r0, r1, strict=True)):
         x_all = torch.cat([a["x0"], b["x0"]])
@@ -328,16 +339,16 @@ def test_bad_input_on_one_rank_fails_all_ranks_without_hanging(tmp_path):
 
 
 def test_partition_ranks_groups():
-    assert li_dist.partition_ranks("global", 4, 2) == [(0, 1, 2, 3)]
-    assert li_dist.partition_ranks("local", 4, 2) == [(0,), (1,), (2,), (3,)]
-    assert li_dist.partition_ranks("node", 4, 2) == [(0, 1), (2, 3)]
-    assert li_dist.partition_ranks(2, 4, 4) == [(0, 1), (2, 3)]
-    assert li_dist.partition_ranks(8, 2, 2) == [(0, 1)]  # larger than the world: one group
+    assert li_groups.partition_ranks("global", 4, 2) == [(0, 1, 2, 3)]
+    assert li_groups.partition_ranks("local", 4, 2) == [(0,), (1,), (2,), (3,)]
+    assert li_groups.partition_ranks("node", 4, 2) == [(0, 1), (2, 3)]
+    assert li_groups.partition_ranks(2, 4, 4) == [(0, 1), (2, 3)]
+    assert li_groups.partition_ranks(8, 2, 2) == [(0, 1)]  # larger than the world: one group
     with pytest.raises(ValueError, match="does not divide the world size 4"):
-        li_dist.partition_ranks(3, 4, 4)
-    pools = {li_dist.draw_pool((4, 3), 1, g, d).sum().item() for g in range(2) for d in range(2)}
+        li_groups.partition_ranks(3, 4, 4)
+    pools = {draw_pool((4, 3), 1, g, d).sum().item() for g in range(2) for d in range(2)}
     assert len(pools) == 4  # different per group and per draw
-    assert torch.equal(li_dist.draw_pool((4, 3), 1, 0, 0), li_dist.draw_pool((4, 3), 1, 0, 0))
+    assert torch.equal(draw_pool((4, 3), 1, 0, 0), draw_pool((4, 3), 1, 0, 0))
 
 
 class WorkerFed(ToyDiffusion):
@@ -353,7 +364,7 @@ class WorkerFed(ToyDiffusion):
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        self.records[-1]["position"] = self.worker_coupling.position
+        self.records[-1]["position"] = hand_off(self).worker.position
         self.records[-1]["expected"] = (self.global_rank, self.current_epoch, batch_idx)
         return loss
 

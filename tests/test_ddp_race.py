@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_immiscible import couple
-from lightning_immiscible.distributed import draw_pool
 from lightning_immiscible.solver_race import race_candidates
 from lightning_immiscible.solvers import SOLVERS, SolverSpec, choose_exact_solver, solve_scipy
+from lightning_immiscible.streams import draw_pool
 from tests.helpers import ToyDiffusion, trainer
 from tests.test_ddp import Dump, RecordingCoupling
 
@@ -91,7 +91,7 @@ def test_local_scope_with_other_item_sizes_per_rank_races_without_hanging(
     raced = solver == "auto"
     races_on = [raced, raced and rank1_installs == "same"]  # which ranks have two candidates
     for r, (dim, races) in enumerate(zip((3072, 4096), races_on, strict=True)):
-        state = ranks[r]["auto_solver"]
+        state = ranks[r]["race"]
         assert state["raced"] == ([[1, 5]] if races else [])
         # a race's winner depends on timings (either candidate); without candidates: SciPy, unraced
         winners = race_candidates(8, dim) if races else ("scipy",)

@@ -258,7 +258,7 @@ def _check_call(argv: list[str], cli: Any, calls: list) -> None:
             assert str(getattr(cli.datamodule, attr)) == value
     coupling = [cb for cb in trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
     if any(w.endswith("immiscible.yaml") for w in argv):
-        assert [cb.config.method for cb in coupling] == ["lsa"]
+        assert [cb.spec.method for cb in coupling] == ["lsa"]
     if (scope := _flag(argv, "trainer.callbacks.init_args.scope")) is not None:
         assert [cb.scope for cb in coupling] == [scope]
 
@@ -275,8 +275,7 @@ def dry_run_compare(words: tuple[str, ...], workdir: Path, monkeypatch: pytest.M
     assert out == Path("runs/flow_compare")  # the folder the README names
     assert [a.name for a in arms] == list(ARMS) == ["independent", "ot"]
     couplings = [
-        [cb.config for cb in a.cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
-        for a in arms
+        [cb.spec for cb in a.cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"] for a in arms
     ]
     assert [(c.method, c.metric) for [c] in couplings] == [("none", "l2"), ("lsa", "sqeuclidean")]
     assert arms[0].cli.trainer.max_steps == arms[1].cli.trainer.max_steps > 0
@@ -349,7 +348,7 @@ def test_documented_script_command_parses(shown: Shown, tmp_path: Path, monkeypa
         for method in args.methods:
             cli = module.build_cli(args, method, args.seeds[0], tmp_path / method)
             coupling = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
-            assert [cb.config.method for cb in coupling] == [module.method_args(method)["method"]]
+            assert [cb.spec.method for cb in coupling] == [module.method_args(method)["method"]]
             assert cli.trainer.max_steps == args.max_steps
         return
     # The parsers refuse --device cuda where there is no GPU (test_cuda_commands_fail_clearly...).

@@ -4,13 +4,9 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_immiscible import (
-    CoupledBatch,
-    CouplingInputError,
-    CouplingResult,
-    ImmiscibleMixin,
-    find_data_tensor,
-)
+from lightning_immiscible import CoupledBatch, CouplingInputError, CouplingResult, ImmiscibleMixin
+from lightning_immiscible.batches import find_data_tensor
+from lightning_immiscible.mixin import hand_off
 from lightning_immiscible.workers import BATCH_KEY, NOISE_KEY, STATS_KEY, CouplingCollate
 
 
@@ -53,7 +49,7 @@ def test_noise_like_without_callback_is_randn_like():
     x0 = torch.zeros(5, 2, dtype=torch.float64)
     n = module.noise_like(x0)
     assert n.shape == x0.shape and n.dtype == torch.float64 and n.std() > 0
-    assert not module.immiscible_noise_ready
+    assert module.coupled_batch is None
 
 
 def _coupled(batch, x0, noise, draw=0):
@@ -64,20 +60,20 @@ def _coupled(batch, x0, noise, draw=0):
 def test_noise_like_returns_prepared_noise_once_per_batch_only():
     module = Plain()
     x0, prepared = torch.randn(3, 2), torch.randn(3, 2)
-    module.receive_coupled_batch(_coupled(x0, x0, prepared))
+    hand_off(module).give(_coupled(x0, x0, prepared))
     assert module.coupled_batch is not None and module.coupled_batch.noise is prepared
     assert torch.equal(module.noise_like(x0), prepared)
     module.eval()  # validation / sampling never get the training batch's noise
     assert not torch.equal(module.noise_like(x0), prepared)
     module.train()
-    module.release_coupled_batch()
-    assert module.coupled_batch is None and not module.immiscible_noise_ready
+    hand_off(module).release()
+    assert module.coupled_batch is None
     assert not torch.equal(module.noise_like(x0), prepared)
 
 
 def test_noise_like_with_other_shape_warns_and_falls_back():
     module = Plain()
-    module.receive_coupled_batch(_coupled(None, torch.zeros(3, 2), torch.randn(3, 2)))
+    hand_off(module).give(_coupled(None, torch.zeros(3, 2), torch.randn(3, 2)))
     with pytest.warns(UserWarning, match="returning uncoupled"):
         n = module.noise_like(torch.zeros(4, 2))
     assert n.shape == (4, 2)
@@ -89,7 +85,7 @@ def test_coupled_data_reads_the_callbacks_x0_so_an_override_runs_once():
     module = Encoded()
     batch = {"image": torch.ones(2, 3)}
     x0 = module.immiscible_data(batch)  # what the callback does, once
-    module.receive_coupled_batch(_coupled(batch, x0, torch.randn(2, 3)))
+    hand_off(module).give(_coupled(batch, x0, torch.randn(2, 3)))
     assert module.coupled_data(batch) is x0 and module.calls == 1
     rebuilt = {"image": batch["image"]}  # e.g. DDP's input handling: a new dict, the same tensors
     assert module.coupled_data(rebuilt) is x0 and module.calls == 1
@@ -101,7 +97,7 @@ def test_recomputing_an_overridden_immiscible_data_gets_a_one_time_hint():
     module = Encoded()
     batch = {"image": torch.ones(2, 3)}
     noise = torch.randn(2, 3)
-    module.receive_coupled_batch(_coupled(batch, module.immiscible_data(batch), noise))
+    hand_off(module).give(_coupled(batch, module.immiscible_data(batch), noise))
     with pytest.warns(UserWarning, match="coupled_data"):
         again = module.noise_like(module.immiscible_data(batch))  # the old pattern: encodes twice
     assert torch.equal(again, noise) and module.calls == 2
@@ -115,9 +111,9 @@ def test_worker_batches_are_unwrapped_in_on_after_batch_transfer():
     wrapped = CouplingCollate("lsa", seed=0)(samples)
     inner = module.on_after_batch_transfer(wrapped, 0)
     assert isinstance(inner, list | tuple) and inner[0] is wrapped[BATCH_KEY][0]
-    worker = module.worker_coupling
+    worker = hand_off(module).worker
     assert worker is not None and worker.batch is inner and worker.noise is wrapped[NOISE_KEY]
     stats = wrapped[STATS_KEY].tolist()
     assert (worker.cost_before, worker.cost_after, worker.assign_ms) == tuple(stats)
     plain = (torch.rand(6, 4),)
-    assert module.on_after_batch_transfer(plain, 0) is plain and module.worker_coupling is None
+    assert module.on_after_batch_transfer(plain, 0) is plain and hand_off(module).worker is None

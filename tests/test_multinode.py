@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_immiscible import couple
-from lightning_immiscible.distributed import draw_pool
+from lightning_immiscible.streams import draw_pool
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lightning_immiscible import ImmiscibleCoupling, couple
-from lightning_immiscible.distributed import draw_pool
 from lightning_immiscible.solver_race import AutoSolver, SolverRace, race_candidates
 from lightning_immiscible.solvers import SOLVERS, SolverSpec, choose_exact_solver, solve, solve_scipy
+from lightning_immiscible.streams import draw_pool
 from tests.helpers import ToyDiffusion, trainer
 
 

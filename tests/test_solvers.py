@@ -401,7 +401,8 @@ def test_race_calls_return_the_rules_answer_whatever_the_timings(monkeypatch):
 def test_group_coupling_never_uses_the_per_process_race(monkeypatch):
     # Ranks of a group must solve with the same solver: couple_in_group keeps the fixed rule.
     from lightning_immiscible import CouplingSpec
-    from lightning_immiscible.distributed import build_rank_group, couple_in_group
+    from lightning_immiscible.distributed import couple_in_group
+    from lightning_immiscible.groups import build_rank_group
 
     calls: list[str] = []
     _race_solvers(monkeypatch, calls, slow_ms=0.0)

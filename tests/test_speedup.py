@@ -234,8 +234,8 @@ def test_preregistered_flow_matching_commands_build_the_registered_runs(tmp_path
             assert args.metric[0].endswith("_euler2")  # the primary first
             [coupling] = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ImmiscibleCoupling"]
             expected = speedup.method_args(method)
-            assert (coupling.config.method, coupling.config.metric) == (
-                expected["method"], expected.get("metric", coupling.config.metric)
+            assert (coupling.spec.method, coupling.spec.metric) == (
+                expected["method"], expected.get("metric", coupling.spec.metric)
             )  # fmt: skip
             assert (
                 cli.trainer.max_steps == args.max_steps and cli.trainer.val_check_interval == args.eval_every

@@ -28,6 +28,7 @@ from example_projects.consistency.training import (
     sampling_sigmas,
 )
 from lightning_immiscible import CoupledBatch, CouplingResult, ImmiscibleCoupling
+from lightning_immiscible.mixin import hand_off
 from tests.examples.support import reductions_per_step
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "consistency" / "configs"
@@ -138,7 +139,7 @@ def _step_with_prepared_noise(model: ConsistencyTraining) -> tuple[Spy, Tensor, 
     batch = (x0, torch.zeros(6, dtype=torch.long))
     coupled = torch.randn(6, 1, 8, 8).flip(0)  # stands in for the callback's re-paired noise
     result = CouplingResult(coupled, torch.arange(6), 1.0, 1.0)
-    model.receive_coupled_batch(CoupledBatch(batch=batch, x0=x0, result=result, draw=0))
+    hand_off(model).give(CoupledBatch(batch=batch, x0=x0, result=result, draw=0))
     spy = Spy(model.denoiser)
     model.denoiser = spy
     model.training_step(batch, 0)
@@ -291,7 +292,7 @@ def test_every_config_runs_two_steps(tmp_path, base, overlay, method):
     cli = cli_main(_cli_args(tmp_path, base, overlay))
     assert cli.trainer.global_step == 2
     couplings = _couplings(cli)
-    assert len(couplings) == 1 and couplings[0].config.method == method
+    assert len(couplings) == 1 and couplings[0].spec.method == method
     assert (
         isinstance(cli.model, ConsistencyTraining)
         and cli.model.hparams.in_channels == cli.datamodule.channels
@@ -303,7 +304,7 @@ def test_every_config_runs_two_steps(tmp_path, base, overlay, method):
 def test_every_config_and_overlay_parse_to_one_coupling(tmp_path, base, overlay, method):
     cli = cli_main(_cli_args(tmp_path, base, overlay)[1:], run=False)
     couplings = _couplings(cli)
-    assert len(couplings) == 1 and couplings[0].config.method == method
+    assert len(couplings) == 1 and couplings[0].spec.method == method
 
 
 @pytest.mark.parametrize("base", ["quickstart.yaml", "cifar10.yaml", "celeba64.yaml"])
@@ -357,7 +358,7 @@ def test_overlays_compose_to_one_coupling(tmp_path):
         args += ["--config", str(CONFIGS / name)]
     cli = cli_main(args, run=False)
     couplings = _couplings(cli)
-    assert len(couplings) == 1 and couplings[0].config.method == "none"
+    assert len(couplings) == 1 and couplings[0].spec.method == "none"
 
 
 # --- a tiny end-to-end fit logs FID for one- and two-step samples ---------------------------------------

@@ -153,7 +153,7 @@ def test_coupled_noise_reaches_x_t_in_a_real_fit(tmp_path: Path) -> None:
     original_noise_like, original_loss = model.noise_like, model.loss
 
     def noise_like(x0: torch.Tensor) -> torch.Tensor:
-        assert model.immiscible_noise_ready, "the callback did not prepare noise for this batch"
+        assert model.coupled_batch is not None, "the callback did not prepare noise for this batch"
         return original_noise_like(x0)
 
     def loss(x0, noise, t):
@@ -200,7 +200,7 @@ def test_configs_compose_to_exactly_one_coupling(
 ) -> None:
     args = [a for c in configs for a in ("--config", c)] + [f"--trainer.default_root_dir={tmp_path}"]
     cli = cli_main(args, run=False)
-    assert [c.config.method for c in couplings(cli)] == methods
+    assert [c.spec.method for c in couplings(cli)] == methods
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"FIDCallback", "SampleGrid", "ImmiscibleProgressBar", "RunSummary"} <= names
 
@@ -338,4 +338,4 @@ def test_coupling_args_are_overridable_from_the_command_line(tmp_path: Path) -> 
         run=False,
     )
     (coupling,) = couplings(cli)
-    assert (coupling.config.method, coupling.scope, coupling.seed) == ("lsa", "node", 7)
+    assert (coupling.spec.method, coupling.scope, coupling.seed) == ("lsa", "node", 7)

@@ -276,7 +276,7 @@ def train_toy(method: str, seed: int, steps: int = 200) -> float:
     L.seed_everything(seed, verbose=False)
     model = Toy2DFlow(MLPVelocity(2, 64, 3), lr=2e-3)
     data = Toy2DData("8gaussians", num_train=20_000, batch_size=128, seed=seed)
-    coupling = ImmiscibleCoupling(method=method, metric="sqeuclidean", seed=seed, log_every_n_steps=0)
+    coupling = ImmiscibleCoupling(method=method, metric="sqeuclidean", seed=seed)
     trainer = L.Trainer(
         max_steps=steps,
         limit_val_batches=0,
@@ -355,7 +355,7 @@ def test_configs_compose_to_exactly_one_coupling(base: str, overlay: str, tmp_pa
     cli = main(
         ["--config", base, "--config", OVERLAYS[overlay], f"--trainer.default_root_dir={tmp_path}"], run=False
     )
-    assert [(c.config.method, c.config.metric) for c in couplings(cli)] == [EXPECTED[overlay]]
+    assert [(c.spec.method, c.spec.metric) for c in couplings(cli)] == [EXPECTED[overlay]]
 
 
 def test_overlays_differ_only_in_the_coupling_settings() -> None:

@@ -112,7 +112,7 @@ def test_stage2_configs_run(configs: tuple[str, ...], ae_ckpt: str, tmp_path: Pa
     cli = cli_main(_stage2_args(tmp_path, ae_ckpt, *configs))
     assert cli.trainer.global_step == 2
     callbacks = [cb for cb in cli.trainer.callbacks if isinstance(cb, ImmiscibleCoupling)]
-    assert [cb.config.method for cb in callbacks] == ["none" if "baseline" in configs else "lsa"]
+    assert [cb.spec.method for cb in callbacks] == ["none" if "baseline" in configs else "lsa"]
     assert cli.model.hparams.num_classes == (10 if "class_conditional" in configs else None)
     # Catches: the conditional example coupling across classes by default (or the overlay not).
     assert callbacks[0].spec.within_condition == ("cross_class" not in configs)
