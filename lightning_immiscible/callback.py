@@ -154,7 +154,7 @@ class ImmiscibleCoupling(Callback):
             `seed_everything(s)` makes the coupled noise reproducible. A checkpoint's seed wins
             on resume (the stream continues).
         prog_bar: Also show ``reduction_pct`` and ``assign_ms`` in the progress bar.
-        max_step_fraction: Share of the training step, in ``(0, 1]``, the assignment may take:
+        max_step_fraction: Share of the training step (> 0) the assignment may take:
             above it the callback warns once (measured over the first batches); ``scope="auto"``
             sizes groups to stay within it.
         collective_timeout_s: Timeout, in seconds (> 0), of every collective this callback issues:
@@ -222,7 +222,7 @@ class ImmiscibleCoupling(Callback):
         self.scope = _checked_scope(scope)
         self.seed = _checked_seed(seed)
         self.prog_bar = prog_bar
-        self.max_step_fraction = _checked_positive("max_step_fraction", max_step_fraction, upper=1.0)
+        self.max_step_fraction = _checked_positive("max_step_fraction", max_step_fraction)
         self.collective_timeout_s = (
             None
             if collective_timeout_s is None
@@ -533,11 +533,10 @@ def _checked_seed(seed: object) -> int | None:
     raise ValueError(f"ImmiscibleCoupling(seed={seed!r}): seed must be None or an int in [0, 2**63).")
 
 
-def _checked_positive(name: str, value: object, upper: float = math.inf) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= upper
+def _checked_positive(name: str, value: object) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value
     if not ok or not math.isfinite(float(value)):  # type: ignore[arg-type]
-        bound = f"in (0, {upper:g}]" if math.isfinite(upper) else "a finite number > 0"
-        raise ValueError(f"ImmiscibleCoupling({name}={value!r}): {name} must be {bound}.")
+        raise ValueError(f"ImmiscibleCoupling({name}={value!r}): {name} must be a finite number > 0.")
     return float(value)  # type: ignore[arg-type]
 
 

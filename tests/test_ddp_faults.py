@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader
 
+import lightning_immiscible.distributed as li_dist
+import lightning_immiscible.groups as li_groups
+import lightning_immiscible.protocol as li_protocol
+from lightning_immiscible.workers import CouplingCollate
 from tests.helpers import ToyDiffusion, trainer
 from tests.test_ddp import RecordingCoupling
 
@@ -78,21 +84,27 @@ def _fail(tmp_path, fault, **coupling_kwargs) -> tuple[list[str], float]:
 @pytest.mark.parametrize(
     ("fault", "kwargs", "rank1", "rank0"),
     [
-        ("exception", {}, "KeyError", "rank 1 raised an exception while preparing its batch"),
-        ("integer", {}, "has dtype torch.int64", "rank 1 got invalid input (dtype)"),
+        ("exception", {}, "rank 1: KeyError", "rank 1: KeyError: \"no 'image' key in this batch\""),
+        ("integer", {}, "has dtype torch.int64", "rank 1: CouplingInputError: x0 has dtype torch.int64"),
         ("shape", {}, "different item shapes", "different item shapes"),
-        ("empty", {}, "batch has 0 items", "rank 1 got invalid input (empty)"),
-        ("nan", {"scope": "node", "collective_timeout_s": 30}, "NaN/Inf", "(non_finite)"),
+        ("empty", {}, "batch has 0 items", "rank 1: CouplingInputError: This rank's batch has 0 items"),
+        (
+            "nan",
+            {"scope": "node", "collective_timeout_s": 30},
+            "NaN/Inf",
+            "rank 1: CouplingInputError: x0 contains",
+        ),
         ("integer", {"scope": 2, "collective_timeout_s": 30}, "has dtype torch.int64", "(dtype)"),
-        ("nan", {"scope": "local"}, "NaN/Inf", "rank 1 got invalid input (non_finite)"),
-        ("nan", {"method": "knn"}, "NaN/Inf", "rank 1 got invalid input (non_finite)"),
+        ("nan", {"scope": "local"}, "NaN/Inf", "rank 1: CouplingInputError: x0 contains 1 NaN/Inf"),
+        ("nan", {"method": "knn"}, "NaN/Inf", "rank 1: CouplingInputError: x0 contains 1 NaN/Inf"),
     ],
     ids=["exception", "integer", "shapes_differ", "empty", "node_subgroup", "int_subgroup", "local", "knn"],
 )
 def test_bad_input_on_one_rank_fails_every_rank_with_a_clear_message(tmp_path, fault, kwargs, rank1, rank0):
     # Catches: a rank that fails alone while the others hang in (or die later in) a collective with
     # gloo's raw error -- the case for knn and scope="local" before they exchanged a header, and for
-    # errors only one rank can see (an exception in immiscible_data, a 0-item batch).
+    # errors only one rank can see (an exception in immiscible_data, a 0-item batch), and a healthy
+    # rank that learns only that "another rank failed" instead of rank 1's own message.
     errors, elapsed = _fail(tmp_path, fault, **kwargs)
     assert rank1 in errors[1]
     assert rank0 in errors[0]
@@ -105,8 +117,8 @@ def test_a_rank_stalled_inside_the_coupling_fails_the_group_within_the_timeout(t
     # Catches a timeout that does not apply to the coupling's collectives, and a stuck rank left
     # running after the others failed.
     errors, elapsed = _fail(tmp_path, "stall", collective_timeout_s=3)
-    assert "header all_gather collective of coupling group 0 (ranks [0, 1]) failed" in errors[0]
-    assert "collective_timeout_s" in errors[0]
+    assert "header all_gather of coupling group 0 (ranks [0, 1])" in errors[0]
+    assert "did not reach it in time" in errors[0] and "collective_timeout_s" in errors[0]
     assert elapsed < 60
 
 
@@ -147,7 +159,7 @@ def test_a_killed_rank_is_ended_by_the_launcher_within_bounded_time_and_leaves_n
     elapsed = time.monotonic() - start
     assert _children() == [], "a rank outlived the failed fit"
     assert not (tmp_path / "error1.pt").exists()  # the killed rank had no chance to record anything
-    ours = "header all_gather collective of coupling group 0 (ranks [0, 1]) failed"
+    ours = "header all_gather of coupling group 0 (ranks [0, 1]) failed"
     recorded = torch.load(tmp_path / "error0.pt")["error"] if (tmp_path / "error0.pt").exists() else ""
     seen = f"{recorded} {raised.value}"
     assert ours in seen or "process 1 terminated with signal SIGKILL" in seen, seen
@@ -217,6 +229,93 @@ def test_the_seed_broadcast_is_bounded_by_collective_timeout_s(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
         t.fit(ToyDiffusion(sizes=(16,), batch_size=8))
     error = torch.load(tmp_path / "error0.pt")["error"]
-    assert "the seed broadcast collective of coupling group 0 (ranks [0, 1]) failed" in error
-    assert "collective_timeout_s" in error
+    assert "waited in the seed broadcast of coupling group 0 (ranks [0, 1])" in error
+    assert "did not reach it in time" in error and "collective_timeout_s" in error
     assert _children() == [], "a rank outlived the failed fit"
+
+
+class OnAccelerator(torch.Tensor):
+    """A tensor the simulated accelerator-only backend takes: only the library's placement makes one."""
+
+
+def _place_on_accelerator(t, group):
+    """Stands in for `groups.place` on an accelerator: the group's device, marked as placed."""
+    return t.to(group.device).as_subclass(OnAccelerator)
+
+
+class AcceleratorOnlyDist:
+    """``torch.distributed`` whose collectives take only accelerator tensors, as NCCL does.
+
+    Every tensor handed to a collective (the input and each output buffer) must have come from the
+    library's placement step; a tensor built elsewhere (e.g. a header left on the CPU because the
+    rank had no ``x0``, the defect of issue 32) fails the collective with "accelerator-only".
+    """
+
+    COLLECTIVES = ("all_gather", "all_reduce", "broadcast")
+
+    def __getattr__(self, name):
+        target = getattr(torch_dist, name)
+        if name not in self.COLLECTIVES:
+            return target
+
+        def checked(*args, **kwargs):
+            flat = [
+                t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)
+            ]
+            if not all(isinstance(t, OnAccelerator) for t in flat):
+                raise RuntimeError(f"accelerator-only backend: {name} got a tensor that was not placed on it")
+            plain = [
+                [t.as_subclass(torch.Tensor) for t in a] if isinstance(a, list) else
+                a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a
+                for a in args
+            ]  # fmt: skip
+            return target(*plain, **kwargs)
+
+        return checked
+
+
+class CorruptOnRankOne(ToyDiffusion):
+    """Rank 1's ``immiscible_data`` raises at its second batch; optionally the workers couple."""
+
+    def __init__(self, workers: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.workers = workers
+
+    def train_dataloader(self):
+        if not self.workers:
+            return super().train_dataloader()
+        return DataLoader(self._dataset(), batch_size=8, collate_fn=CouplingCollate("lsa", seed=3))
+
+    def immiscible_data(self, batch):
+        if self.global_rank == 1 and len(self.records) == 1:
+            raise ValueError("corrupt sample 17 in shard 1")
+        return super().immiscible_data(batch)
+
+
+@pytest.mark.parametrize("path", ["group", "worker"])
+def test_a_rank_local_error_ends_every_rank_at_once_with_its_own_message_on_an_accelerator_only_backend(
+    tmp_path, monkeypatch, path
+):
+    # Rank 1 fails to prepare its second batch while rank 0 goes on, on the callback's path (the
+    # group coupling) or the DataLoader-worker path (the batches carry CouplingCollate's noise).
+    # Every collective runs on a simulated accelerator-only backend, seed=None adds the seed
+    # broadcast. Catches: the worker path skipping the per-step header (rank 1 then waits alone in
+    # the header until collective_timeout_s and its own error is replaced by "did not reach"); a
+    # header or any exchanged tensor not placed on the exchange device (the backend refuses it);
+    # rank 0 not told rank 1's own message.
+    for module in (li_groups, li_protocol, li_dist):
+        monkeypatch.setattr(module, "dist", AcceleratorOnlyDist())  # inherited by the forked ranks
+    for module in (li_groups, li_protocol, li_dist):
+        monkeypatch.setattr(module, "place", _place_on_accelerator)
+    coupling = RecordingCoupling(tmp_path, seed=None, collective_timeout_s=10)
+    t = trainer(callbacks=[coupling], devices=2, strategy="ddp_fork", max_steps=4)
+    start = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
+        t.fit(CorruptOnRankOne(path == "worker", sizes=(32,), batch_size=8))
+    elapsed = time.monotonic() - start
+    assert _children() == [], "a rank outlived the failed fit"
+    for r in range(2):
+        error = torch.load(tmp_path / f"error{r}.pt")["error"]
+        assert "rank 1: ValueError: corrupt sample 17 in shard 1" in error, error
+        assert "accelerator-only" not in error and "did not reach" not in error
+    assert elapsed < 10, elapsed  # both ranks end in the step that failed, before any time-out
