@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_immiscible import ImmiscibleCoupling, cost_matrix, couple
+from lightning_immiscible import ImmiscibleCoupling, couple
+from lightning_immiscible.costs import cost_matrix
 from lightning_immiscible.streams import draw_pool
 
 

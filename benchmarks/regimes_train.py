@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from example_projects.flow_matching.objective import flow_matching_loss
 from example_projects.flow_matching.samplers import integrate
 from example_projects.flow_matching.targets2d import eight_gaussians
-from lightning_immiscible import couple, paired_distance
+from lightning_immiscible import couple
+from lightning_immiscible.costs import paired_distance
 
 DIMS = {"2d": 2, "digits64": 64, "mnist14": 196, "mnist28": 784}
 ARM_METHODS = ("none", "lsa-l2", "lsa-sq", "knn", "normctrl")

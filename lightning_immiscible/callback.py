@@ -27,7 +27,7 @@ from lightning_immiscible.groups import (
     distributed_ready,
     partition_ranks,
 )
-from lightning_immiscible.mixin import CoupledBatch, Notices, hand_off
+from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin, Notices, hand_off
 from lightning_immiscible.monitoring import (
     WARMUP_BATCHES,
     changed_settings,
@@ -408,7 +408,7 @@ class ImmiscibleCoupling(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(pl_module, pl.LightningModule) and "_immiscible_hand_off" in pl_module.__dict__:
+        if isinstance(pl_module, ImmiscibleMixin):
             hand_off(pl_module).release()
         self._fit.last_result = None
 

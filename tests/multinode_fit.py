@@ -8,17 +8,29 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lightning_immiscible import ImmiscibleCoupling
 from tests.helpers import ToyDiffusion, trainer  # the test puts the repository on PYTHONPATH
+
+
+class GroupSeen(Callback):
+    """Records the coupling group during the fit (the callback releases its groups at the fit's end)."""
+
+    def __init__(self, coupling: ImmiscibleCoupling):
+        self.coupling, self.ranks, self.index = coupling, (), -1
+
+    def on_train_end(self, trainer, pl_module):
+        self.ranks, self.index = self.coupling.group.ranks, self.coupling.group.index
 
 
 def main(out: Path, scopes: list[str]) -> None:
     for scope in scopes:
         coupling = ImmiscibleCoupling(method="lsa", scope=int(scope) if scope.isdigit() else scope, seed=3)
         module = ToyDiffusion(sizes=(16,), batch_size=8)
+        seen = GroupSeen(coupling)
         t = trainer(
-            callbacks=[coupling],
+            callbacks=[coupling, seen],
             devices=2,
             num_nodes=2,
             strategy="ddp",
@@ -27,7 +39,7 @@ def main(out: Path, scopes: list[str]) -> None:
         )
         t.fit(module)
         torch.save(
-            {"records": module.records, "group": coupling.group.ranks, "index": coupling.group.index},
+            {"records": module.records, "group": seen.ranks, "index": seen.index},
             out / f"{scope}_rank{t.global_rank}.pt",
         )
 

@@ -121,8 +121,8 @@ def test_each_rank_gets_the_noise_one_process_gives_the_concatenated_group(world
 @pytest.mark.parametrize(
     ("fault", "rank1", "others"),
     [
-        ("float", "condition has dtype torch.float32", "rank 1 got invalid input (dtype)"),
-        ("negative", "negative labels", "rank 1 got invalid input (invalid)"),
+        ("float", "condition has dtype torch.float32", "rank 1: CouplingInputError: condition has dtype"),
+        ("negative", "negative labels", "rank 1: CouplingInputError: condition has negative labels"),
         ("missing", "1: 'none'", "1: 'none'"),
         ("int32", "1: 'torch.int32'", "1: 'torch.int32'"),
     ],

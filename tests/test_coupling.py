@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lightning_immiscible import CouplingInputError, CouplingSpec, cost_matrix, couple, paired_distance
+from lightning_immiscible import CouplingInputError, CouplingSpec, couple
+from lightning_immiscible.costs import cost_matrix, paired_distance
 from lightning_immiscible.costs import cost_dtype
 
 

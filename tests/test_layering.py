@@ -17,7 +17,7 @@ PACKAGE = ROOT / "lightning_immiscible"
 PROJECT = ("lightning_immiscible", "example_projects", "benchmarks", "tests")
 SCANNED = ("lightning_immiscible", "example_projects", "benchmarks", "tests", "docs")
 PURE = ("batches", "costs", "coupling", "distributed", "sizing", "solver_race", "solvers", "solvers_approx")
-PURE += ("workers",)
+PURE += ("workers", "groups", "protocol", "streams")
 
 
 def _files() -> list[Path]:
@@ -37,7 +37,7 @@ def test_the_pure_layer_and_couple_import_without_lightning():
     # pure module reaching for Lightning (e.g. workers importing the mixin's data finder).
     imports = "; ".join(f"import lightning_immiscible.{m}" for m in PURE)
     code = (
-        f"import sys; {imports}; from lightning_immiscible import couple, CouplingSpec, find_data_tensor; "
+        f"import sys; {imports}; from lightning_immiscible import couple, CouplingSpec, CouplingCollate; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -150,8 +150,8 @@ def private_uses(source: str) -> list[str]:
 
 def test_the_private_name_scanner_catches_each_kind():
     # The scanner is the oracle of the next test: each broken variant must be reported.
-    assert private_uses("from lightning_immiscible.distributed import _rank")
-    assert private_uses("import lightning_immiscible.distributed as d\nd._rank()")
+    assert private_uses("from lightning_immiscible.distributed import _knn_local")
+    assert private_uses("import lightning_immiscible.distributed as d\nd._knn_local()")
     assert private_uses("def f(cb):\n    return cb._group")
     assert private_uses("mp.setattr('example_projects.common.fid._helper', None)")
     assert private_uses("model.__dict__['_immiscible_noise']")
@@ -159,7 +159,7 @@ def test_the_private_name_scanner_catches_each_kind():
     assert not private_uses("import torch\ntorch._foreach_add_")  # not ours
     assert private_uses("from lightning_immiscible.workers import CouplingCollate\nCouplingCollate._KEYS")
     assert not private_uses("class A:\n    def f(self):\n        return self._x + super()._y")
-    assert not private_uses("from lightning_immiscible.distributed import HEADER_SIZE\nx.__dict__")
+    assert not private_uses("from lightning_immiscible.protocol import HEADER_SIZE\nx.__dict__")
 
 
 @pytest.mark.parametrize(
