@@ -42,11 +42,14 @@ class Mutation:
     tests: tuple[str, ...]
 
 
-CB, RACE, DIST = (
+CB, RACE, DIST, PROTOCOL = (
     "lightning_immiscible/callback.py",
     "lightning_immiscible/solver_race.py",
     "lightning_immiscible/distributed.py",
+    "lightning_immiscible/protocol.py",
 )
+FAULTS = "tests/test_ddp_faults.py::test_a_rank_local_error_ends_every_rank_at_once_with_its_own_message"
+FAULTS += "_on_an_accelerator_only_backend"
 MUTATIONS = (
     Mutation(
         "race_own_times",
@@ -78,9 +81,9 @@ MUTATIONS = (
     Mutation(
         "solver_identity_unchecked",
         "the ranks of a group solve with the same solver, or all fail naming them",
-        DIST,
-        "    _agree_on_solver(group, heads, identity)\n",
-        "\n",
+        PROTOCOL,
+        "        _agree_on_solver(group, mine, identity)\n",
+        "        pass\n",
         (
             "tests/test_ddp_race.py::test_ranks_of_a_group_with_different_solvers_fail_with_a_message_naming_them",
         ),
@@ -88,41 +91,41 @@ MUTATIONS = (
     Mutation(
         "assign_ms_both_solvers",
         "assign_ms and the overhead warning count only the used solver on race batches",
-        CB,
-        "extra = self.auto_solver.extra_ms()",
-        "extra = 0.0",
+        DIST,
+        "solve_ms=max(found.solve_ms - race.extra_ms(), 0.0)",
+        "solve_ms=found.solve_ms",
         ("tests/test_solver_race.py::test_race_batches_count_only_the_used_solvers_time_in_assign_ms",),
     ),
     Mutation(
         "float32_costs_forced",
         "huge or float64 data get float64 costs in the group path",
         DIST,
-        'dtype = torch.float64 if bool(heads[:, FIELD["wide"]].any()) else torch.float32',
-        "dtype = torch.float32",
+        'wide_rows = any(mine.column("wide")) or needs_wide_rows(condition)',
+        "wide_rows = False",
         ("tests/test_callback.py::test_huge_data_is_coupled_with_float64_costs_through_the_callback",),
     ),
     Mutation(
         "draws_not_restored",
         "a resumed run continues the noise stream at the saved draw",
         CB,
-        'self.draws = int(state_dict["draws"])',
-        "self.draws = 0",
+        'fit.seed, fit.draws, fit.restored = state_dict["seed"], int(state_dict["draws"]), True',
+        'fit.seed, fit.draws, fit.restored = state_dict["seed"], 0, True',
         ("tests/test_callback.py::test_resume_draws_the_same_noise_stream",),
     ),
     Mutation(
         "auto_group_size_not_restored",
         "scope='auto' keeps its measured group size on resume",
         CB,
-        'self.auto_group_size = state_dict.get("auto_group_size")',
-        "self.auto_group_size = None",
+        'fit.auto_group_size = state_dict.get("auto_group_size")',
+        "fit.auto_group_size = None",
         ("tests/test_callback.py::test_scope_auto_group_size_is_restored_on_resume_in_the_same_world",),
     ),
     Mutation(
         "changed_setting_restarts_stream",
         "a resume with another method or scope continues the stream and says so",
-        "lightning_immiscible/monitoring.py",
-        "    if key in states:\n",
-        "    if True:\n",
+        CB,
+        'changed = changed_settings(state_dict.get("settings", {}), self.settings())',
+        "changed = {}",
         (
             "tests/test_callback.py::test_a_resume_with_another_method_or_scope_continues_the_stream_and_says_so",
         ),
@@ -141,7 +144,7 @@ MUTATIONS = (
         "hand_off_kept_after_skip",
         "the hand-off is released when the module skips the rest of the epoch",
         CB,
-        "sampling.\n        as_immiscible_module(pl_module).release_coupled_batch()",
+        "sampling.\n        hand_off(pl_module).release()",
         "sampling.\n        pass",
         (
             "tests/test_callback.py::test_the_hand_off_is_released_when_the_module_skips_the_rest_of_the_epoch",
@@ -158,9 +161,9 @@ MUTATIONS = (
     Mutation(
         "epoch_not_compared",
         "ranks at different (epoch, draw) fail together instead of pairing across epochs",
-        DIST,
-        'steps = heads[:, [FIELD["epoch"], FIELD["draw"]]]',
-        'steps = heads[:, [FIELD["draw"]]]',
+        PROTOCOL,
+        'steps = list(zip(heads.column("epoch"), heads.column("draw"), strict=True))',
+        'steps = [(0, d) for d in heads.column("draw")]',
         (
             "tests/test_ddp_faults.py::test_ranks_with_different_batch_counts_fail_at_the_first_batch_of_the_next_epoch",
         ),
@@ -169,8 +172,8 @@ MUTATIONS = (
         "pool_per_rank",
         "every rank of a group draws the same pool (global coupling = one process's)",
         DIST,
-        "pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)",
-        "pool = draw_pool((total, *x.shape[1:]), seed, _rank(), draw_index, device)",
+        "pool = draw_pool((step.total, *x.shape[1:]), seed, group.index, draw_index, x.device)",
+        "pool = draw_pool((step.total, *x.shape[1:]), seed, process_rank(), draw_index, x.device)",
         ("tests/test_ddp.py::test_global_coupling_equals_single_process_coupling_of_concatenated_batch",),
     ),
     Mutation(
@@ -188,6 +191,62 @@ MUTATIONS = (
         "        if check_finite and not (math.isfinite(low) and math.isfinite(high)):",
         "        if False:",
         ("tests/test_coupling.py::test_non_finite_values_are_found_by_the_single_scan",),
+    ),
+    Mutation(
+        "worker_path_skips_header",
+        "every rank sends the per-step header on the DataLoader-worker path too",
+        CB,
+        "            agree_on_step(\n",
+        "            (lambda *a, **k: None)(\n",
+        (f"{FAULTS}[worker]",),
+    ),
+    Mutation(
+        "header_not_placed",
+        "every exchanged tensor is placed on the exchange device (NCCL takes accelerator tensors only)",
+        PROTOCOL,
+        "    sent = place(head, group)\n",
+        "    sent = head\n",
+        (f"{FAULTS}[group]",),
+    ),
+    Mutation(
+        "failing_rank_message_dropped",
+        "every rank's error carries the failing rank's own message",
+        PROTOCOL,
+        'named = "; ".join(f"rank {heads.ranks[i]}: {heads.message(i)}" for i in failed)',
+        'named = ""',
+        ("tests/test_ddp.py::test_bad_input_on_one_rank_fails_all_ranks_without_hanging",),
+    ),
+    Mutation(
+        "fit_state_kept",
+        "two fits with one callback instance equal two fresh callbacks",
+        CB,
+        "        self._fit = fit = FitState(seed=self.seed)\n",
+        "        fit = self._fit\n",
+        ("tests/test_fit_state.py::test_two_fits_with_one_callback_behave_like_two_fresh_callbacks",),
+    ),
+    Mutation(
+        "groups_not_released",
+        "the process groups a fit creates are destroyed in its teardown",
+        CB,
+        "        hand_off(pl_module).release()\n        self._release_groups()\n",
+        "        hand_off(pl_module).release()\n",
+        ("tests/test_fit_state.py::test_each_fit_builds_its_process_groups_and_releases_them_in_teardown",),
+    ),
+    Mutation(
+        "noise_not_taken_silent",
+        "a module that never takes the coupled noise is warned, not silent",
+        CB,
+        "        if not taken:\n",
+        "        if False:\n",
+        ("tests/test_fit_state.py::test_noise_never_taken_is_warned_once_and_logged",),
+    ),
+    Mutation(
+        "seed_unchecked",
+        "constructor arguments are checked at construction, naming the argument",
+        CB,
+        "    if seed is None or (isinstance(seed, int)",
+        "    if True or (isinstance(seed, int)",
+        ("tests/test_fit_state.py::test_bad_constructor_arguments_fail_at_construction_naming_the_argument",),
     ),
 )
 

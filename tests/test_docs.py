@@ -64,9 +64,10 @@ def _message_fragments() -> list[tuple[str, str]]:
             if not isinstance(call, ast.Call) or not call.args:
                 continue
             name = getattr(call.func, "id", getattr(call.func, "attr", ""))
-            if not (name.endswith(("Error", "Exception")) or name == "rank_zero_warn"):
+            if not (name.endswith(("Error", "Exception")) or name in ("rank_zero_warn", "warn_once")):
                 continue
-            parts = call.args[0].values if isinstance(call.args[0], ast.JoinedStr) else [call.args[0]]
+            message = call.args[-1] if name == "warn_once" else call.args[0]  # warn_once(key, message)
+            parts = message.values if isinstance(message, ast.JoinedStr) else [message]
             pieces = [p.value for p in parts if isinstance(p, ast.Constant) and isinstance(p.value, str)]
             if pieces:
                 found.append(
