@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "docs" / "decisions.yml"
 #: Each page that shows the table, and the prefix its links to docs pages need.
 PAGES = {"docs/index.md": "", "README.md": "docs/"}
+#: The docs site wraps the table in a <div> that docs/stylesheets/extra.css lays out as one card per
+#: row on a phone (a three-column table there leaves a column a few words wide).
+CARDS = {"docs/index.md"}
+CARD_CLASS = "decision-table"
 BEGIN = "<!-- decision table: rendered from docs/decisions.yml by docs/scripts/decision_table.py -->"
 END = "<!-- end of decision table -->"
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -54,15 +58,25 @@ def _paragraph(text: str) -> str:
     return textwrap.fill(_one_line(text), width=100, break_long_words=False, break_on_hyphens=False)
 
 
-def render(data: dict[str, Any], prefix: str = "") -> str:
-    """The block between the markers: the intro, the table, the scope recommendation."""
+def render(data: dict[str, Any], prefix: str = "", cards: bool = False) -> str:
+    """The block between the markers: the intro, the table, the scope recommendation.
+
+    ``cards``: the table inside ``<div class="decision-table" markdown>`` (the docs site's phone layout).
+    """
     head = data["columns"]
-    lines = [_paragraph(data["intro"]), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in data["rows"]:
         verdict = f"**{row['verdict']}**" + (f": {_one_line(row['setting'])}" if row.get("setting") else "")
-        lines.append(f"| {_one_line(row['training'])} | {verdict} | {_one_line(row['measured'])} |")
-    lines += ["", _paragraph(data["scope"])]
+        table.append(f"| {_one_line(row['training'])} | {verdict} | {_one_line(row['measured'])} |")
+    if cards:
+        table = [f'<div class="{CARD_CLASS}" markdown>', "", *table, "", "</div>"]
+    lines = [_paragraph(data["intro"]), "", *table, "", _paragraph(data["scope"])]
     return relink("\n".join(lines), prefix)
+
+
+def render_for(page: str, data: dict[str, Any]) -> str:
+    """The block as ``page`` (a key of `PAGES`) shows it."""
+    return render(data, PAGES[page], cards=page in CARDS)
 
 
 def splice(page: str, block: str) -> str:
@@ -90,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     data, stale = load(), {}
-    for name, prefix in PAGES.items():  # every page is rendered before any is written
+    for name in PAGES:  # every page is rendered before any is written
         text = (ROOT / name).read_text(encoding="utf-8")
-        new = splice(text, render(data, prefix))
+        new = splice(text, render_for(name, data))
         if new != text:
             stale[name] = new
     if not args.check:
