@@ -426,7 +426,9 @@ def plot(out: Path, rows: list[dict], recs: dict) -> list[Path]:
         for ax in axes[0]:
             h, lab = ax.get_legend_handles_labels()
             handles, labels = handles + h, labels + lab
-        fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=PLOT_FONT_PT - 2)
+        fig.legend(
+            handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=PLOT_FONT_PT - 2
+        )
         path = out / f"effects-{objective}.png"
         fig.savefig(path, dpi=150)
         plt.close(fig)
@@ -447,7 +449,8 @@ def _arm_style(arm: str) -> dict[str, Any]:
     if arm.startswith("lsa"):
         _, metric, pool = arm.split("-")
         color = {"p64": "tab:blue", "p256": "tab:orange", "p1024": "tab:green"}.get(pool, "k")
-        return {"color": color, "ls": "-" if metric == "sq" else "--", "marker": "o" if metric == "sq" else "s", "ms": 4}
+        solid = metric == "sq"
+        return {"color": color, "ls": "-" if solid else "--", "marker": "o" if solid else "s", "ms": 4}
     return {"color": {"knn4": "tab:red", "normctrl": "tab:gray"}.get(arm, "k"), "marker": "o", "ms": 4}
 
 

@@ -20,9 +20,7 @@ decision_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(decision_table)
 DATA = decision_table.load()
 #: Every page a reader meets: the docs site, the README and the example projects' READMEs.
-PAGES = sorted(
-    [*DOCS.rglob("*.md"), ROOT / "README.md", *(ROOT / "example_projects").glob("*/README.md")]
-)
+PAGES = sorted([*DOCS.rglob("*.md"), ROOT / "README.md", *(ROOT / "example_projects").glob("*/README.md")])
 
 
 def _rel(path: Path) -> str:
@@ -109,7 +107,7 @@ def test_the_retired_claims_are_caught_where_they_stood():
         "keep it if it is cheap in your setting, but do not expect a faster convergence of a many-step "
         "sampler from it.",
         "OT pairs helped flow matching most at 1-2 sampler steps and little at 8",
-        "So per-rank pools (`scope=\"local\"`) of 64 or more are a sound default",
+        'So per-rank pools (`scope="local"`) of 64 or more are a sound default',
     ]
     patterns = [re.compile(r["pattern"], re.I) for r in DATA["retired"]]
     for sentence in old:

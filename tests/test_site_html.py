@@ -506,7 +506,9 @@ def test_the_from_disk_detector_reports_directory_links(tmp_path):
     # served, "guide/" is guide/index.html; from disk it is a directory listing
     assert links_broken_from_disk(at_root("<a href='guide/'>x</a>"), tmp_path)
     assert len(links_broken_from_disk(at_root("<a href='guide'>x</a><img src='missing.png'>"), tmp_path)) == 2
-    good = "<a href='guide.html#top'>x</a><img src='pic.png'><a href='#top'>x</a><a href='https://e.org/'>x</a>"
+    good = (
+        "<a href='guide.html#top'>x</a><img src='pic.png'><a href='#top'>x</a><a href='https://e.org/'>x</a>"
+    )
     assert links_broken_from_disk(at_root(good), tmp_path) == []
 
 
