@@ -527,7 +527,7 @@ FIG_DPI = 150
 
 
 def _panels() -> tuple[Any, Any]:
-    """Four axes in 2 x 2, one per Euler step count, titled; shared axis labels."""
+    """Four axes in 2 x 2, one per Euler step count, titled; one y label for all, x labels below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -618,7 +618,7 @@ def long_figure(long_list: list[dict], runs_list: list[dict], path: Path) -> Pat
 
 
 def _log_axis(ax: Any) -> None:
-    """A log y axis labelled in plain decimals (0.05, not 5 x 10^-2) at 1-2-3-5 steps, 3 to 6 of them."""
+    """A log y axis labelled in plain decimals (0.05, not 5 x 10^-2) at 1-2-3-5 steps, at most 6 of them."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     ax.set_yscale("log")
