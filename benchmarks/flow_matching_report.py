@@ -518,27 +518,43 @@ def render(runs_list: list[dict], long_list: list[dict], scatter: dict[str, Any]
 # Figure
 
 
+#: Figure layout: 2 x 2 panels, fonts sized for a phone. A 390 px wide phone shows the figure about
+#: 360 px wide (1 point of FONT_PT is then about 0.8 px: 13-point ticks read about 10 px tall); a wide
+#: screen shows it at most 600 px wide (docs/stylesheets/extra.css).
+FIG_SIZE = (6.0, 6.4)
+FONT_PT = 14
+FIG_DPI = 150
+
+
 def _panels() -> tuple[Any, Any]:
-    """One row of four axes, one per Euler step count, titled and labelled."""
+    """Four axes in 2 x 2, one per Euler step count, titled; one y label for all, x labels below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    fig, grid = plt.subplots(2, 2, figsize=FIG_SIZE, layout="constrained")
+    axes = grid.ravel()
     for ax, k in zip(axes, SAMPLER_STEPS, strict=True):
-        ax.set_title(f"{k} Euler step{'s' * (k > 1)}")
-        ax.set_xlabel("training steps")
-    axes[0].set_ylabel("FID (64-channel Inception, 1,024 samples)")
+        ax.set_title(f"{k} Euler step{'s' * (k > 1)}", fontsize=FONT_PT + 1)
+        ax.tick_params(labelsize=FONT_PT - 1)
+        ax.xaxis.set_major_locator(MaxNLocator(3))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.grid(alpha=0.3)
+    for ax in grid[1]:
+        ax.set_xlabel("training steps", fontsize=FONT_PT)
+    fig.supylabel("FID (64-channel Inception, 1,024 samples)", fontsize=FONT_PT)
     return fig, axes
 
 
 def _save(fig: Any, axes: Any, path: Path) -> Path:
+    """One legend under the panels (one column: it stays readable on a phone), then the PNG."""
     import matplotlib.pyplot as plt
 
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=1, frameon=False, fontsize=FONT_PT - 1)
+    fig.savefig(path, dpi=FIG_DPI)
     plt.close(fig)
     return path
 
@@ -597,8 +613,24 @@ def long_figure(long_list: list[dict], runs_list: list[dict], path: Path) -> Pat
                     alpha=1.0 if lw > 1 else 0.6,
                     label=f"{NAMES[method]}, seed 0, {label}",
                 )
-        ax.set_yscale("log")
+        _log_axis(ax)
     return _save(fig, axes, path)
+
+
+def _log_axis(ax: Any) -> None:
+    """A log y axis labelled in plain decimals (0.05, not 5 x 10^-2) at 1-2-3-5 steps, at most 6 of them."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for mantissas in ((1, 2, 3, 4, 5, 6, 8), (1, 2, 3, 5), (1, 2, 5), (1,)):
+        ticks = [m * 10.0**e for e in decades for m in mantissas if lo <= m * 10.0**e <= hi]
+        if len(ticks) <= 6:
+            break
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 # ---------------------------------------------------------------------------------------------

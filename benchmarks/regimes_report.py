@@ -358,8 +358,18 @@ def map_markdown(rows: list[dict], recs: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+#: Figure layout: one row per sampler step count, two columns (the exact assignment: each pool
+#: size a colour, solid squared L2, dashed L2; then `knn` and its control), fonts sized for a phone
+#: (the docs show the figure about 360 px wide there: 13-point ticks read about 10 px tall).
+PLOT_WIDTH_IN = 6.4
+PLOT_ROW_IN = 2.3
+PLOT_FONT_PT = 13
+OBJECTIVE_NAMES = {"fm": "flow matching", "ddpm": "DDPM epsilon-prediction"}
+DATA_TICKS = {"2d": "2", "digits64": "64", "mnist14": "196", "mnist28": "784"}
+
+
 def plot(out: Path, rows: list[dict], recs: dict) -> list[Path]:
-    """Relative effect on the primary metric vs dimension: a line per pool size, per method and step count."""
+    """Relative effect on the primary metric vs dimension: a line per arm, a row per step count."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,46 +389,69 @@ def plot(out: Path, rows: list[dict], recs: dict) -> list[Path]:
         ks = sorted({r["sampler_steps"] for r in sel}, key=int)
         if not ks:
             continue
-        groups = {
-            "lsa-l2": lambda a: a.startswith("lsa-l2"),
-            "lsa-sq": lambda a: a.startswith("lsa-sq"),
-            "knn / control": lambda a: not a.startswith("lsa"),
-        }
-        fig, axes = plt.subplots(len(ks), 3, figsize=(12, 2.6 * len(ks)), squeeze=False, sharex=True)
+        arms = sorted({r["arm"] for r in sel}, key=lambda a: (not a.startswith("lsa"), len(a), a))
+        fig, axes = plt.subplots(
+            len(ks), 2, figsize=(PLOT_WIDTH_IN, PLOT_ROW_IN * len(ks) + 2.2), squeeze=False,
+            sharex=True, layout="constrained",
+        )  # fmt: skip
         for i, k in enumerate(ks):
-            for j, (title, pick) in enumerate(groups.items()):
+            for j, title in enumerate(("lsa", "knn / control")):
                 ax = axes[i][j]
-                for arm in sorted(
-                    {r["arm"] for r in sel if pick(r["arm"])}, key=lambda a: (len(a), a)
-                ):  # p64 < p256
+                for arm in [a for a in arms if a.startswith("lsa") == (j == 0)]:
                     pts = sorted(
                         (DIMS[r["dataset"]], r["rel_pct"], r["rel_sem_pct"] or 0.0)
                         for r in sel
                         if r["arm"] == arm and r["sampler_steps"] == k
                     )
                     ax.errorbar(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        yerr=[p[2] for p in pts],
-                        marker="o",
-                        capsize=3,
-                        label=arm,
-                    )
+                        [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                        capsize=2, label=_arm_label(arm), **_arm_style(arm),
+                    )  # fmt: skip
                 ax.axhline(0, color="grey", lw=0.8)
-                ax.set_xscale("log", base=2)
-                ax.set_title(f"{title}, {k} step(s)", fontsize=9)
-                if ax.containers:
-                    ax.legend(fontsize=7)
-            axes[i][0].set_ylabel("effect, % of baseline")
+                ax.set_xscale("log")
+                ax.set_xticks([DIMS[d] for d in DATA_TICKS], list(DATA_TICKS.values()))
+                ax.minorticks_off()
+                ax.tick_params(labelsize=PLOT_FONT_PT - 1)
+                ax.grid(alpha=0.3)
+                ax.set_title(f"{title}, {k} step{'s' * (k != '1')}", fontsize=PLOT_FONT_PT)
         for ax in axes[-1]:
-            ax.set_xlabel("data dimension")
-        fig.suptitle(f"{objective}: arm minus none (primary metric, final checkpoint; negative = better)")
-        fig.subplots_adjust(hspace=0.45, wspace=0.25)  # tight_layout costs seconds per figure
+            ax.set_xlabel("data dimension", fontsize=PLOT_FONT_PT)
+        fig.supylabel("effect, % of the baseline (negative: better)", fontsize=PLOT_FONT_PT)
+        fig.suptitle(
+            f"{OBJECTIVE_NAMES.get(objective, objective)}: each pairing against independent pairs\n"
+            "(primary metric, final checkpoint)",
+            fontsize=PLOT_FONT_PT,
+        )
+        handles, labels = [], []
+        for ax in axes[0]:
+            h, lab = ax.get_legend_handles_labels()
+            handles, labels = handles + h, labels + lab
+        fig.legend(
+            handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=PLOT_FONT_PT - 2
+        )
         path = out / f"effects-{objective}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=150)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _arm_label(arm: str) -> str:
+    """``lsa-sq-p256`` -> ``lsa sqeuclidean, pool 256``; ``knn4`` and ``normctrl`` spelled out."""
+    if arm.startswith("lsa"):
+        _, metric, pool = arm.split("-")
+        return f"lsa {'sqeuclidean' if metric == 'sq' else metric}, pool {pool.removeprefix('p')}"
+    return {"knn4": "knn, k = 4", "normctrl": "norm-matched control"}.get(arm, arm)
+
+
+def _arm_style(arm: str) -> dict[str, Any]:
+    """A colour per pool size (solid: squared L2, dashed: L2); `knn` and the control apart."""
+    if arm.startswith("lsa"):
+        _, metric, pool = arm.split("-")
+        color = {"p64": "tab:blue", "p256": "tab:orange", "p1024": "tab:green"}.get(pool, "k")
+        solid = metric == "sq"
+        return {"color": color, "ls": "-" if solid else "--", "marker": "o" if solid else "s", "ms": 4}
+    return {"color": {"knn4": "tab:red", "normctrl": "tab:gray"}.get(arm, "k"), "marker": "o", "ms": 4}
 
 
 def write_report(out: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The site is built once per test session (``mkdocs build --strict``, warnings are errors) and the
 HTML of every page is checked for what a strict build does not catch: Markdown that was not
 rendered, Sphinx markup in docstrings, content that cannot scroll inside the column, links and
-images that lead nowhere, pages no navigation reaches, and assets fetched from the network.
+images that lead nowhere (served, and opened from disk as ``site/index.html``), pages no navigation
+reaches, and assets fetched from the network.
 
 Each check was tried once against a deliberately broken page, see the comment at each test.
 """
@@ -238,6 +239,28 @@ def broken_links(page: Page, site: Path, ids: dict[str, set[str]]) -> list[str]:
     return found
 
 
+def links_broken_from_disk(page: Page, site: Path) -> list[str]:
+    """Internal links and assets that a browser cannot open when the page is read from disk (file://).
+
+    A web server turns ``user-guide/`` into ``user-guide/index.html``; a browser reading files does
+    not (it shows a directory listing, or nothing). So every internal reference must name a file.
+    """
+    found = []
+    for node in page.doc.iter():
+        ref = node.attrs.get("href") if node.tag in ("a", "link") else node.attrs.get("src")
+        if node.tag not in ("a", "link", "img", "script") or not ref:
+            continue
+        parts = urlsplit(ref)
+        if parts.scheme or parts.netloc or not parts.path:  # external, or an anchor on this page
+            continue
+        target = (page.path.parent / unquote(parts.path)).resolve()
+        if parts.path.endswith("/") or target.is_dir():
+            found.append(f"<{node.tag}> {ref!r}: a directory, not a file")
+        elif not target.is_file() or not target.is_relative_to(site.resolve()):
+            found.append(f"<{node.tag}> {ref!r}: no file {target}")
+    return found
+
+
 def remote_assets(page: Page) -> list[str]:
     """Scripts, stylesheets, fonts and images the page would fetch from the network to render."""
     found = []
@@ -255,7 +278,7 @@ def nav_targets(page: Page) -> set[str]:
     """The URL paths the primary navigation of ``page`` links to."""
     nav = next(n for n in page.doc.iter("nav") if "md-nav--primary" in n.classes)
     return {
-        urlsplit(urljoin(page.url, a.attrs["href"])).path
+        urlsplit(urljoin(page.url, a.attrs["href"])).path.removesuffix("index.html")
         for a in nav.iter("a")
         if "href" in a.attrs and not urlsplit(a.attrs["href"]).netloc
     }
@@ -271,7 +294,7 @@ def page_ids(pages: list[Page]) -> dict[str, set[str]]:
 def test_site_builds_strictly(site: Path):
     """The MkDocs site (API reference from docstrings included) builds with warnings as errors."""
     assert (site / "index.html").is_file()
-    assert (site / "reference" / "callback" / "index.html").is_file()
+    assert (site / "reference" / "callback.html").is_file()
 
 
 def test_no_unrendered_markdown(pages: list[Page]):
@@ -311,6 +334,20 @@ def test_internal_links_and_images_resolve(pages: list[Page], site: Path):
     assert not found, found
 
 
+def test_the_site_works_opened_from_disk(pages: list[Page], site: Path):
+    # Opening site/index.html from disk is how the docs are read without a hosted site. Tried with
+    # use_directory_urls left at its default: every internal link ("user-guide/") was reported; and
+    # without the offline plugin: no search_index.js, and search never started.
+    found = {p.url: f for p in pages if (f := links_broken_from_disk(p, site))}
+    assert not found, found
+    # Search from file://: the index as a script (a page cannot fetch() a file), and the Web Worker
+    # shim the offline plugin loads, from the site itself.
+    assert (site / "search" / "search_index.js").read_text(encoding="utf-8").startswith("var __index = ")
+    home = next(p for p in pages if p.url == "/")
+    scripts = [n.attrs["src"] for n in home.doc.iter("script") if "src" in n.attrs]
+    assert "javascripts/iframe-worker-shim.js" in scripts, scripts
+
+
 def test_every_page_is_in_the_navigation(pages: list[Page]):
     # Tried with an extra page left out of mkdocs.yml's nav: reported.
     home = next(p for p in pages if p.url == "/")
@@ -329,13 +366,13 @@ def test_nothing_is_fetched_from_the_network(pages: list[Page]):
 def test_api_reference_reads_as_intended(pages: list[Page]):
     """Objects under the import path users write, signatures apart from headings, one Returns."""
     ref = {p.url: p for p in pages if p.url.startswith("/reference/")}
-    callback = ref["/reference/callback/"].content
+    callback = ref["/reference/callback.html"].content
     ids = {n.attrs.get("id") for n in callback.iter()}
     assert "lightning_immiscible.ImmiscibleCoupling" in ids  # not ...callback.ImmiscibleCoupling
     # the constructor's arguments are on the class (merge_init_into_class), in its own signature block
     signature = next(n for n in callback.iter("div") if "doc-signature" in n.classes).text()
     assert "ImmiscibleCoupling(" in signature and "method" in signature and "scope" in signature
-    coupling = ref["/reference/coupling/"].content
+    coupling = ref["/reference/coupling.html"].content
     returns = [
         n
         for n in coupling.iter()
@@ -380,18 +417,18 @@ def test_api_reference_signatures_returns_choices_and_public_names(pages: list[P
                 text = listing.text(skip=frozenset({"pre"}))
                 assert "`" not in text and "][" not in text, f"{url}: {text.strip()[:120]!r}"
     # The Literal aliases show their allowed values, and the signatures link to them.
-    coupling = ref["/reference/coupling/"]
+    coupling = ref["/reference/coupling.html"]
     method = next(n for n in coupling.iter() if n.attrs.get("id") == "lightning_immiscible.coupling.Method")
     block = method.parent.text()
     assert all(f"'{v}'" in block for v in ("lsa", "knn", "flip", "none")), block[:200]
-    callback_links = {a.attrs.get("href", "") for a in ref["/reference/callback/"].iter("a")}
-    assert "../coupling/#lightning_immiscible.coupling.Method" in callback_links
+    callback_links = {a.attrs.get("href", "") for a in ref["/reference/callback.html"].iter("a")}
+    assert "coupling.html#lightning_immiscible.coupling.Method" in callback_links
     # Public names only on the public pages; internals on their own page. Caught: SolverRace,
     # the header constants and INPUT_ERROR_REASONS standing beside couple() and the callback.
     for url, content in ref.items():
         ids = {n.attrs.get("id") for n in content.iter()}
         shown = [i for i in INTERNAL_IDS if i in ids]
-        assert shown == ([*INTERNAL_IDS] if url == "/reference/internals/" else []), (url, shown)
+        assert shown == ([*INTERNAL_IDS] if url == "/reference/internals.html" else []), (url, shown)
     assert "CouplingSpec" in ref["/reference/"].text()
 
 
@@ -456,6 +493,23 @@ def test_the_link_detector_reports_missing_files_and_anchors(tmp_path):
     assert (
         broken_links(_page("<a href='#top'>x</a><a href='https://example.org/'>x</a>"), tmp_path, ids) == []
     )
+
+
+def test_the_from_disk_detector_reports_directory_links(tmp_path):
+    (tmp_path / "guide").mkdir()
+    (tmp_path / "guide.html").write_text("<p>x</p>")
+    (tmp_path / "pic.png").write_bytes(b"")
+
+    def at_root(body: str) -> Page:
+        return Page(tmp_path / "index.html", "/", parse(f"<html><body>{body}</body></html>"))
+
+    # served, "guide/" is guide/index.html; from disk it is a directory listing
+    assert links_broken_from_disk(at_root("<a href='guide/'>x</a>"), tmp_path)
+    assert len(links_broken_from_disk(at_root("<a href='guide'>x</a><img src='missing.png'>"), tmp_path)) == 2
+    good = (
+        "<a href='guide.html#top'>x</a><img src='pic.png'><a href='#top'>x</a><a href='https://e.org/'>x</a>"
+    )
+    assert links_broken_from_disk(at_root(good), tmp_path) == []
 
 
 def test_the_remote_asset_detector_reports_cdn_scripts_and_fonts():
