@@ -9,36 +9,45 @@ Everything else lives in the module that defines it (`lightning_immiscible.distr
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-#: The public names, each with the module that defines it (`__all__` is its keys).
-_EXPORTS: dict[str, str] = {
-    "ImmiscibleCoupling": "callback",
-    "ImmiscibleMixin": "mixin",
-    "CoupledBatch": "mixin",
-    "CouplingCollate": "workers",
-    "couple": "coupling",
-    "CouplingSpec": "coupling",
-    "CouplingResult": "coupling",
-    "CouplingInputError": "coupling",
-    "available_solvers": "solvers",
-    "register_solver": "solvers",
-}
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time see __getattr__
+    from lightning_immiscible.callback import ImmiscibleCoupling
+    from lightning_immiscible.coupling import CouplingInputError, CouplingResult, CouplingSpec, couple
+    from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin
+    from lightning_immiscible.solvers import available_solvers, register_solver
+    from lightning_immiscible.workers import CouplingCollate
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "CoupledBatch",
+    "CouplingCollate",
+    "CouplingInputError",
+    "CouplingResult",
+    "CouplingSpec",
+    "ImmiscibleCoupling",
+    "ImmiscibleMixin",
+    "available_solvers",
+    "couple",
+    "register_solver",
+]
+
+#: Where `__getattr__` looks for a public name, in this order: the pure modules first, so that a
+#: name of theirs never imports Lightning.
+_MODULES = ("coupling", "solvers", "workers", "mixin", "callback")
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     """Imports a public name's module on first access (PEP 562)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_immiscible' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lightning_immiscible.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+    if name in __all__:
+        for module in _MODULES:
+            value = getattr(importlib.import_module(f"lightning_immiscible.{module}"), name, None)
+            if value is not None:
+                globals()[name] = value  # later lookups skip __getattr__
+                return value
+    raise AttributeError(f"module 'lightning_immiscible' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *__all__])

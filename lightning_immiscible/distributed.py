@@ -2,11 +2,11 @@
 
 Per coupled micro-batch, for a coupling group of W ranks with local batches `b_r` (sum `B`):
 
-1. every rank of the world sends its per-step header ([protocol][lightning_immiscible.protocol]):
+1. every rank of the world sends its per-step header ([protocol][lightning_immiscible.protocol.exchange]):
    a failure, a disagreement or ranks out of step stop every rank in this step, with the failing
    rank's own message;
 2. every rank of the group draws the *same* pool of `B` noise vectors from the stream
-   `(seed, group, draw)` ([streams][lightning_immiscible.streams]): no noise crosses the network;
+   `(seed, group, draw)` ([streams][lightning_immiscible.streams.draw_pool]): no noise crosses the network;
 3. rank `r` computes its `b_r x B` cost rows; the rows are all-gathered (padded to the largest
    `b_r` and trimmed: uneven batches work) into the `B x B` matrix;
 4. every rank solves the same assignment and takes the pool rows assigned to its own items.
