@@ -182,7 +182,7 @@ class ImmiscibleCoupling(Callback):
         check_finite: bool = True,
         within_condition: bool = True,
     ) -> None:
-        self.spec = CouplingSpec(method, metric, precision, solver, k, check_finite, within_condition)
+        self.spec = CouplingSpec(method, metric, precision, solver, k, within_condition=within_condition)
         if scope != "auto":
             partition_ranks(scope, 1, 1)  # validates the scope's spelling now, not at fit time
         self.scope = scope

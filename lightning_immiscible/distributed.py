@@ -434,7 +434,7 @@ def _validate_local(
                 "least one item per rank. Check the sampler / dataloader that yields empty batches.",
                 "empty",
             )
-        ranges = checked_ranges(x, x, spec.check_finite)[:1]  # one min/max pass: NaN/Inf and range
+        ranges = checked_ranges(x, x)[:1]  # one min/max pass: NaN/Inf and range
     except CouplingInputError as exc:
         return exc, False
     wide = x.dtype == torch.float64
@@ -588,4 +588,4 @@ def _knn_local(x: Tensor, seed: int, draw_index: int, spec: CouplingSpec) -> Cou
     """Knn needs no cross-item matching: each rank draws its own candidates (after the header check)."""
     # a per-rank stream, whatever the scope
     cand = draw_pool((x.shape[0], spec.k, *x.shape[1:]), seed, _rank(), draw_index, x.device, stream=1)
-    return CouplingSpec("knn", spec.metric, check_finite=False).couple(x, cand.to(x.dtype))
+    return CouplingSpec("knn", spec.metric).couple(x, cand.to(x.dtype))

@@ -260,9 +260,14 @@ def test_group_coupling_config_is_the_spec_under_its_former_name():
     from lightning_immiscible.distributed import GroupCouplingConfig
 
     assert GroupCouplingConfig is CouplingSpec
-    assert GroupCouplingConfig("knn", "l1", "auto", "auto", 3, False) == CouplingSpec(
-        method="knn", metric="l1", k=3, check_finite=False
-    )
+    assert GroupCouplingConfig("knn", "l1", "auto", "auto", 3) == CouplingSpec(method="knn", metric="l1", k=3)
+    # The sixth positional slot was check_finite (removed: inputs are always checked). Catches
+    # within_condition moving into it: an old `(..., k, False)` call would silently couple across
+    # labels instead of failing.
+    with pytest.raises(TypeError):
+        GroupCouplingConfig("knn", "l1", "auto", "auto", 3, False)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="check_finite"):
+        CouplingSpec(check_finite=False)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "l1"])
