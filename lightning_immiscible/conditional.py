@@ -155,7 +155,7 @@ def assign_within(
 ) -> tuple[Tensor, float, float]:
     """Single-process coupling within conditions, costing only the blocks (`sum n_c^2` entries).
 
-    The costs are computed from the inputs detached (see [costs][lightning_immiscible.costs]), and
+    The costs are computed from the inputs detached (no autograd graph), and
     every block goes through [solve][lightning_immiscible.solvers.solve]'s NaN/Inf check.
 
     Args:

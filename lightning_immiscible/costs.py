@@ -39,7 +39,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 FP32_COST_LIMIT = 1e37
 
 #: The same bound for float64 costs (float64's largest value is 1.8e308): data whose costs could
-#: exceed it cannot be costed at all ([cost_bound][lightning_immiscible.costs.cost_bound]).
+#: exceed it cannot be costed at all (see `cost_bound`).
 FP64_COST_LIMIT = 1e307
 
 #: A pair's squared distance read from the GEMM form is trusted when it is at least this fraction of

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import math
 import os
@@ -402,6 +403,7 @@ def main() -> None:
     if "pot" in available_solvers():
         import ot  # noqa: F401  (importing POT takes seconds: once, here)
     cases = [(e, s, k) for e in args.entries for s in case_solvers() for k in args.inputs]
+    gc.freeze()  # the children share the imported objects without copying their pages for the GC
     with tempfile.TemporaryDirectory() as tmp, args.out.open("w") as out:
         header = {"library": lightning_immiscible.__file__, "cases": len(cases)}
         out.write(json.dumps(header) + "\n")

@@ -11,7 +11,7 @@ a float64 l2 cost built in `tests/fuzz_driver.py` from the differences, by total
 tolerance) or in a `CouplingInputError` whose message names the problem. Each case runs in a child
 forked from one helper process (`tests/fuzz_driver.py`), so a case that aborts the process (a
 native solver fed NaN) fails its test here instead of killing pytest. All 455 cases take about
-30 s on 2 loaded cores (most of it is the driver's imports and the forks).
+35 s on 2 loaded cores (most of it is the driver's imports and the forks).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from tests import fuzz_driver
 from tests.fuzz_driver import ENTRIES, INPUTS, Pairing, case_solvers, fork_case, verdict_numbers
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.slow  # about 40 s: 455 forked cases and one driver start
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fuzz_driver.py"
