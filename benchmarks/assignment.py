@@ -156,7 +156,7 @@ def ours_impl(solver: str, method: str = "lsa") -> Callable[..., tuple[np.ndarra
     def run(x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, float, float]:
         if method == "knn":
             noise = torch.stack([noise, noise.roll(1, 0), noise.roll(2, 0), noise.roll(3, 0)], 1)
-        res = couple(x0, noise, method=method, solver=solver, check_finite=False)
+        res = couple(x0, noise, method=method, solver=solver)
         return res.index.cpu().numpy(), res.cost_ms, res.solve_ms
 
     return run

@@ -188,7 +188,7 @@ MUTATIONS = (
         "non_finite_input_accepted",
         "NaN/Inf inputs fail with a clear error (the one-pass check)",
         "lightning_immiscible/checks.py",
-        "        if check_finite and not (math.isfinite(low) and math.isfinite(high)):",
+        "        if not (math.isfinite(low) and math.isfinite(high)):",
         "        if False:",
         ("tests/test_coupling.py::test_non_finite_values_are_found_by_the_single_scan",),
     ),
@@ -247,6 +247,39 @@ MUTATIONS = (
         "    if seed is None or (isinstance(seed, int)",
         "    if True or (isinstance(seed, int)",
         ("tests/test_fit_state.py::test_bad_constructor_arguments_fail_at_construction_naming_the_argument",),
+    ),
+    Mutation(
+        "solve_finiteness_guard_removed",
+        "no backend ever sees a NaN/Inf cost: solve() refuses it (lapjv aborts the process on one)",
+        "lightning_immiscible/solvers.py",
+        "    if not math.isfinite(top):\n        raise CouplingInputError(",
+        "    if False:\n        raise CouplingInputError(",
+        (
+            "tests/test_solvers.py::test_solve_refuses_a_non_finite_cost_before_any_backend_sees_it",
+            "tests/test_fuzz_inputs.py::test_every_input_pairs_optimally_or_fails_naming_the_problem[group]",
+        ),
+    ),
+    Mutation(
+        "costs_from_attached_x0",
+        "costs are computed from detached inputs: an x0 that requires grad is coupled, not a crash",
+        "lightning_immiscible/costs.py",
+        "    x, noise = x.detach(), noise.detach()  # no graph through the costs",
+        "    x, noise = x, noise  # no graph through the costs",
+        (
+            "tests/test_coupling.py::test_inputs_that_require_grad_are_coupled_detached_and_left_as_they_are",
+            "tests/test_fuzz_inputs.py::test_every_input_pairs_optimally_or_fails_naming_the_problem[callback]",
+        ),
+    ),
+    Mutation(
+        "coupled_noise_keeps_its_graph",
+        "couple()'s result noise carries no autograd graph (the inputs are detached on entry)",
+        "lightning_immiscible/coupling.py",
+        "    return x0.detach(), noise.detach()",
+        "    return x0, noise",
+        (
+            "tests/test_coupling.py::test_inputs_that_require_grad_are_coupled_detached_and_left_as_they_are",
+            "tests/test_fuzz_inputs.py::test_every_input_pairs_optimally_or_fails_naming_the_problem[couple]",
+        ),
     ),
 )
 

@@ -130,8 +130,12 @@ def assign_within(
     precision: str,
     solver: str | SolverSpec,
     flip: bool,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, float, float]:
     """Single-process coupling within conditions, costing only the blocks (`sum n_c^2` entries).
+
+    The costs are computed from the inputs detached (no autograd graph), and
+    every block goes through [solve][lightning_immiscible.solvers.solve]'s NaN/Inf check.
 
     Args:
         x0: `(B, *dims)` data.
@@ -141,6 +145,9 @@ def assign_within(
         precision: Matmul precision of the costs.
         solver: The solver for each block.
         flip: Cost against `-noise` (the `"flip"` ablation).
+        dtype: The costs' dtype, when the caller's input check chose it
+            ([cost_inputs][lightning_immiscible.checks.cost_inputs]); `None`: chosen per block
+            ([cost_dtype][lightning_immiscible.costs.cost_dtype]).
 
     Returns:
         `(index, cost_ms, solve_ms)`: `index` `(B,)` int64 on `x0`'s device into `noise`.
@@ -151,7 +158,7 @@ def assign_within(
     cost_ms = solve_ms = 0.0
     for rows, cols in pool_blocks(labels):
         start = time.perf_counter()
-        cost = cost_matrix(x0[rows.to(x0.device)], target[cols.to(x0.device)], metric, precision).cpu()
+        cost = cost_matrix(x0[rows.to(x0.device)], target[cols.to(x0.device)], metric, precision, dtype).cpu()
         mid = time.perf_counter()
         index[rows] = cols[torch.from_numpy(solve(cost.double().numpy(), solver, dim=dim))]
         cost_ms += (mid - start) * 1e3

@@ -6,6 +6,9 @@ is built from also serve as the inputs' NaN/Inf and overflow check, and the dist
 chosen pairs are read back from the matrix
 ([assigned_distances][lightning_immiscible.costs.assigned_distances]): a coupling reads each input
 tensor once for its checks.
+
+Every function here reads its inputs detached: the costs and distances carry no autograd graph, and
+inputs that require grad (an encoder's output) are read, never modified.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 #: 3.4e38, and a squared distance is at most twice the sum of two squared norms.
 FP32_COST_LIMIT = 1e37
 
+#: The same bound for float64 costs (float64's largest value is 1.8e308): data whose costs could
+#: exceed it cannot be costed at all (see `cost_bound`).
+FP64_COST_LIMIT = 1e307
+
 #: A pair's squared distance read from the GEMM form is trusted when it is at least this fraction of
 #: the pair's squared norms (then rounding costs at most a few units of the dtype's precision,
 #: relative); closer pairs are recomputed from their differences.
@@ -55,17 +62,31 @@ def value_ranges(*tensors: Tensor) -> list[tuple[float, float]]:
     return [(next(values), next(values)) if s is not None else (0.0, 0.0) for s in stats]
 
 
+def cost_bound(ranges: list[tuple[float, float]], dim: int, metric: str) -> float:
+    """An upper bound on every cost entry (and on every intermediate of the GEMM form).
+
+    `dim * (max|x| + max|n|)` for `l1`, its square times `dim` otherwise: a squared distance over
+    `dim` values is at most `dim` times the largest squared difference of two values. `inf` for a
+    non-finite range (NaN/Inf inputs) or a bound beyond float64.
+
+    Args:
+        ranges: `(min, max)` of each input ([value_ranges][lightning_immiscible.costs.value_ranges]).
+        dim: Values per item.
+        metric: One of `METRICS`.
+    """
+    reach = sum(max(abs(low), abs(high)) for low, high in ranges)
+    return dim * reach if metric == "l1" else dim * reach * reach  # float products overflow to inf
+
+
 def range_cost_dtype(ranges: list[tuple[float, float]], dim: int, metric: str, wide: bool) -> torch.dtype:
     """[cost_dtype][lightning_immiscible.costs.cost_dtype]'s rule on precomputed `value_ranges`.
 
-    A non-finite range (NaN/Inf inputs) gives float32, or float64 when `wide`: such inputs are an
-    error unless the caller skipped the check, and then they cost as before.
+    A non-finite range (NaN/Inf inputs) gives float32, or float64 when `wide`: the input checks
+    raise for such inputs before any cost is built.
     """
     if wide:
         return torch.float64
-    reach = sum(max(abs(low), abs(high)) for low, high in ranges)
-    bound = dim * reach if metric == "l1" else dim * reach * reach
-    return torch.float64 if bound > FP32_COST_LIMIT else torch.float32
+    return torch.float64 if cost_bound(ranges, dim, metric) > FP32_COST_LIMIT else torch.float32
 
 
 def cost_dtype(x: Tensor, noise: Tensor, metric: str = "l2") -> torch.dtype:
@@ -97,19 +118,25 @@ def norm_checked_dtype(x: Tensor, noise: Tensor) -> tuple[torch.dtype, tuple[Ten
 
     The norms the cost is built from are the inputs' check: a NaN or an infinity makes a row's
     norm non-finite, and the largest norms bound every cost entry (a squared distance is at most
-    `2 (||x||^2 + ||n||^2)`). So float64 inputs keep float64 and fp32 is used while
-    `max ||x||^2 + max ||n||^2 <= FP32_COST_LIMIT`: one pass over each input and one device sync.
+    `2 (||x||^2 + ||n||^2)`). So float64 inputs keep float64 while
+    `max ||x||^2 + max ||n||^2 <= FP64_COST_LIMIT`, and fp32 is used while that sum is at most
+    `FP32_COST_LIMIT`: one pass over each input and one device sync.
+
+    Args:
+        x: `(b, *dims)` data.
+        noise: `(B, *dims)` noise.
 
     Returns:
-        `(dtype, (x_sq, n_sq))`, or `None` when a norm is not finite or too large for fp32: then
-        the inputs hold NaN/Inf, or values that need float64 (a scan with
-        [value_ranges][lightning_immiscible.costs.value_ranges] tells which).
+        `(dtype, (x_sq, n_sq))`, or `None` when a norm is not finite or too large for the dtype:
+        then the inputs hold NaN/Inf, values that need float64, or values too large for any cost (a
+        scan with [value_ranges][lightning_immiscible.costs.value_ranges] tells which).
     """
     wide = torch.float64 in (x.dtype, noise.dtype)
     dtype = torch.float64 if wide else torch.float32
     norms = squared_norms(x, dtype), squared_norms(noise, dtype)
     top = torch.stack([norms[0].max(), norms[1].max()]).tolist()
-    if all(math.isfinite(v) for v in top) and (wide or sum(top) <= FP32_COST_LIMIT):
+    limit = FP64_COST_LIMIT if wide else FP32_COST_LIMIT
+    if all(math.isfinite(v) for v in top) and sum(top) <= limit:
         return dtype, norms
     return None
 
@@ -193,6 +220,7 @@ def cost_rows(
         The [CostRows][lightning_immiscible.costs.CostRows].
     """
     check_choice("metric", metric, METRICS)
+    x, noise = x.detach(), noise.detach()  # no graph through the costs; the inputs stay as they are
     dtype = dtype or cost_dtype(x, noise, metric)
     xf = x.reshape(x.shape[0], -1).to(dtype)
     nf = noise.reshape(noise.shape[0], -1).to(dtype)
@@ -262,6 +290,7 @@ def assigned_distances(
     Returns:
         `(b,)` distances in the cost's dtype.
     """
+    x, noise = x.detach(), noise.detach()
     if rows is None:
         return paired_distance(x, noise.index_select(0, cols), metric)
     dtype = rows.cost.dtype
@@ -300,6 +329,7 @@ def paired_distance(x: Tensor, noise: Tensor, metric: str = "l2", dtype: torch.d
         `(B,)` distances in `dtype` (by default float32, or float64 for float64 inputs and values
         whose fp32 distance would overflow).
     """
+    x, noise = x.detach(), noise.detach()
     dtype = dtype or cost_dtype(x, noise, metric)
     diff = (x.to(dtype) - noise.to(dtype)).reshape(x.shape[0], -1)
     if metric == "l1":

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
@@ -88,11 +88,15 @@ class CouplingSpec:
         k: Candidates per item that the library draws for `"knn"` (group and worker coupling).
             [couple][lightning_immiscible.coupling.couple] reads `k` from the shape of the noise
             it is given instead.
-        check_finite: Raise on NaN/Inf inputs (recommended). The check rides on the pass that
-            the costs need anyway (one device sync); `False` only skips the error.
         within_condition: When a condition (class labels) is given, solve the assignment within
             each condition ([conditional][lightning_immiscible.conditional]); `False` couples across
             conditions as without labels, which then only feed the `prior_skew` diagnostic.
+            Keyword-only.
+
+    Inputs are always checked: NaN/Inf, and values so large that their costs would overflow
+    float64, raise a `CouplingInputError` (the check rides on the pass that the costs need anyway,
+    one device sync). Costs are computed from detached inputs: `x0` may require grad (an encoder's
+    output), it is never modified, and the result's `noise` carries no graph.
 
     Raises:
         CouplingInputError: On an unknown method, metric, precision or solver, or `k < 1`
@@ -114,8 +118,7 @@ class CouplingSpec:
     precision: Precision = "auto"
     solver: str | SolverSpec = "auto"
     k: int = 4
-    check_finite: bool = True
-    within_condition: bool = True
+    within_condition: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         try:
@@ -142,10 +145,10 @@ class CouplingSpec:
         """
         if condition is not None:
             return couple_with_condition(self, x0, noise, condition)
-        check_inputs(x0, noise, self.method, check_finite=False)  # the values: one scan below
+        x0, noise = _checked_detached(x0, noise, self.method)  # the values: one scan below
         b = x0.shape[0]
         if self.method == "knn" or self.method == "none" or b <= 1:
-            ranges = checked_ranges(x0, noise, self.check_finite)
+            ranges = checked_ranges(x0, noise)
             if self.method == "knn":
                 return _couple_knn(x0, noise, self.metric)
             wide = torch.float64 in (x0.dtype, noise.dtype)
@@ -153,7 +156,7 @@ class CouplingSpec:
             before = _mean(paired_distance(x0, noise, self.metric, dtype)) if b else 0.0
             index = torch.arange(b, device=x0.device)
             return CouplingResult(noise, index, before, before, method=self.method, metric=self.metric)
-        dtype, norms = cost_inputs(x0, noise, self.metric, self.check_finite)
+        dtype, norms = cost_inputs(x0, noise, self.metric)
         dim = x0[0].numel()
         solver = AUTO_SOLVERS.solver(b, dim, self.metric) if self.solver == "auto" else None
         found = assign(x0, noise, self, dtype=dtype, norms=norms, solver=solver)
@@ -302,23 +305,34 @@ def pair_distances(
     return pairs[0], pairs[1]
 
 
-def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa", check_finite: bool = True) -> None:
+def check_inputs(x0: Tensor, noise: Tensor, method: str = "lsa") -> None:
     """Validates `x0` and `noise` for [couple][lightning_immiscible.coupling.couple].
+
+    Checks the tensors (types, dtypes, shapes, devices) and scans both for NaN/Inf (one device
+    sync).
 
     Args:
         x0: `(B, *dims)` floating-point data.
         noise: `(B, *dims)`; for `knn` `(B, k, *dims)`.
         method: One of `METHODS`.
-        check_finite: Whether to scan both tensors for NaN/Inf (one device sync).
 
     Raises:
         CouplingInputError: With a message that says what is wrong and how to fix it.
     """
+    x0, noise = _checked_detached(x0, noise, method)
+    checked_ranges(x0, noise)
+
+
+def _checked_detached(x0: Tensor, noise: Tensor, method: str) -> tuple[Tensor, Tensor]:
+    """`x0` and `noise` detached, after the checks that read no values (method, types, shapes).
+
+    Every cost is computed from the detached tensors: no autograd graph, and an `x0` that requires
+    grad stays the caller's, unmodified.
+    """
     if method not in METHODS:
         raise CouplingInputError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     check_tensors(x0, noise, method)
-    if check_finite:
-        checked_ranges(x0, noise, True)
+    return x0.detach(), noise.detach()
 
 
 def _mean(t: Tensor) -> float:
@@ -351,13 +365,12 @@ def couple(
     metric: Metric = "l2",
     precision: Precision = "auto",
     solver: str = "auto",
-    check_finite: bool = True,
     condition: Tensor | None = None,
 ) -> CouplingResult:
     """Re-pairs `noise` with `x0` (Immiscible Diffusion, Li et al. 2024, Algorithm 1).
 
-    A shorthand for `CouplingSpec(method, metric, precision, solver, check_finite=...).couple(x0,
-    noise)`: hold a [CouplingSpec][lightning_immiscible.coupling.CouplingSpec] to reuse one setting.
+    A shorthand for `CouplingSpec(method, metric, precision, solver).couple(x0, noise, condition)`:
+    hold a [CouplingSpec][lightning_immiscible.coupling.CouplingSpec] to reuse one setting.
 
     Args:
         x0: `(B, *dims)` floating-point data batch (images, latents, any shape).
@@ -378,18 +391,19 @@ def couple(
             candidates on the same cost, return the rule's answer, and later calls use the faster:
             [SolverCache][lightning_immiscible.solver_cache.SolverCache]), or one of
             [available_solvers][lightning_immiscible.solvers.available_solvers].
-        check_finite: Raise on NaN/Inf inputs (recommended; the check rides on the pass over the
-            inputs that the costs need anyway, one device sync).
         condition: `(B,)` integer labels (class ids, cluster ids of prompts) or `None`: couple
             within each condition, so that the noise each class trains on stays Gaussian (see
             [couple_with_condition][lightning_immiscible.coupling.couple_with_condition]).
 
     Returns:
         A [CouplingResult][lightning_immiscible.coupling.CouplingResult]; `result.noise` is on
-        `x0`'s device with `noise`'s dtype.
+        `x0`'s device with `noise`'s dtype, detached. `x0` may require grad: the costs are computed
+        from it detached, and it is never modified.
 
     Raises:
-        CouplingInputError: For NaN/Inf, non-float tensors, mismatched shapes or unknown settings.
+        CouplingInputError: For NaN/Inf, values so large that their costs would overflow float64,
+            non-float tensors, mismatched shapes or unknown settings (always checked; the check
+            rides on the pass over the inputs that the costs need anyway, one device sync).
 
     Examples:
         ```python
@@ -401,7 +415,7 @@ def couple(
         assert res.cost_after <= res.cost_before
         ```
     """
-    spec = CouplingSpec(method, metric, precision, solver, check_finite=check_finite)
+    spec = CouplingSpec(method, metric, precision, solver)
     return spec.couple(x0, noise, condition)
 
 
@@ -436,16 +450,17 @@ def couple_with_condition(spec: CouplingSpec, x0: Tensor, noise: Tensor, conditi
     Returns:
         The [CouplingResult][lightning_immiscible.coupling.CouplingResult] with `prior_skew` set.
     """
-    check_inputs(x0, noise, spec.method, spec.check_finite)
+    x0, noise = _checked_detached(x0, noise, spec.method)
     check_condition(condition, x0.shape[0])
     if spec.method in ("lsa", "flip") and spec.within_condition and x0.shape[0] > 1:
-        before = _mean(paired_distance(x0, noise, spec.metric))
+        dtype, _ = cost_inputs(x0, noise, spec.metric)  # NaN/Inf and overflow: one pass
+        before = _mean(paired_distance(x0, noise, spec.metric, dtype))
         index, cost_ms, solve_ms = assign_within(
             x0, noise, condition, metric=spec.metric, precision=spec.precision, solver=spec.solver,
-            flip=spec.method == "flip",
+            flip=spec.method == "flip", dtype=dtype,
         )  # fmt: skip
         paired = noise[index]
-        after = _mean(paired_distance(x0, paired, spec.metric))
+        after = _mean(paired_distance(x0, paired, spec.metric, dtype))
         result = CouplingResult(paired, index, before, after, cost_ms, solve_ms, spec.method, spec.metric)
     else:
         result = spec.couple(x0, noise)

@@ -243,7 +243,7 @@ def _validate_local(x: Tensor | None, error: BaseException | None) -> tuple[Base
                 "least one item per rank. Check the sampler / dataloader that yields empty batches.",
                 "empty",
             )
-        ranges = checked_ranges(x.detach(), x.detach(), True)[:1]  # one min/max pass: NaN/Inf and range
+        ranges = checked_ranges(x.detach(), x.detach())[:1]  # one min/max pass: NaN/Inf and range
     except CouplingInputError as exc:
         return exc, False
     wide = x.dtype == torch.float64

@@ -37,17 +37,24 @@ rank 0 decides ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]).
 
 Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
 builds return other tuple layouts) falls back to SciPy instead of pairing silently wrong.
+
+No backend ever sees a NaN or an infinity: [solve][lightning_immiscible.solvers.solve], which every
+coupling path (and greedy's exact finish) calls before a backend, raises a
+[CouplingInputError][lightning_immiscible.checks.CouplingInputError] for such a cost (``lapjv``
+corrupts memory on one and aborts the process).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from lightning_immiscible.checks import CouplingInputError
 from lightning_immiscible.solvers_approx import solve_greedy
 
 SolverFn = Callable[[np.ndarray], np.ndarray]
@@ -225,9 +232,11 @@ def _exact_leftovers(cost: np.ndarray) -> np.ndarray:
     """Exact solve of greedy's last (at most 64) rows, in the low-dimensional order (lapjvr first).
 
     Measured on greedy's leftovers: on 2-D points lapjvr took 0.9 ms where lapjv took 19 ms
-    (B = 128); on image-like and MNIST costs all exact solvers took the same time.
+    (B = 128); on image-like and MNIST costs all exact solvers took the same time. Through
+    [solve][lightning_immiscible.solvers.solve]: greedy's float32 centring of a cost it was handed
+    directly (not through `solve`) can make NaN, which the exact backend must never see.
     """
-    return SOLVERS[choose_exact_solver(cost.shape[0], dim=1)].fn(cost)
+    return solve(cost, choose_exact_solver(cost.shape[0], dim=1), in_float32_range=True)
 
 
 register_solver("greedy", lambda c: solve_greedy(c, exact=_exact_leftovers), exact=False, priority=100)
@@ -325,6 +334,10 @@ def solve(
 ) -> np.ndarray:
     """Solves the assignment for a square ``(B, B)`` cost matrix.
 
+    The one gate before every backend: a cost with a NaN or an infinity raises here (no backend
+    sees it), and a cost beyond float32's range is scaled into it (by a power of two: exact, same
+    optimum), since several backends solve in float32.
+
     Args:
         cost: ``(B, B)`` cost matrix (any float dtype; converted to float64).
         solver: A name from [available_solvers][lightning_immiscible.solvers.available_solvers],
@@ -333,26 +346,55 @@ def solve(
             fastest for that dimension
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]).
         in_float32_range: The caller knows every entry fits float32 (e.g. the cost was computed in
-            float32): skips the pass that finds the largest entry.
+            float32): the finiteness check is one sum instead of the pass that finds the largest
+            entry (a wrong claim costs that pass, never a wrong answer).
 
     Returns:
         ``(B,)`` int64 array ``col`` with row ``i`` assigned to column ``col[i]``.
 
+    Raises:
+        CouplingInputError: If the cost holds NaN or Inf (reason ``"non_finite"``).
+        ValueError: If the cost is not a square matrix.
     """
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"solve() needs a square (B, B) cost matrix, got shape {cost.shape}.")
-    if cost.shape[0] <= 1:
-        return np.arange(cost.shape[0], dtype=np.int64)
-    cost = cost if in_float32_range else _within_float32(cost)
+    if cost.shape[0] == 0:
+        return np.arange(0, dtype=np.int64)
+    cost = _finite_within_float32(cost, in_float32_range)
+    if cost.shape[0] == 1:
+        return np.arange(1, dtype=np.int64)
     return np.asarray(resolve_solver(solver, cost.shape[0], dim).fn(cost), dtype=np.int64)
 
 
-def _within_float32(cost: np.ndarray) -> np.ndarray:
-    """Scales a cost beyond float32's range by a power of two (exact, same optimum).
+def _finite_within_float32(cost: np.ndarray, in_float32_range: bool) -> np.ndarray:
+    """`cost`, checked for NaN/Inf and scaled into float32's range: what a backend may be given.
 
-    Several backends (``lapjv``, ``greedy``) solve in float32: entries above 3.4e38 (e.g. squared
-    distances of data scaled by 1e20) would become ``inf`` there, and ``lapjv`` then corrupts memory.
+    One pass over the cost: its sum when the caller vouches that every entry fits float32 (then the
+    sum of the ``B * B`` entries is finite exactly when every entry is), else its largest magnitude
+    (NaN propagates through ``max``/``min``). Entries above 1e30 are scaled by a power of two
+    (exact, same optimum): several backends (``lapjv``, ``greedy``) solve in float32, where entries
+    above 3.4e38 (e.g. squared distances of data scaled by 1e20) would become ``inf``, and ``lapjv``
+    then corrupts memory.
+
+    Raises:
+        CouplingInputError: If an entry is NaN or Inf.
     """
+    if in_float32_range and math.isfinite(float(cost.sum())):
+        return cost
     top = max(float(cost.max()), -float(cost.min()))  # no |cost| temporary
+    if not math.isfinite(top):
+        raise CouplingInputError(_non_finite_message(cost), "non_finite")
     return np.ldexp(cost, -int(np.frexp(top)[1])) if top > 1e30 else cost
+
+
+def _non_finite_message(cost: np.ndarray) -> str:
+    """Says how many NaN and Inf entries the cost holds, where they come from and what to do."""
+    nan = int(np.isnan(cost).sum())
+    inf = int(np.isinf(cost).sum())
+    return (
+        f"The {cost.shape[0]}x{cost.shape[1]} assignment cost holds {nan} NaN and {inf} Inf "
+        "entries, which no solver can assign. They come from NaN/Inf in x0 or the noise, or from "
+        "values so large that their distances overflow float64: fix the data pipeline or the model "
+        "output (e.g. the encoder) that produced them, or rescale huge data, before coupling."
+    )

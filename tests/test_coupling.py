@@ -8,8 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from lightning_immiscible import CouplingInputError, CouplingSpec, couple
-from lightning_immiscible.costs import cost_matrix, paired_distance
-from lightning_immiscible.costs import cost_dtype
+from lightning_immiscible.costs import cost_dtype, cost_matrix, paired_distance
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -257,13 +256,15 @@ def test_spec_is_validated_once_and_couple_keywords_build_the_same_spec():
         spec.method = "lsa"  # type: ignore[misc]
 
 
-def test_group_coupling_config_is_the_spec_under_its_former_name():
-    from lightning_immiscible.distributed import GroupCouplingConfig
-
-    assert GroupCouplingConfig is CouplingSpec
-    assert GroupCouplingConfig("knn", "l1", "auto", "auto", 3, False) == CouplingSpec(
-        method="knn", metric="l1", k=3, check_finite=False
-    )
+def test_the_spec_has_no_check_finite_and_within_condition_is_keyword_only():
+    # The sixth positional slot was check_finite (removed: inputs are always checked). Catches
+    # within_condition moving into it: an old `(..., k, False)` call would silently couple across
+    # labels instead of failing.
+    assert CouplingSpec("knn", "l1", "auto", "auto", 3) == CouplingSpec(method="knn", metric="l1", k=3)
+    with pytest.raises(TypeError):
+        CouplingSpec("knn", "l1", "auto", "auto", 3, False)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="check_finite"):
+        CouplingSpec(check_finite=False)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "l1"])
@@ -335,3 +336,61 @@ def test_one_pass_checks_report_ranges_and_norms_or_hand_over():
     assert norm_checked_dtype(x.double(), n)[0] == torch.float64
     for broken in (x * 1e19, x.masked_fill(x > 0.5, float("nan")), x.masked_fill(x > 0.5, float("inf"))):
         assert norm_checked_dtype(broken, n) is None
+
+
+def _untouched(t: torch.Tensor, before: torch.Tensor) -> bool:
+    return torch.equal(t.detach(), before) and t.requires_grad
+
+
+def test_inputs_that_require_grad_are_coupled_detached_and_left_as_they_are():
+    # An immiscible_data that returns an encoder's output: x0 requires grad (a non-leaf). Oracle:
+    # the same coupling of detached copies. Catches: costs built from the attached x0 (every path
+    # crashed in .numpy(): "Can't call numpy() on Tensor that requires grad"), res.noise carrying
+    # the noise's graph, and x0 cut from its graph or modified in place.
+    from lightning_immiscible.distributed import couple_in_group
+    from lightning_immiscible.groups import build_rank_group
+    from lightning_immiscible.workers import NOISE_KEY, CouplingCollate
+
+    weight = torch.ones((), requires_grad=True)
+    x0, noise = _data(12, 2, 3, seed=50) * weight, torch.randn(12, 2, 3, generator=_gen(51)).requires_grad_()
+    before_x, before_n = x0.detach().clone(), noise.detach().clone()
+    labels = torch.arange(12) % 3
+    for condition in (None, labels):
+        res = couple(x0, noise, condition=condition)
+        ref = couple(before_x, before_n, condition=condition)
+        assert torch.equal(res.index, ref.index) and not res.noise.requires_grad
+    group = couple_in_group(x0, build_rank_group("global"), 0, 0, CouplingSpec())
+    assert torch.equal(
+        group.index, couple_in_group(before_x, build_rank_group("global"), 0, 0, CouplingSpec()).index
+    )
+    assert not group.noise.requires_grad
+    worker = CouplingCollate(seed=0, collate_fn=lambda samples: x0)(list(range(12)))
+    assert not worker[NOISE_KEY].requires_grad
+    assert _untouched(x0, before_x) and _untouched(noise, before_n)
+    (x0 * res.noise).sum().backward()  # the caller's graph still reaches the encoder's weights
+    assert weight.grad is not None
+
+
+@pytest.mark.parametrize("metric", ["l2", "sqeuclidean", "l1"])
+def test_values_whose_costs_overflow_float64_fail_naming_it(metric):
+    # float64 data near 1e200 (l2, sqeuclidean: squared distances ~1e400) or float64's max / 2
+    # (every metric): no cost can hold them. Catches NaN/Inf costs handed to a solver (a raw SciPy
+    # "invalid numeric entries", or lapx silently pairing wrong), and a limit so loose that the GEMM
+    # form's intermediates (||x||^2 + ||n||^2 + 2|x.n|) overflow although the distances would not.
+    x0 = _data(6, 4, seed=52).double()
+    noise = torch.randn(6, 4, generator=_gen(53), dtype=torch.float64).clamp(-1, 1)
+    scales = [float(torch.finfo(torch.float64).max) / 2] + ([] if metric == "l1" else [1e200])
+    for scale in scales:
+        for condition in (None, torch.arange(6) % 2):
+            with pytest.raises(CouplingInputError, match="overflow float64") as info:
+                couple(x0 * scale, noise * scale, metric=metric, condition=condition)
+            assert info.value.reason == "non_finite"
+    # Just inside the limit: float64 costs, an optimal pairing. Oracle: the formula on the data
+    # scaled back by the same power of two (exact).
+    scale = 2.0**500 if metric != "l1" else 2.0**1000  # squared distances ~1e301 / distances ~1e301
+    res = couple(x0 * scale, noise * scale, metric=metric)
+    cost = _formula_cost(x0, noise, metric).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    assert float(cost[rows, res.index.numpy()].sum()) == pytest.approx(
+        float(cost[rows, cols].sum()), rel=1e-9
+    )

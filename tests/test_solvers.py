@@ -430,3 +430,63 @@ def test_pot_reaches_the_scipy_optimum_on_points_and_falls_back_when_it_stops_ea
     with pytest.warns(UserWarning, match="numItermax"):
         col = SOLVERS["pot"].fn(cost)
     assert _objective(cost, col) == pytest.approx(_optimum(cost), rel=1e-12)  # SciPy's answer
+
+
+NON_FINITE = {"nan": np.nan, "pos_inf": np.inf, "neg_inf": -np.inf}
+
+
+@pytest.mark.parametrize("in_float32_range", [False, True])
+@pytest.mark.parametrize("bad", sorted(NON_FINITE))
+def test_solve_refuses_a_non_finite_cost_before_any_backend_sees_it(bad, in_float32_range):
+    # The last-line guard of every path. Catches: solve() without the finiteness check (lapjv fed a
+    # NaN row corrupts the heap and the process aborts: free(): invalid next size), the check
+    # skipped when the caller vouches for float32's range, or done after the backend ran.
+    from lightning_immiscible import CouplingInputError
+
+    calls = []
+    spy = dataclasses.replace(
+        SOLVERS["scipy"], name="spy", fn=lambda c: calls.append(c) or solve_scipy_like(c)
+    )
+    cost = np.random.default_rng(7).random((6, 6))
+    cost[2] = NON_FINITE[bad]  # one item's row, as a NaN/Inf item makes it
+    for solver in [spy, "auto", *available_solvers()]:
+        with pytest.raises(CouplingInputError, match="NaN" if bad == "nan" else "Inf") as info:
+            solve(cost, solver, in_float32_range=in_float32_range)
+        assert info.value.reason == "non_finite" and "overflow float64" in str(info.value)
+    assert calls == []
+    one = np.array([[NON_FINITE[bad]]])
+    with pytest.raises(CouplingInputError):
+        solve(one, spy)  # a one-item block of a conditional coupling: no backend, still refused
+
+
+def solve_scipy_like(cost: np.ndarray) -> np.ndarray:
+    return linear_sum_assignment(cost)[1].astype(np.int64)
+
+
+def test_greedys_exact_finish_goes_through_the_guard():
+    # greedy centres in float32: a cost handed to it directly (not through solve) with NaN, or with
+    # entries beyond float32, makes NaN leftovers. At 10 rows (<= its fixup of 64) the exact finish
+    # gets them all. Catches the exact finish calling a backend's fn directly (the NaN would reach
+    # lapjvr or lapjv).
+    from lightning_immiscible import CouplingInputError
+
+    cost = np.random.default_rng(8).random((10, 10))
+    cost[5, 9] = np.nan
+    with pytest.raises(CouplingInputError, match="NaN"):
+        SOLVERS["greedy"].fn(cost)
+    with pytest.raises(CouplingInputError, match="NaN"), np.errstate(over="ignore", invalid="ignore"):
+        SOLVERS["greedy"].fn(np.random.default_rng(9).random((10, 10)) * 1e300)
+
+
+@pytest.mark.parametrize("top", [1e30, 1e200, float(np.finfo(np.float64).max) / 2])
+def test_huge_finite_costs_are_solved_optimally_by_every_solver(top):
+    # Costs near float64's largest value: scaled by a power of two before any backend (exact, same
+    # optimum). Oracle: SciPy on the cost scaled by 2**-1100 in the test. Catches a scaling that
+    # overflows (|cost| temporaries, centring sums of entries near 1.8e308) and a backend fed
+    # costs beyond float32.
+    cost = np.random.default_rng(10).random((20, 20)) * top
+    scaled = cost * 2.0**-1100
+    for solver in ["auto", *available_solvers()]:
+        col = solve(cost, solver)
+        assert _is_perm(col, 20)
+        assert _objective(scaled, col) == pytest.approx(_optimum(scaled), rel=1e-9), solver
