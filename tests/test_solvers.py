@@ -20,13 +20,16 @@ from lightning_immiscible.solvers import (
     LOW_DIM_MAX,
     POINTS_DIM_MAX,
     SOLVERS,
+    SolverSpec,
     available_solvers,
     checked_backend,
     choose_exact_solver,
+    own_answer,
     permutation_in,
     register_solver,
     resolve_solver,
     solve,
+    solve_scipy,
 )
 from lightning_immiscible.solvers_approx import solve_greedy
 
@@ -280,6 +283,10 @@ def test_checked_backend_falls_back_to_scipy_on_bad_output_or_error():
     for backend in (broken, lambda c: (np.zeros(12, dtype=np.int64),), lambda c: None):
         col = checked_backend(backend)(cost)
         assert _objective(cost, col) == pytest.approx(_optimum(cost))
+        # own_answer tells that SciPy answered (the race must not credit its time to the backend)
+        assert own_answer(SolverSpec("b", checked_backend(backend), exact=True), cost) is None
+    good = SolverSpec("good", checked_backend(lambda c: (solve_scipy(c), None)), exact=True)
+    assert np.array_equal(own_answer(good, cost), solve_scipy(cost))
 
 
 @pytest.mark.parametrize("solver", [*EXACT, "greedy"])
