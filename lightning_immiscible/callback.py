@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 import time
 from typing import Any, Literal
@@ -442,25 +441,15 @@ class ImmiscibleCoupling(Callback):
         self, x0: Tensor | None, error: BaseException | None, draw: int, epoch: int, condition: Tensor | None
     ) -> CouplingResult:
         """Couples in the group; ``solver="auto"``'s race advances from the header rows (no collective)."""
-        spec = self._step_spec(x0)
+        seed, race = int(self.seed or 0), self.auto_solver
         with full_precision(x0):
-            result = couple_in_group(
-                x0, self._group, int(self.seed or 0), draw, spec, error, epoch, condition, self.auto_solver
-            )
+            result = couple_in_group(x0, self._group, seed, draw, self.spec, error, epoch, condition, race)
         # A race batch ran every candidate: assign_ms (logged, and the overhead check) counts the used one.
         extra = self.auto_solver.extra_ms()
-        self.auto_solver.record(result.noise.shape[0])
-        for note in self.auto_solver.notes:
+        self.auto_solver.record()
+        for note in self.auto_solver.pop_notes():
             rank_zero_info(note)
-        self.auto_solver.notes.clear()
         return dataclasses.replace(result, solve_ms=max(result.solve_ms - extra, 0.0)) if extra else result
-
-    def _step_spec(self, x0: Tensor | None) -> CouplingSpec:
-        """This batch's spec: ``solver="auto"`` becomes the raced or decided exact solver."""
-        if self.spec.solver != "auto" or self.spec.method not in ("lsa", "flip") or x0 is None or x0.ndim < 2:
-            return self.spec  # bad input: couple_in_group fails every rank, whatever the solver
-        name = self.auto_solver.solver_for(x0.shape[0], self._group.size, math.prod(x0.shape[1:]))
-        return dataclasses.replace(self.spec, solver=name)
 
     def _warn_small_batch(self, x0: Tensor, result: CouplingResult) -> None:
         pool = x0.shape[0] * len(self._group.ranks)

@@ -59,7 +59,7 @@ from lightning_immiscible.solvers import SOLVERS, SolverSpec
 HEADER_DIMS = 6
 """Item dims sent in the per-step header; shapes with more dims are compared by numel only."""
 HEADER_FIELDS = (
-    "b", "status", "epoch", "draw", "wide", "solver", "race_ranks", "race_dim", "race_us0", "race_us1",
+    "b", "status", "epoch", "draw", "wide", "solver", "race_pool", "race_dim", "race_us0", "race_us1",
     "condition", "ndim", "numel",
 )  # fmt: skip
 """Named int64 fields of the per-step header, before the item dims (add new fields here)."""
@@ -74,7 +74,7 @@ HEADER_SIZE = _FIXED + HEADER_DIMS
 race batch (see [SolverRace][lightning_immiscible.solver_race.SolverRace]), ``condition`` is 0
 without labels, else 1 + the label dtype's code.
 """
-RACE_FIELDS = ("race_ranks", "race_dim", "race_us0", "race_us1")
+RACE_FIELDS = ("race_pool", "race_dim", "race_us0", "race_us1")
 """The header fields a [HeaderPeer][lightning_immiscible.distributed.HeaderPeer] fills for the race."""
 
 
@@ -91,6 +91,10 @@ class HeaderPeer(Protocol):
 
     def receive_headers(self, rows: dict[str, list[int]]) -> None:
         """The group's values of every header field, one per rank in group order (own for one-rank groups)."""
+        ...
+
+    def solver_for(self, pool: int, dim: int, metric: str) -> str | SolverSpec:
+        """``solver="auto"``'s solver for the group's agreed pool (asked after ``receive_headers``)."""
         ...
 
 
@@ -479,7 +483,8 @@ def couple_in_group(
             condition on some ranks only, different label dtypes) or bad labels on any rank fail
             every rank of the group in the same step. The result's `prior_skew` is set.
         peer: Sends extra header fields and reads the group's rows of them (the callback's
-            ``solver="auto"`` race), after the ranks agreed that the step can go on.
+            ``solver="auto"`` race), after the ranks agreed that the step can go on; with
+            ``spec.solver="auto"`` it then names the solver for the group's agreed pool.
 
     Returns:
         The local [CouplingResult][lightning_immiscible.coupling.CouplingResult]: `noise`
@@ -520,6 +525,9 @@ def couple_in_group(
     if spec.method == "knn":
         return _with_local_skew(_knn_local(x, seed, draw_index, spec), x, condition)
     sizes = [int(s) for s in heads[:, FIELD["b"]]]
+    if peer is not None and spec.solver == "auto" and spec.method in ("lsa", "flip"):
+        # the pool the group agreed on in the header: the same solver on every rank
+        spec = dataclasses.replace(spec, solver=peer.solver_for(sum(sizes), x[0].numel(), spec.metric))
     dtype = torch.float64 if bool(heads[:, FIELD["wide"]].any()) else torch.float32
     offset, total = sum(sizes[: group.ranks.index(_rank())]), sum(sizes)
     pool = draw_pool((total, *x.shape[1:]), seed, group.index, draw_index, device)
