@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 import warnings
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import lightning_immiscible.coupling as coupling
 import lightning_immiscible.solver_race as solver_race
@@ -30,7 +32,9 @@ from lightning_immiscible.solvers import (
     solve,
     solve_scipy,
 )
+from lightning_immiscible.workers import CouplingCollate
 from tests.helpers import ToyDiffusion, trainer
+from tests.test_workers import counting_solvers, race_calls
 
 
 def _fake(monkeypatch, name: str, priority: int, sleep_s: float = 0.0, calls: list | None = None) -> None:
@@ -343,3 +347,38 @@ def test_methods_without_an_assignment_do_not_race(monkeypatch, small_pools, met
     module, cb = ToyDiffusion(sizes=(32,), batch_size=8, dim=100), ImmiscibleCoupling(method=method, seed=5)
     trainer(callbacks=[cb], max_steps=4).fit(module)
     assert calls == [] and cb.auto_solver.decided == {} and cb.auto_solver.races == {}
+
+
+class WorkerCoupled(ToyDiffusion):
+    """Batches coupled in 2 non-persistent DataLoader workers (forked: they see the test's solvers)."""
+
+    def train_dataloader(self):
+        collate = CouplingCollate("lsa", seed=3)
+        return DataLoader(self._dataset(), batch_size=self.batch_size, num_workers=2, collate_fn=collate,
+                          persistent_workers=False, multiprocessing_context="fork")  # fmt: skip
+
+
+class RaceCallsPerEpoch(L.Callback):
+    """Reads, at each epoch's end, how many race calls the workers made so far (lines of a file)."""
+
+    def __init__(self, path):
+        self.path, self.counts = path, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.counts.append(race_calls(self.path))
+
+
+def test_a_worker_race_decided_in_epoch_0_is_not_run_again_in_epoch_1(monkeypatch, tmp_path, small_pools):
+    # Non-persistent workers are forked again each epoch from the training process. Each worker of
+    # epoch 0 races on its copy (1 warm-up + 3 counted race calls, then its decision: 5 batches each);
+    # the batches carry the times back, the callback credits them to the training process's collate,
+    # and epoch 1's workers inherit its decision: no race call in epoch 1 (the oracle: 2 workers x
+    # (RACE_WARMUP + RACE_ROUNDS) in epoch 0, none after). Catches a race that lives and dies with the
+    # worker process (every epoch would race again: 16 calls after epoch 1).
+    path = tmp_path / "calls.txt"
+    counting_solvers(monkeypatch, path)
+    counter = RaceCallsPerEpoch(path)
+    module = WorkerCoupled(sizes=(80,), batch_size=8, dim=100)
+    trainer(callbacks=[ImmiscibleCoupling(seed=1), counter], max_epochs=2).fit(module)
+    per_worker = solver_race.RACE_WARMUP + solver_race.RACE_ROUNDS
+    assert counter.counts == [2 * per_worker, 2 * per_worker]
