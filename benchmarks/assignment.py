@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 # The package imports Lightning only with its Lightning adapters: this script needs torch, NumPy and
 # SciPy alone, so it also runs on a GPU machine without Lightning.
 from lightning_immiscible.coupling import couple  # noqa: E402
-from lightning_immiscible.solver_cache import AUTO_SOLVERS, RACE_CALLS, RACE_WARMUP  # noqa: E402
+from lightning_immiscible.process_race import AUTO_RACE  # noqa: E402
+from lightning_immiscible.solver_race import RACE_ROUNDS, RACE_WARMUP  # noqa: E402
 from lightning_immiscible.solvers import SOLVERS, available_solvers, choose_exact_solver  # noqa: E402
 from lightning_immiscible.workers import CouplingCollate, split_coupled_batch  # noqa: E402
 
@@ -171,10 +172,11 @@ def ours_default(x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, flo
 def finish_auto_race(x0: torch.Tensor, noise: torch.Tensor) -> str:
     """Runs `solver="auto"`'s per-process race for this shape (so that the timed calls are the
     steady state a training loop sees) and returns the solver it decided on."""
-    for _ in range(RACE_WARMUP + RACE_CALLS):
+    AUTO_RACE.reset()  # as in a fresh process: earlier shapes do not spend this one's race batches
+    for _ in range(RACE_WARMUP + RACE_ROUNDS):
         couple(x0, noise)
     b, d = x0.shape[0], x0[0].numel()
-    return AUTO_SOLVERS.decisions().get((b, d, "l2"), choose_exact_solver(b, d))
+    return AUTO_RACE.decided.get((b, d, "l2"), choose_exact_solver(b, d))
 
 
 def _call(fn: Callable, x0: torch.Tensor, noise: torch.Tensor) -> tuple[np.ndarray, tuple[float, ...]]:

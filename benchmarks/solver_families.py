@@ -14,10 +14,10 @@ those same float64 costs:
 - exactness: relative gap of the returned objective to the optimum SciPy reaches on the same cost
   (the `scipy` solver, timed like the others); exact solvers must reach it within `GAP_TOL`;
 - `greedy`: its share of the exact distance reduction (identity pairing -> optimum);
-- `auto`: what the callback's `solver="auto"` uses: the race of `solver_race.py` replayed on these
-  timings (every candidate on the first batches, the lowest total after a warm-up batch wins), its mean time
-  over the fastest exact solver's and the race's extra cost; and, for `couple()` outside the
-  callback, the fixed rule `choose_exact_solver(B, D)`.
+- `auto`: what `solver="auto"` uses (the callback, `couple()` and the DataLoader workers follow the
+  same race): the race of `solver_race.py` replayed on these timings (every candidate on the first
+  batches, the lowest total after a warm-up batch wins, from pools of 256 on), its mean time over
+  the fastest exact solver's and the race's extra cost; and the fixed rule `choose_exact_solver(B, D)`.
 
 Slow combinations are capped: a solver whose time at B, scaled by 8 (cubic growth), exceeds
 `--cap-s` is skipped at 2B and recorded as skipped with the reason; `scipy` (the oracle) and the
@@ -36,8 +36,6 @@ import numpy as np
 import torch
 
 from lightning_immiscible.costs import cost_matrix
-from lightning_immiscible.protocol import RACE_FIELDS
-from lightning_immiscible.solver_cache import ShapeRace, shape_candidates
 from lightning_immiscible.solver_race import AutoSolver, race_candidates
 from lightning_immiscible.solvers import SOLVERS, choose_exact_solver, solve
 
@@ -152,46 +150,29 @@ def _costs(family: str, b: int, instance: int) -> tuple[np.ndarray, int]:
 
 
 def replay_race(b: int, dim: int, instance_ms: dict[str, list[float]]) -> tuple[str, float]:
-    """The callback's race replayed on measured per-batch times: `(winner, extra ms it cost)`.
+    """`solver="auto"`'s race replayed on measured per-batch times: `(winner, extra ms it cost)`.
 
-    Race batch j is batch j of the measurement, run through the callback's own
-    [AutoSolver][lightning_immiscible.solver_race.AutoSolver] as one rank does (each batch's times
-    reach the race in the next batch's header); the warm-up batch does not count. The cost is what
-    the candidates other than the first (whose answer is used) took on the timed race batches (the
-    first `RACE_WARMUP + RACE_ROUNDS`; the batch solved while the last times travel is not included).
-    (Here every time is already warm, the fastest of several calls; the warm-up batch still costs
-    its solves.)
+    Race batch j is batch j of the measurement, run through the library's
+    [AutoSolver][lightning_immiscible.solver_race.AutoSolver] as one rank runs it (header, rows,
+    solver, times, record); the callback, `couple()` and the DataLoader workers follow the same
+    rules. Only the solvers of the run take part (a saved run re-rendered after a solver was
+    added). The cost is what the candidates other than the first (whose answer is used) took on
+    the race batches. (Here every time is already warm, the fastest of several calls; the warm-up
+    batch still costs its solves.)
     """
-    candidates = race_candidates(b, dim)
-    if len(candidates) == 1:
-        return candidates[0], 0.0
     auto, extra, step = AutoSolver(), 0.0, 0
+    auto.among = set(instance_ms)
     while True:
-        auto.solver_for(b, 1, dim)
-        race = auto.racing
-        fields = dict.fromkeys(RACE_FIELDS, 0) | auto.header_fields()
+        fields = auto.header_fields()
         auto.receive_headers({k: [v] for k, v in fields.items()})
-        if race is None or (1, dim) in auto.decided:
-            return auto.decided[(1, dim)], extra
-        race.pending_ms.update({n: instance_ms[n][step % len(instance_ms[n])] for n in candidates})
-        extra += sum(race.pending_ms[n] for n in candidates[1:])
-        auto.record(b)
+        solver = auto.solver_for(b, dim, "l2")
+        racing = auto.racing
+        if racing is None:
+            return str(solver), extra
+        racing.times_ms.update({n: instance_ms[n][step % len(instance_ms[n])] for n in racing.candidates})
+        extra += racing.extra_ms()
+        auto.record()
         step += 1
-
-
-def replay_shape_race(b: int, dim: int, instance_ms: dict[str, list[float]]) -> tuple[str, float]:
-    """`couple()`'s per-process race (`solver_cache`) replayed on measured per-batch times.
-
-    Race call j is batch j of the measurement; returns `(winner, extra ms)` like `replay_race`.
-    Only the solvers of the run take part (a saved run re-rendered after a solver was added).
-    """
-    candidates = shape_candidates(b, dim, among=set(instance_ms))
-    race, extra = ShapeRace(candidates), 0.0
-    while len(candidates) > 1 and not race.done:
-        times = {n: instance_ms[n][race.calls % len(instance_ms[n])] for n in candidates}
-        extra += sum(times[n] for n in candidates[1:])
-        race.record(times)
-    return race.winner(), extra
 
 
 def _measure(family: str, b: int, names: list[str], args: Any) -> tuple[int, dict[str, list[tuple]]]:
@@ -258,7 +239,7 @@ def _summary(here: list[dict[str, Any]]) -> dict[str, Any]:
     auto = next(r for r in here if r["solver"] == "auto")
     pick, rule = auto["picks"], auto.get("rule", auto["picks"])
     timed_ms = {n: r["instance_ms"] for n, r in exact.items()}
-    pure, pure_extra = replay_shape_race(here[0]["B"], here[0]["D"], timed_ms)
+    pure, pure_extra = replay_race(here[0]["B"], here[0]["D"], timed_ms)
     worst_gap = max((r["rel_gap"] for r in exact.values()), key=abs)
 
     def over_fastest(name: str) -> float:

@@ -39,7 +39,7 @@ from lightning_immiscible.monitoring import (
     warn_worker_ignores_condition,
 )
 from lightning_immiscible.sizing import choose_group_size
-from lightning_immiscible.solver_race import SolverRace
+from lightning_immiscible.solver_race import AutoSolver
 from lightning_immiscible.streams import Stream, draw_noise
 from lightning_immiscible.worker_batches import WorkerBatches, full_precision, worker_coupling
 from lightning_immiscible.workers import WorkerCoupling
@@ -61,7 +61,7 @@ class FitState:
     Attributes:
         seed: The noise stream's seed for this fit (the constructor's, the checkpoint's, or rank
             0's `torch.initial_seed()`); `None` until the fit starts.
-        race: `solver="auto"`'s race ([SolverRace][lightning_immiscible.solver_race.SolverRace]).
+        race: `solver="auto"`'s race ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]).
         notices: The warnings given once in this fit.
         workers: DataLoader-worker batches
             ([WorkerBatches][lightning_immiscible.worker_batches.WorkerBatches]).
@@ -78,7 +78,7 @@ class FitState:
     """
 
     seed: int | None
-    race: SolverRace = field(default_factory=SolverRace)
+    race: AutoSolver = field(default_factory=AutoSolver)
     notices: Notices = field(default_factory=Notices)
     workers: WorkerBatches = field(default_factory=WorkerBatches)
     restored: bool = False
@@ -142,9 +142,10 @@ class ImmiscibleCoupling(Callback):
             ``"fp32"``, ``"bf16"``, ``"fp16"``.
         solver: Assignment solver, or ``"auto"``: the exact solver of the fixed rule
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), refined for
-            items of more than 64 values by a short race on the first batches of each pool size
-            ([SolverRace][lightning_immiscible.solver_race.SolverRace]), decided alike on every rank
-            of a group from the times in the per-step header. Or a name from
+            items of more than 64 values and pools of 256 items and more by a short race on the
+            first batches of each (pool, D, metric)
+            ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]), decided alike on every rank
+            of a group from the times in the per-step header, for the pool size the ranks agreed on. Or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers]. The ranks of a
             group must have the same solver setting: a group whose ranks differ fails at its first
             batch with a message naming them.
@@ -259,7 +260,7 @@ class ImmiscibleCoupling(Callback):
         return self._fit.auto_group_size
 
     @property
-    def race(self) -> SolverRace:
+    def race(self) -> AutoSolver:
         """This fit's `solver="auto"` race and decisions."""
         return self._fit.race
 

@@ -49,7 +49,7 @@ from lightning_immiscible.costs import (
     paired_distance,
     range_cost_dtype,
 )
-from lightning_immiscible.solver_cache import AUTO_SOLVERS
+from lightning_immiscible.process_race import AUTO_RACE, ProcessRace
 from lightning_immiscible.solvers import SolverSpec, resolve_solver, solve
 
 Method = Literal["lsa", "knn", "flip", "none"]
@@ -76,9 +76,9 @@ class CouplingSpec:
         precision: Cost-matrix matmul precision: `"auto"` (fp16 on CUDA, fp32 elsewhere),
             `"fp32"`, `"bf16"`, `"fp16"`.
         solver: `"auto"` (the installed exact solver measured fastest for the item dimension,
-            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]; in
-            [couple][lightning_immiscible.coupling.couple] refined by a race once per process and
-            cost shape, [SolverCache][lightning_immiscible.solver_cache.SolverCache]) or a name from
+            [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver], refined for
+            items of more than 64 values by a race per cost shape,
+            [RaceBook][lightning_immiscible.solver_race.RaceBook]) or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers]. A plain `str`, not a
             `Literal`: the solver registry is open
             ([register_solver][lightning_immiscible.solvers.register_solver] adds names at run time),
@@ -131,7 +131,9 @@ class CouplingSpec:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise CouplingInputError(f"k must be >= 1 (candidates per item for knn), got {self.k!r}.")
 
-    def couple(self, x0: Tensor, noise: Tensor, condition: Tensor | None = None) -> CouplingResult:
+    def couple(
+        self, x0: Tensor, noise: Tensor, condition: Tensor | None = None, race: ProcessRace | None = None
+    ) -> CouplingResult:
         """Re-pairs `noise` with `x0` as this spec says; see [couple][lightning_immiscible.coupling.couple].
 
         Args:
@@ -139,6 +141,8 @@ class CouplingSpec:
             noise: `(B, *dims)` Gaussian noise; for `"knn"` `(B, k, *dims)` candidates per item.
             condition: `(B,)` integer labels, or `None`; see
                 [couple_with_condition][lightning_immiscible.coupling.couple_with_condition].
+            race: The race that `solver="auto"` consults and advances (an unconditional assignment
+                of items of more than 64 values); `None`: the process's ``AUTO_RACE``.
 
         Returns:
             The [CouplingResult][lightning_immiscible.coupling.CouplingResult].
@@ -158,7 +162,7 @@ class CouplingSpec:
             return CouplingResult(noise, index, before, before, method=self.method, metric=self.metric)
         dtype, norms = cost_inputs(x0, noise, self.metric)
         dim = x0[0].numel()
-        solver = AUTO_SOLVERS.solver(b, dim, self.metric) if self.solver == "auto" else None
+        solver = (race or AUTO_RACE).solver(b, dim, self.metric) if self.solver == "auto" else None
         found = assign(x0, noise, self, dtype=dtype, norms=norms, solver=solver)
         paired = noise.index_select(0, found.index)
         before, after = pair_distances(found, x0, noise, 0, self)
@@ -387,9 +391,9 @@ def couple(
         solver: Assignment solver name (`auto` = the installed exact solver measured fastest for
             the item dimension, see
             [choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]; for items of
-            more than 64 values and B >= 256, the first 4 calls of each shape race the two fastest
+            more than 64 values and B >= 256, the first calls of each shape race the two fastest
             candidates on the same cost, return the rule's answer, and later calls use the faster:
-            [SolverCache][lightning_immiscible.solver_cache.SolverCache]), or one of
+            [RaceBook][lightning_immiscible.solver_race.RaceBook], once per process), or one of
             [available_solvers][lightning_immiscible.solvers.available_solvers].
         condition: `(B,)` integer labels (class ids, cluster ids of prompts) or `None`: couple
             within each condition, so that the noise each class trains on stays Gaussian (see

@@ -53,7 +53,7 @@ from lightning_immiscible.streams import Stream, draw_noise, draw_pool
 
 
 class GroupRace(Protocol):
-    """`solver="auto"`'s race as the group coupling drives it (see `solver_race.SolverRace`)."""
+    """`solver="auto"`'s race as the group coupling drives it (see `solver_race.AutoSolver`)."""
 
     def header_fields(self) -> dict[str, int]:
         """The race fields this rank sends in this step's header."""
@@ -177,7 +177,7 @@ def couple_in_group(
             solve within each label over the whole group (`spec.within_condition`; see
             [conditional][lightning_immiscible.conditional]); the labels travel as one extra
             column of the gathered cost rows. The result's `prior_skew` is set.
-        race: `solver="auto"`'s race ([SolverRace][lightning_immiscible.solver_race.SolverRace]):
+        race: `solver="auto"`'s race ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]):
             decides the solver from the pool size the group agreed on.
 
     Returns:

@@ -35,7 +35,7 @@ from torch import Tensor
 from lightning_immiscible.checks import CouplingInputError
 from lightning_immiscible.conditional import LABEL_DTYPES
 from lightning_immiscible.coupling import CouplingSpec
-from lightning_immiscible.groups import RankGroup, collective, place
+from lightning_immiscible.groups import RankGroup, collective, place, process_rank
 from lightning_immiscible.solvers import SOLVERS, SolverSpec
 
 #: Why a rank could not couple: the header's `status` is `1 + REASONS.index(reason)`.
@@ -268,7 +268,7 @@ def _agree_on_solver(group: RankGroup, mine: Headers, identity: str) -> None:
         return
     known = {solver_code(n): repr(n) for n in SOLVERS} | {solver_code(identity): repr(identity)}
     named = ", ".join(
-        f"rank {r}: {known.get(c, f'a setting unknown here (code {c})')}"
+        f"rank {r}: {known.get(c, f'a solver not registered on rank {process_rank()} (code {c})')}"
         for r, c in zip(mine.ranks, codes, strict=True)
     )
     raise CouplingInputError(

@@ -8,35 +8,31 @@ Solvers are looked up by name in `SOLVERS`;
 [register_solver][lightning_immiscible.solvers.register_solver] adds one, so
 ``couple(..., solver="my_solver")`` works for user-supplied solvers too.
 
-Built-in solvers (measured side by side in ``benchmarks/assignment.py``, see ``docs/performance.md``):
+Built-in solvers (measured side by side in ``benchmarks/assignment.py``; the figures are in
+``docs/performance.md``):
 
-- ``lapjv`` (exact, optional ``pip install lapjv``, MIT): dense Jonker-Volgenant in C++; the
-  fastest measured on costs of high-dimensional items (D >= 196: MNIST, latents, images) at
-  B = 2048 (1.2-2.9x ahead of ``lapjvr``); below that it trades places with ``lapjvr``. On 2-D
-  points it is slow and stops up to a few 1e-10 (relative) above the optimum (an absolute
-  tolerance), so ``auto`` does not use it on D <= 64.
+- ``lapjv`` (exact, optional ``pip install lapjv``, MIT): dense Jonker-Volgenant in C++; the fixed
+  rule's choice for items of more than 64 values. It compares costs with an absolute tolerance,
+  so ``auto`` does not use it on D <= 64 (on 2-D points it may stop slightly above the optimum).
 - ``lapjvr`` (exact, optional ``pip install lapx``, MIT): lapx's Rust Jonker-Volgenant
-  (``lap.lapjvr``); the fastest measured on low-dimensional items (2-D points: 1.9-2.6x faster
-  than SciPy, 1.4-9.5x than ``lapjv``; the 64-D digits), and on images at B = 256-512.
-- ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``; slower than ``lapjvr``
-  everywhere measured, kept for users who name it.
+  (``lap.lapjvr``); the fixed rule's choice for items of at most 64 values.
+- ``lapx`` (exact, optional ``pip install lapx``, MIT): ``lap.lapjv``; kept for users who name it.
 - ``pot`` (exact, optional ``pip install pot``, MIT): POT's network simplex (``ot.emd``,
-  [solve_pot][lightning_immiscible.solvers.solve_pot]); the fastest measured on 2-D points at
-  B >= 512 (2.5-5x ahead of ``lapjvr``), slow on high-dimensional costs, imported on first use.
+  [solve_pot][lightning_immiscible.solvers.solve_pot]); the fixed rule's choice for points (at
+  most 3 values) in pools of 256 and more; imported on first use.
 - ``scipy`` (exact, always available): ``scipy.optimize.linear_sum_assignment`` on the centred cost.
 - ``greedy`` (approximate): candidate greedy on the centred cost
-  ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]); it keeps 95.7-99.7 % of the
-  exact distance reduction for 0.08-0.35x of the fastest exact solver's time from B = 1024 on
-  (0.5-0.7x on 2-D points).
+  ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy]).
 
-``solver="auto"`` here follows a fixed rule of the item dimension D
-([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]): every rank of a coupling
-group solves the same cost and must pick the same solver, because exact solvers may break ties
-differently. In training, the callback refines it for D > 64 with a race on its first batches that
-rank 0 decides ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]).
+``solver="auto"`` here follows a fixed rule of the pool size and the item dimension D
+([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]). Where no fixed rule picks
+the faster exact solver (D > 64), the callback, [couple][lightning_immiscible.coupling.couple] and
+[CouplingCollate][lightning_immiscible.workers.CouplingCollate] refine it with one race
+([RaceBook][lightning_immiscible.solver_race.RaceBook]).
 
-Every exact backend's answer is checked to be a permutation; a malformed answer (some ``lapjv``
-builds return other tuple layouts) falls back to SciPy instead of pairing silently wrong.
+Every exact backend's answer is checked to be a permutation
+([CheckedBackend][lightning_immiscible.solvers.CheckedBackend]); a malformed answer (some ``lapjv``
+builds return other tuple layouts) or an error falls back to SciPy instead of pairing silently wrong.
 
 No backend ever sees a NaN or an infinity: [solve][lightning_immiscible.solvers.solve], which every
 coupling path (and greedy's exact finish) calls before a backend, raises a
@@ -151,17 +147,52 @@ def permutation_in(out: object, b: int) -> np.ndarray | None:
     return None
 
 
-def checked_backend(backend: Callable[[np.ndarray], object]) -> SolverFn:
-    """Wraps an optional exact backend: bad layouts, errors or non-permutations fall back to SciPy."""
+class CheckedBackend:
+    """An optional exact backend, checked: errors, bad layouts or non-permutations fall back to SciPy.
 
-    def fn(cost: np.ndarray) -> np.ndarray:
+    Calling it solves like any registered solver (SciPy answers where the backend failed);
+    [attempt][lightning_immiscible.solvers.CheckedBackend.attempt] returns the backend's own answer
+    or `None`, so that a caller can tell which solver answered
+    ([own_answer][lightning_immiscible.solvers.own_answer]).
+
+    Attributes:
+        backend: The raw backend (its return value may have any tuple layout).
+    """
+
+    def __init__(self, backend: Callable[[np.ndarray], object]) -> None:
+        self.backend = backend
+
+    def attempt(self, cost: np.ndarray) -> np.ndarray | None:
+        """The backend's permutation for `cost`, or `None` when it raised or returned none."""
         try:
-            col = permutation_in(backend(cost), cost.shape[0])
+            return permutation_in(self.backend(cost), cost.shape[0])
         except (ValueError, RuntimeError, TypeError, MemoryError):
-            col = None
+            return None
+
+    def __call__(self, cost: np.ndarray) -> np.ndarray:
+        """The backend's answer to `cost`, or SciPy's where it failed."""
+        col = self.attempt(cost)
         return col if col is not None else solve_scipy(cost)
 
-    return fn
+
+def checked_backend(backend: Callable[[np.ndarray], object]) -> SolverFn:
+    """Wraps an optional exact backend in a [CheckedBackend][lightning_immiscible.solvers.CheckedBackend]."""
+    return CheckedBackend(backend)
+
+
+def own_answer(spec: SolverSpec, cost: np.ndarray) -> np.ndarray | None:
+    """`spec`'s own answer to `cost`: `None` where its checked backend failed (SciPy would answer).
+
+    Args:
+        spec: A registered solver.
+        cost: A prepared ``(B, B)`` float64 cost (as `solve` hands it to the solver).
+
+    Returns:
+        The column per row; `None` when `spec.fn` is a
+        [CheckedBackend][lightning_immiscible.solvers.CheckedBackend] whose backend failed.
+    """
+    fn = spec.fn
+    return fn.attempt(cost) if isinstance(fn, CheckedBackend) else np.asarray(fn(cost), dtype=np.int64)
 
 
 def _shift_rows(cost: np.ndarray) -> np.ndarray:
@@ -269,11 +300,9 @@ def choose_exact_solver(b: int, dim: int | None = None, among: Collection[str] |
     lowest ``priority``. With every optional package installed: ``pot`` for ``dim <= 3`` and
     ``b >= 256``, ``lapjvr`` for the rest of ``dim <= 64``, ``lapjv`` above (or when ``dim`` is
     unknown); the fallbacks follow the measured order (``docs/performance.md``). Above 64 values
-    the rule was up to 2.5x behind the faster of ``lapjv`` and ``lapjvr`` at B = 256-2048 (which one
-    wins depends on the data and changes between runs), so the callback races them
-    ([race_candidates][lightning_immiscible.solver_race.race_candidates]), and so does
-    [couple][lightning_immiscible.coupling.couple], once per process and cost shape
-    ([SolverCache][lightning_immiscible.solver_cache.SolverCache]).
+    no fixed rule picks the faster of ``lapjv`` and ``lapjvr`` (which one wins depends on the data
+    and the pool size), so ``solver="auto"`` races them there
+    ([race_candidates][lightning_immiscible.solver_race.race_candidates]).
 
     Args:
         b: Items per side of the cost matrix.

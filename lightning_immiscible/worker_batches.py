@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_immiscible.batches import same_batch
@@ -101,7 +102,8 @@ class WorkerBatches:
 
         The training step pays nothing for it: `assign_ms` is 0 on the critical path. A batch whose
         noise was drawn for another position than the training loop's `(rank, epoch, batch_idx)` is
-        coupled again here, for that position.
+        coupled again here, for that position. The worker's `solver="auto"` race times are credited
+        to the training process's collate, whose race the next epoch's workers inherit.
 
         Args:
             x0: ``(B, *dims)`` the batch's data.
@@ -120,9 +122,10 @@ class WorkerBatches:
             CouplingInputError: If the worker's noise does not have the shape of ``x0``.
         """
         position = (trainer.global_rank, trainer.current_epoch, batch_idx)
+        if not self.collates and (worker.race or worker.position != position):
+            self._find(trainer)  # on_train_epoch_start is skipped when Lightning resumes mid-epoch
+        self._credit(worker)
         if worker.position != position:
-            if not self.collates:  # on_train_epoch_start is skipped when Lightning resumes mid-epoch
-                self._find(trainer)
             if len(self.collates) == 1:
                 return self._recouple(x0, worker, position)
             return self._fallback(x0, worker, position, fallback)
@@ -140,6 +143,13 @@ class WorkerBatches:
             noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", metric
         )
         return dataclasses.replace(result, prior_skew=worker.prior_skew)
+
+    def _credit(self, worker: WorkerCoupling) -> None:
+        """Counts the worker's race times on the collate it came from (only when it is identifiable)."""
+        if worker.race and len(self.collates) == 1:
+            self.collates[0].credit(worker)
+            for note in self.collates[0].race.pop_notes():
+                rank_zero_info(f"{note} (in DataLoader workers)")
 
     def _fallback(
         self,

@@ -22,7 +22,9 @@ Batch format (what the DataLoader yields, see
 
 With a `condition_fn`, two more keys: `"immiscible_condition"` (`(B,)` the labels the noise was
 coupled within) and `"immiscible_prior_skew"` (`(1,)` float64, the
-[prior_skew][lightning_immiscible.conditional.prior_skew] of the batch; NaN when undefined).
+[prior_skew][lightning_immiscible.conditional.prior_skew] of the batch; NaN when undefined). A batch
+that a worker coupled with a `solver="auto"` race batch also carries `"immiscible_race"` (`(n, 7)`
+int64, the race's reports: see [CouplingCollate][lightning_immiscible.workers.CouplingCollate]).
 
 Examples:
     ```python
@@ -81,6 +83,7 @@ from torch.utils.data import default_collate, get_worker_info
 from lightning_immiscible.batches import find_data_tensor
 from lightning_immiscible.coupling import CouplingResult, CouplingSpec, Method, Metric
 from lightning_immiscible.groups import distributed_ready, process_rank
+from lightning_immiscible.process_race import ProcessRace
 from lightning_immiscible.streams import Stream, draw_noise
 
 #: Key of the coupled noise in a batch produced by `CouplingCollate`.
@@ -94,7 +97,10 @@ BATCH_KEY = "batch"
 #: Keys of the labels and the prior-skew diagnostic (batches of a collate with a `condition_fn`).
 CONDITION_KEY = "immiscible_condition"
 SKEW_KEY = "immiscible_prior_skew"
-_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY, CONDITION_KEY, SKEW_KEY)
+#: Key of the `solver="auto"` race reports of a worker's race batch (`(n, 7)` int64).
+RACE_KEY = "immiscible_race"
+_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY, CONDITION_KEY, SKEW_KEY, RACE_KEY)
+_OPTIONAL_KEYS = {POSITION_KEY, CONDITION_KEY, SKEW_KEY, RACE_KEY}
 
 
 class CouplingCollate:
@@ -123,6 +129,17 @@ class CouplingCollate:
             within each label (see
             [conditional][lightning_immiscible.conditional]). `None`: unconditional.
         within_condition: `False` couples across labels; they then only feed the diagnostic.
+
+    Attributes:
+        race: The collate's own `solver="auto"` race
+            ([ProcessRace][lightning_immiscible.process_race.ProcessRace]). A DataLoader worker
+            races on its copy and sends each race batch's times back in the batch (`RACE_KEY`);
+            [credit][lightning_immiscible.workers.CouplingCollate.credit] counts them on this copy,
+            in the training process, which workers started later inherit: without
+            `persistent_workers` a race decided in one epoch is not run again in the next.
+            [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] credits them for
+            the train loader's collate; without the callback, call `credit` on each batch, or use
+            `persistent_workers=True` (each worker then keeps its own race).
     """
 
     def __init__(
@@ -149,6 +166,7 @@ class CouplingCollate:
         self.data_fn = data_fn or find_data_tensor
         self.epoch = 0
         self._counter = 0
+        self.race = ProcessRace(label="CouplingCollate")
 
     @property
     def method(self) -> str:
@@ -198,7 +216,18 @@ class CouplingCollate:
         self, x0: Tensor, position: tuple[int, int, int], condition: Tensor | None = None
     ) -> CouplingResult:
         """Couples `x0` with the noise drawn for `position` (within `condition`'s labels, if given)."""
-        return self.spec.couple(x0, self.noise_for(x0, position), condition)
+        return self.spec.couple(x0, self.noise_for(x0, position), condition, race=self.race)
+
+    def credit(self, batch: Any) -> None:
+        """Counts the race times a worker's batch carries on this collate's race (see `race`).
+
+        Args:
+            batch: A batch from a DataLoader with this collate (the dict it returns, or a
+                [WorkerCoupling][lightning_immiscible.workers.WorkerCoupling]); others count nothing.
+        """
+        reports = batch.race if isinstance(batch, WorkerCoupling) else race_reports(batch)
+        for report in reports:
+            self.race.credit(report)
 
     def couple_on(
         self, x0: Tensor, position: tuple[int, int, int], condition: Tensor | None = None
@@ -228,6 +257,9 @@ class CouplingCollate:
         stats = torch.tensor([res.cost_before, res.cost_after, res.assign_ms], dtype=torch.float64)
         where = torch.tensor(position, dtype=torch.int64)
         extra = {NOISE_KEY: res.noise, INDEX_KEY: res.index, STATS_KEY: stats, POSITION_KEY: where}
+        reports = self.race.pop_reports()  # in the training process this copy counted them already
+        if reports and get_worker_info() is not None:
+            extra[RACE_KEY] = torch.tensor(reports, dtype=torch.int64)
         if condition is not None:
             skew = math.nan if res.prior_skew is None else res.prior_skew
             extra |= {CONDITION_KEY: condition, SKEW_KEY: torch.tensor([skew], dtype=torch.float64)}
@@ -248,7 +280,7 @@ def split_coupled_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """
     if not isinstance(batch, Mapping) or NOISE_KEY not in batch:
         return batch, None
-    if set(batch) - {POSITION_KEY, CONDITION_KEY, SKEW_KEY} == {BATCH_KEY, NOISE_KEY, INDEX_KEY, STATS_KEY}:
+    if set(batch) - _OPTIONAL_KEYS == {BATCH_KEY, NOISE_KEY, INDEX_KEY, STATS_KEY}:
         return batch[BATCH_KEY], batch[NOISE_KEY]
     return {k: v for k, v in batch.items() if k not in _KEYS}, batch[NOISE_KEY]
 
@@ -272,6 +304,7 @@ class WorkerCoupling:
         position: `(rank, epoch, batch index)` the noise was drawn for (`None`: not recorded).
         condition: `(B,)` the labels the worker coupled within (`None`: unconditional).
         prior_skew: The worker's [prior_skew][lightning_immiscible.conditional.prior_skew] (or `None`).
+        race: The worker's `solver="auto"` race reports (see `CouplingCollate.credit`).
     """
 
     batch: Any
@@ -283,6 +316,7 @@ class WorkerCoupling:
     position: tuple[int, int, int] | None = None
     condition: Tensor | None = None
     prior_skew: float | None = None
+    race: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_batch(cls, batch: Any) -> WorkerCoupling | None:
@@ -302,7 +336,15 @@ class WorkerCoupling:
         position = None if where is None else tuple(int(v) for v in where.tolist())
         skew = float(batch[SKEW_KEY][0]) if SKEW_KEY in batch else math.nan
         condition, skew_or_none = batch.get(CONDITION_KEY), None if math.isnan(skew) else skew
-        return cls(inner, noise, batch[INDEX_KEY], before, after, ms, position, condition, skew_or_none)  # type: ignore[arg-type]
+        found = cls(inner, noise, batch[INDEX_KEY], before, after, ms, position, condition, skew_or_none)  # type: ignore[arg-type]
+        return dataclasses.replace(found, race=race_reports(batch))
+
+
+def race_reports(batch: Any) -> tuple[tuple[int, ...], ...]:
+    """The `solver="auto"` race reports a worker's batch carries (`RACE_KEY`; none: empty)."""
+    if not isinstance(batch, Mapping) or RACE_KEY not in batch:
+        return ()
+    return tuple(tuple(int(v) for v in row) for row in batch[RACE_KEY].tolist())
 
 
 def find_collates(loaders: Any) -> list[CouplingCollate]:

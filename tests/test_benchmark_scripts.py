@@ -116,12 +116,13 @@ def test_assignment_benchmark_families_quick_run(tmp_path):
 
 
 def test_race_replay_sums_every_candidate_over_the_first_batches(monkeypatch):
-    # The benchmark replays the callback's race: every candidate on the first 4 batches, the first
-    # (warm-up) not counted, lowest total of the next 3 wins; the race costs the other candidates'
-    # time on all 4. By hand: a = 5 + 5 + 5 = 15, b = 9 + 1 + 1 = 11 -> b, costing b's
-    # 1 + 9 + 1 + 1 = 12 ms (a is the first candidate, whose answer is used); b's slow later batch
-    # does not count. Catches a replay on all batches (b's mean 5.3 > a's 5.0), one that counts
-    # the warm-up batch, or a cost that counts the first candidate.
+    # The benchmark replays solver="auto"'s race (the callback's, couple()'s and the workers'): every
+    # candidate on the first 4 batches, the first (warm-up) not counted, lowest total of the next 3
+    # wins; the race costs the other candidates' time on all 4. By hand: a = 5 + 5 + 5 = 15,
+    # b = 9 + 1 + 1 = 11 -> b, costing b's 1 + 9 + 1 + 1 = 12 ms (a is the first candidate, whose
+    # answer is used); b's slow later batch does not count. Catches a replay on all batches (b's
+    # mean 5.3 > a's 5.0), one that counts the warm-up batch, or a cost that counts the first
+    # candidate. Below 256 items, and on 2-D items, nothing is raced.
     import solver_families
 
     from lightning_immiscible.solvers import SOLVERS, SolverSpec, solve_scipy
@@ -131,9 +132,7 @@ def test_race_replay_sums_every_candidate_over_the_first_batches(monkeypatch):
     times = {"a": [5.0] * 6, "b": [1.0, 9.0, 1.0, 1.0, 9.0, 11.0]}
     assert solver_families.replay_race(256, 784, times) == ("b", 12.0)
     assert solver_families.replay_race(256, 2, times)[1] == 0.0  # low-D: no race, no cost
-    # couple()'s per-process race (solver_cache) follows the same schedule, from B = 256 on.
-    assert solver_families.replay_shape_race(256, 784, times) == ("b", 12.0)
-    assert solver_families.replay_shape_race(128, 784, times) == ("a", 0.0)
+    assert solver_families.replay_race(128, 784, times) == ("a", 0.0)  # below RACE_MIN_POOL
 
 
 def test_performance_page_shows_the_committed_solver_family_run():

@@ -283,7 +283,10 @@ def test_auto_solver_race_decides_alike_on_every_rank_from_the_groups_times(tmp_
     # the slowest rank's time, a = 40 ms > b = 10 ms, counted from the same header rows on each rank),
     # and the noise is the exact single-process coupling of the concatenated batch. Catches ranks that
     # decide on their own timings (rank 0 would keep "a" and disagree with rank 1 on every later batch).
+    import lightning_immiscible.solver_race as solver_race
     from lightning_immiscible.solvers import SOLVERS, SolverSpec, solve_scipy
+
+    monkeypatch.setattr(solver_race, "RACE_MIN_POOL", 2)  # the forked ranks race pools of 16
 
     def racer(name, sleep_on_rank1):
         def fn(cost):
@@ -299,9 +302,10 @@ def test_auto_solver_race_decides_alike_on_every_rank_from_the_groups_times(tmp_
     coupling = ImmiscibleCoupling(method="lsa", scope="global", seed=6)
     module = ToyDiffusion(sizes=(80, 80), batch_size=8, dim=100)
     ranks = _run(tmp_path, module, coupling, max_steps=9)
-    expected = ["a", "b"] * 5 + ["b"] * 4  # both race on the first 5 batches, then the group's winner
+    # both race on the first 4 batches (who goes first alternates), then the group's winner
+    expected = ["a", "b", "b", "a"] * 2 + ["b"] * 5
     assert ranks[0]["solver_calls"] == ranks[1]["solver_calls"] == expected
-    decided = {"decided": [[2, 100, "b"]], "raced": [[2, 5]]}
+    decided = {"decided": [[16, 100, "l2", "b"]], "raced": 4}
     assert ranks[0]["race"] == ranks[1]["race"] == decided
     r0, r1 = ranks[0]["records"], ranks[1]["records"]
     for draw, (a, b) in enumerate(zip(r0, r1, strict=True)):

@@ -20,13 +20,16 @@ from lightning_immiscible.solvers import (
     LOW_DIM_MAX,
     POINTS_DIM_MAX,
     SOLVERS,
+    SolverSpec,
     available_solvers,
     checked_backend,
     choose_exact_solver,
+    own_answer,
     permutation_in,
     register_solver,
     resolve_solver,
     solve,
+    solve_scipy,
 )
 from lightning_immiscible.solvers_approx import solve_greedy
 
@@ -280,6 +283,10 @@ def test_checked_backend_falls_back_to_scipy_on_bad_output_or_error():
     for backend in (broken, lambda c: (np.zeros(12, dtype=np.int64),), lambda c: None):
         col = checked_backend(backend)(cost)
         assert _objective(cost, col) == pytest.approx(_optimum(cost))
+        # own_answer tells that SciPy answered (the race must not credit its time to the backend)
+        assert own_answer(SolverSpec("b", checked_backend(backend), exact=True), cost) is None
+    good = SolverSpec("good", checked_backend(lambda c: (solve_scipy(c), None)), exact=True)
+    assert np.array_equal(own_answer(good, cost), solve_scipy(cost))
 
 
 @pytest.mark.parametrize("solver", [*EXACT, "greedy"])
@@ -357,21 +364,23 @@ def test_couple_auto_races_per_shape_then_keeps_the_faster_solver(monkeypatch):
     # candidates solve the same cost and the rule's answer is used; then the faster one alone.
     # Catches: a race that never ends or never switches, timings that pick the answer of a race
     # call, a race keyed on nothing (a new shape must race again), and racing below the size limit.
-    from lightning_immiscible.solver_cache import AUTO_SOLVERS, RACE_CALLS, RACE_WARMUP
+    import lightning_immiscible.coupling as coupling
+    from lightning_immiscible.process_race import ProcessRace
+    from lightning_immiscible.solver_race import RACE_ROUNDS, RACE_WARMUP
 
     calls: list[str] = []
     _race_solvers(monkeypatch, calls)
-    monkeypatch.setattr(AUTO_SOLVERS, "_races", {})  # the process's races, restored afterwards
+    monkeypatch.setattr(coupling, "AUTO_RACE", ProcessRace())  # the process's race, restored afterwards
     gen = torch.Generator().manual_seed(8)
     x0, noise = torch.rand(300, 3, 8, 8, generator=gen), torch.randn(300, 3, 8, 8, generator=gen)
     oracle = solve_scipy_raw(torch.cdist(x0.flatten(1).double(), noise.flatten(1).double()).numpy())
-    race = RACE_WARMUP + RACE_CALLS
+    race = RACE_WARMUP + RACE_ROUNDS
     for step in range(race + 2):
         calls.clear()
         res = couple(x0, noise)
         np.testing.assert_array_equal(res.index.numpy(), oracle)  # exact on every call
         assert sorted(calls) == (["first", "second"] if step < race else ["second"])
-    assert AUTO_SOLVERS.decisions() == {(300, 192, "l2"): "second"}
+    assert coupling.AUTO_RACE.decided == {(300, 192, "l2"): "second"}
     calls.clear()
     couple(x0[:280], noise[:280])  # another shape: races again
     assert sorted(calls) == ["first", "second"]
@@ -384,7 +393,7 @@ def test_couple_auto_races_per_shape_then_keeps_the_faster_solver(monkeypatch):
 def test_race_calls_return_the_rules_answer_whatever_the_timings(monkeypatch):
     # On a race call the returned pairing is the rule's (first candidate's), even when the other
     # candidate is faster and answers differently. Catches a race that returns the fastest answer.
-    from lightning_immiscible.solver_cache import SolverCache
+    from lightning_immiscible.process_race import ProcessRace
 
     _only(monkeypatch, "scipy")
     for name in ("first", "second"):
@@ -392,14 +401,15 @@ def test_race_calls_return_the_rules_answer_whatever_the_timings(monkeypatch):
     register_solver("first", solve_scipy_raw, exact=True, priority=0)
     register_solver("second", lambda c: np.arange(len(c))[::-1].copy(), exact=True, priority=1)
     cost = np.random.default_rng(9).random((300, 300))
-    cache = SolverCache()
+    race = ProcessRace()
     for _ in range(4):
-        col = cache.solver(300, 3072, "l2").fn(cost)
+        col = resolve_solver(race.solver(300, 3072, "l2")).fn(cost)
         np.testing.assert_array_equal(col, solve_scipy_raw(cost))
 
 
 def test_group_coupling_never_uses_the_per_process_race(monkeypatch):
-    # Ranks of a group must solve with the same solver: couple_in_group keeps the fixed rule.
+    # Ranks of a group must solve with the same solver: without the callback's header race (a
+    # `peer`), couple_in_group keeps the fixed rule.
     from lightning_immiscible import CouplingSpec
     from lightning_immiscible.distributed import couple_in_group
     from lightning_immiscible.groups import build_rank_group

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import statistics
+import time
 
 import pytest
 import torch
@@ -157,3 +158,58 @@ def test_collate_is_picklable_and_validates_arguments():
         CouplingCollate("sinkhorn")
     with pytest.raises(ValueError, match="k must be >= 1"):
         CouplingCollate("knn", k=0)
+
+
+def counting_solvers(monkeypatch, path) -> None:
+    """Two exact solvers, "first" (the rule's) and "second" (5 ms slower: never a race's winner, so
+    only races call it), whose calls in any process (forked DataLoader workers too) are appended to
+    the file `path`; races from pools of 2 items on."""
+    import lightning_immiscible.solver_race as solver_race
+    from lightning_immiscible.solvers import SOLVERS, SolverSpec, solve_scipy
+
+    def spec(name: str, priority: int) -> SolverSpec:
+        def fn(cost):
+            with open(path, "a") as out:
+                out.write(f"{name}\n")
+            time.sleep(0.005 if name == "second" else 0.0)
+            return solve_scipy(cost)
+
+        return SolverSpec(name, fn, exact=True, priority=priority, low_dim_priority=priority)
+
+    monkeypatch.setitem(SOLVERS, "first", spec("first", -3))
+    monkeypatch.setitem(SOLVERS, "second", spec("second", -2))
+    monkeypatch.setattr(solver_race, "RACE_MIN_POOL", 2)
+
+
+def race_calls(path) -> int:
+    """Race calls so far: calls of "second", which only a race runs (the rule picks "first")."""
+    return path.read_text().split().count("second") if path.exists() else 0
+
+
+@pytest.mark.parametrize(
+    ("persistent", "credit", "again"),
+    [(True, False, 0), (False, True, 0), (False, False, 8)],
+    ids=["persistent_workers", "credited_batches", "neither"],
+)
+def test_a_worker_race_is_kept_across_epochs_without_the_callback(
+    monkeypatch, tmp_path, persistent, credit, again
+):
+    # Two workers, 5 batches each per epoch: each worker races on its copy of the collate's race in
+    # epoch 0 (1 warm-up + 3 counted calls = 8 race calls), then decides. In epoch 1 persistent
+    # workers keep their decision; non-persistent ones are forked again from the main process's
+    # collate, which knows the decision only if the loop credited the batches' race times
+    # (`collate.credit(batch)`); otherwise they race again (the documented cost of neither).
+    # Catches a credit that counts nothing, and a persistent worker that forgets its race.
+    path = tmp_path / "calls.txt"
+    counting_solvers(monkeypatch, path)
+    collate = CouplingCollate("lsa", seed=2)
+    loader = DataLoader(TensorDataset(torch.rand(160, 3, 8, 8)), batch_size=16, num_workers=2,
+                        collate_fn=collate, persistent_workers=persistent,
+                        multiprocessing_context="fork")  # fmt: skip
+    counts = []
+    for _epoch in range(2):
+        for batch in loader:
+            if credit:
+                collate.credit(batch)
+        counts.append(race_calls(path))
+    assert counts == [8, 8 + again]
