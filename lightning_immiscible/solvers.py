@@ -198,8 +198,8 @@ def own_answer(spec: SolverSpec, cost: np.ndarray) -> np.ndarray | None:
 def _shift_rows(cost: np.ndarray) -> np.ndarray:
     """Subtracts each row's minimum (same optimum).
 
-    ``lapjv`` compares costs with an absolute tolerance: with a large common offset (measured:
-    values 1e12 + [0, 1e3)) it returned a non-optimal assignment; shifted costs are solved exactly.
+    ``lapjv`` compares costs with an absolute tolerance, so a large common offset can make it stop
+    short of the optimum; shifted costs are solved exactly (``tests/test_solvers.py``).
     """
     return cost - cost.min(axis=1, keepdims=True)
 
@@ -253,8 +253,7 @@ def solve_pot(cost: np.ndarray) -> np.ndarray | None:
 
 _register_optional()
 if importlib.util.find_spec("ot") is not None:  # POT: found, not imported (see solve_pot)
-    # Measured on 2-D points (8 Gaussians): 2.5-5x faster than lapjvr at B = 512-2048, level at
-    # 128-256; 3-8x slower than lapjvr on items of 64 values and more, and slower than SciPy there.
+    # auto's choice for points only (POINTS_DIM_MAX), from pools of 256: see docs/performance.md, "POT".
     register_solver("pot", checked_backend(solve_pot), exact=True, priority=60, low_dim_priority=50,
                     points_priority=1, min_batch=256)  # fmt: skip
 
@@ -262,9 +261,8 @@ if importlib.util.find_spec("ot") is not None:  # POT: found, not imported (see 
 def _exact_leftovers(cost: np.ndarray) -> np.ndarray:
     """Exact solve of greedy's last (at most 64) rows, in the low-dimensional order (lapjvr first).
 
-    Measured on greedy's leftovers: on 2-D points lapjvr took 0.9 ms where lapjv took 19 ms
-    (B = 128); on image-like and MNIST costs all exact solvers took the same time. Through
-    [solve][lightning_immiscible.solvers.solve]: greedy's float32 centring of a cost it was handed
+    The low-dimensional order because the leftovers' costs behave like low-dimensional ones.
+    Through [solve][lightning_immiscible.solvers.solve]: greedy's float32 centring of a cost it was handed
     directly (not through `solve`) can make NaN, which the exact backend must never see.
     """
     return solve(cost, choose_exact_solver(cost.shape[0], dim=1), in_float32_range=True)
@@ -278,16 +276,13 @@ def available_solvers() -> list[str]:
     return [s.name for s in sorted(SOLVERS.values(), key=lambda s: (not s.exact, s.priority))]
 
 
-#: Items of at most this many values count as low-dimensional for ``solver="auto"``. Measured
-#: (``benchmarks/assignment.py --families``): ``lapjvr`` fastest on 2-D points and the 64-D digits,
-#: ``lapjv`` 1.2-2.9x faster than ``lapjvr`` at B = 2048 from D = 196 (MNIST 14x14) up. D = 65-195 is
-#: unmeasured; both solvers are exact there, so the boundary costs speed at most, never optimality.
+#: Items of at most this many values count as low-dimensional for ``solver="auto"`` (the
+#: ``low_dim_priority`` order; measured per data family in ``docs/performance.md``). Every solver
+#: on either side is exact, so the boundary costs speed at most, never optimality.
 LOW_DIM_MAX = 64
 
 #: Items of at most this many values count as points for ``solver="auto"`` (``pot`` first there,
-#: when installed, for pools of at least 256). Measured: POT's network simplex beat ``lapjvr`` by
-#: 1.6-5x on 2-D and 3-D points at B >= 512, was level with it at 4-32 values and 3-8x behind it on
-#: the 64-D digits and above (``docs/performance.md``, "POT").
+#: when installed, for pools of at least 256; ``docs/performance.md``, "POT").
 POINTS_DIM_MAX = 3
 
 

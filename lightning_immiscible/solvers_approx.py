@@ -2,11 +2,8 @@
 
 ``greedy`` ([solve_greedy][lightning_immiscible.solvers_approx.solve_greedy])
 trades a little of the distance reduction for a large speed-up of
-the solver. Measured on this project's costs (data families from 2-D points to 3x32x32 images
-against Gaussian noise, L2, one CPU thread, ``benchmarks/assignment.py --families``; see the
-Performance page): it keeps 95.7-99.7 % of the exact distance reduction (97.2-98.1 % on images and
-latents) for 0.08-0.35x of the fastest exact solver's time from B = 1024 on (0.5-0.7x on 2-D
-points, where POT's exact solver is fast). It beats the exact solvers from B ~ 256-512 on.
+the solver on large pools; what it keeps and what it saves, measured per data family, is on the
+Performance page (``docs/performance.md``, "Choosing a solver").
 
 It has no worst-case optimality guarantee: on adversarial costs (e.g. a cost whose k nearest
 columns are the same for every row) it degrades towards plain row-greedy. Use an exact solver where
