@@ -144,8 +144,9 @@ class ImmiscibleCoupling(Callback):
             ([choose_exact_solver][lightning_immiscible.solvers.choose_exact_solver]), refined for
             items of more than 64 values and pools of 256 items and more by a short race on the
             first batches of each (pool, D, metric)
-            ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]), decided alike on every rank
-            of a group from the times in the per-step header, for the pool size the ranks agreed on. Or a name from
+            ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]), decided alike on every
+            rank of a group from the times in the per-step header, for the pool size the ranks
+            agreed on. Or a name from
             [available_solvers][lightning_immiscible.solvers.available_solvers]. The ranks of a
             group must have the same solver setting: a group whose ranks differ fails at its first
             batch with a message naming them.
