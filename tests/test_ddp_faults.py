@@ -307,7 +307,7 @@ def test_a_rank_local_error_ends_every_rank_at_once_with_its_own_message_on_an_a
         monkeypatch.setattr(module, "dist", AcceleratorOnlyDist())  # inherited by the forked ranks
     for module in (li_groups, li_protocol, li_dist):
         monkeypatch.setattr(module, "place", _place_on_accelerator)
-    coupling = RecordingCoupling(tmp_path, seed=None, collective_timeout_s=10)
+    coupling = RecordingCoupling(tmp_path, seed=None, collective_timeout_s=20)
     t = trainer(callbacks=[coupling], devices=2, strategy="ddp_fork", max_steps=4)
     start = time.monotonic()
     with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises one rank's error
@@ -318,4 +318,4 @@ def test_a_rank_local_error_ends_every_rank_at_once_with_its_own_message_on_an_a
         error = torch.load(tmp_path / f"error{r}.pt")["error"]
         assert "rank 1: ValueError: corrupt sample 17 in shard 1" in error, error
         assert "accelerator-only" not in error and "did not reach" not in error
-    assert elapsed < 10, elapsed  # both ranks end in the step that failed, before any time-out
+    assert elapsed < 20, elapsed  # both ranks end in the step that failed, before the time-out
