@@ -392,8 +392,9 @@ def test_api_reference_reads_as_intended(pages: list[Page]):
 # belong on the reference's "Internals" page only.
 INTERNAL_IDS = (
     "lightning_immiscible.solver_race.SolverRace",
-    "lightning_immiscible.distributed.HEADER_DIMS",
-    "lightning_immiscible.coupling.INPUT_ERROR_REASONS",
+    "lightning_immiscible.protocol.HEADER_SIZE",
+    "lightning_immiscible.protocol.REASONS",
+    "lightning_immiscible.groups.place",
     "lightning_immiscible.callback.LARGE_POOL",
     "lightning_immiscible.coupling.assign",
 )
