@@ -142,14 +142,18 @@ class ImmiscibleMixin:
         import torch.nn.functional as F
         from lightning_immiscible import ImmiscibleCoupling, ImmiscibleMixin
 
-        class Diffusion(ImmiscibleMixin, L.LightningModule):
+        class FlowMatching(ImmiscibleMixin, L.LightningModule):
+            def __init__(self, net: torch.nn.Module):
+                super().__init__()
+                self.net = net  # net(x_t, t) -> velocity, x_t of x0's shape, t of shape (B,)
+
             def training_step(self, batch, batch_idx):
-                x0 = self.coupled_data(batch)       # = immiscible_data(batch), computed once
-                noise = self.noise_like(x0)         # coupled when ImmiscibleCoupling is active
-                t = torch.randint(0, 1000, (x0.shape[0],), device=x0.device)
-                at, st = (c[t].view(-1, *[1] * (x0.ndim - 1)) for c in (a, s))  # (B, 1, ..., 1)
-                x_t = at * x0 + st * noise
-                return F.mse_loss(self.model(x_t, t), noise)
+                x0 = self.coupled_data(batch)  # = immiscible_data(batch), computed once
+                noise = self.noise_like(x0)    # coupled when ImmiscibleCoupling is active
+                t = torch.rand(x0.shape[0], device=x0.device)
+                tb = t.view(-1, *[1] * (x0.ndim - 1))  # (B, 1, ..., 1)
+                x_t = (1 - tb) * x0 + tb * noise
+                return F.mse_loss(self.net(x_t, t), noise - x0)
 
         trainer = L.Trainer(callbacks=[ImmiscibleCoupling(method="lsa")])
         ```

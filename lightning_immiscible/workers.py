@@ -13,11 +13,11 @@ Batch format (what the DataLoader yields, see
 [split_coupled_batch][lightning_immiscible.workers.split_coupled_batch]):
 
 ```text
-{**batch,                      # when the inner collate returns a dict: its keys, unchanged
- "batch": batch,               # otherwise (tensor, tuple, list, ...): the collated batch
- "immiscible_noise": noise,    # (B, *dims) float32: noise[i] is coupled with x0[i]
- "immiscible_index": index,    # (B,) int64: CouplingResult.index
- "immiscible_stats": stats}    # (3,) float64: cost_before, cost_after, assign_ms
+{**batch,                    # a dict from the inner collate: its keys
+ "batch": batch,             # else (tensor, tuple, ...): the batch
+ "immiscible_noise": noise,  # (B, *dims) float32, noise[i] with x0[i]
+ "immiscible_index": index,  # (B,) int64: CouplingResult.index
+ "immiscible_stats": stats}  # (3,) float64: before, after, assign_ms
 ```
 
 With a `condition_fn`, two more keys: `"immiscible_condition"` (`(B,)` the labels the noise was

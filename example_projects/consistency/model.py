@@ -172,7 +172,7 @@ class ConsistencyTraining(ImmiscibleMixin, L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x0 = self.immiscible_data(batch)
+        x0 = self.coupled_data(batch)  # immiscible_data(batch), computed once per batch
         check_sample_shape(x0, self.sample_shape())
         noise = self.noise_like(x0)  # coupled noise when ImmiscibleCoupling is active
         num = self.num_levels()

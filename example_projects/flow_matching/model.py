@@ -96,7 +96,7 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x0 = self.immiscible_data(batch)
+        x0 = self.coupled_data(batch)  # immiscible_data(batch), computed once per batch
         check_sample_shape(x0, self.sample_shape())
         noise = self.noise_like(x0)  # coupled noise when ImmiscibleCoupling is active
         loss = self.loss(x0, noise, self.sample_times(x0.shape[0]))

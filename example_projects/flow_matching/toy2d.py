@@ -106,7 +106,7 @@ class Toy2DFlow(ImmiscibleMixin, L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x0 = self.immiscible_data(batch)
+        x0 = self.coupled_data(batch)  # immiscible_data(batch), computed once per batch
         noise = self.noise_like(x0)  # coupled noise when ImmiscibleCoupling is active
         t = sample_time(x0.shape[0], self.hparams.time_sampling, device=x0.device)
         loss = self.loss(x0, noise, t)
