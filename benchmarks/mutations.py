@@ -82,8 +82,8 @@ MUTATIONS = (
         "race_pool_per_rank",
         "every rank of a group chooses the solver for the pool the group agreed on in the header",
         DIST,
-        "peer.solver_for(sum(sizes), x[0].numel(), spec.metric)",
-        "peer.solver_for(x.shape[0] * len(sizes), x[0].numel(), spec.metric)",
+        "race.solver_for(step.total, x[0].numel(), spec.metric)",
+        "race.solver_for(x.shape[0] * len(step.sizes), x[0].numel(), spec.metric)",
         (
             "tests/test_ddp_race.py::test_uneven_first_batches_choose_the_solver_of_the_agreed_pool_on_every_rank",
         ),
