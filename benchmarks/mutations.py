@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns(
-    ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "site", "*.ckpt", "lightning_logs"
+    ".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "site", "*.ckpt", "lightning_logs"
 )
 
 

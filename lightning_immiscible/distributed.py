@@ -199,7 +199,6 @@ def couple_in_group(
     """
     step = agree_on_step(x, group, draw_index, spec, error=error, epoch=epoch, condition=condition, race=race)
     assert x is not None  # agree_on_step raised otherwise
-    x = x.detach()
     if spec.method == "knn":
         return _with_local_skew(_knn_local(x, seed, draw_index, spec), x, condition)
     pool = draw_pool((step.total, *x.shape[1:]), seed, group.index, draw_index, x.device)
