@@ -72,6 +72,31 @@ def test_paired_sweep_writes_curves_plot_report_and_resumes(tmp_path):
     speedup.main(_args(tmp_path, 6))
     resumed = json.loads((run / "done.json").read_text())
     assert [row["step"] for row in resumed["curve"]] == [2, 4, 6]
+    # The records say which run was resumed and where (a runner that does not record it fails here).
+    assert resumed["sessions"] == [{"start_step": 0}, {"start_step": 4}]
+    assert json.loads((tmp_path / "runs" / "none_seed0" / "done.json").read_text())["sessions"] == [
+        {"start_step": 0}
+    ]
+    # --supersede sets the resumed run aside with its reason and the same command trains it afresh
+    # (catches: a record deleted instead of kept, or a rerun continuing the superseded checkpoint).
+    words = _args(tmp_path, 6)
+    cut = words.index("--")
+    speedup.main([*words[:cut], "--supersede", "lsa_seed0", "--reason", "resumed", *words[cut:]])
+    old = tmp_path / "superseded" / "lsa_seed0"
+    assert json.loads((old / "superseded.json").read_text()) == {"reason": "resumed"}
+    assert json.loads((old / "done.json").read_text())["sessions"] == resumed["sessions"]
+    fresh = json.loads((run / "done.json").read_text())
+    assert fresh["sessions"] == [{"start_step": 0}] and [row["step"] for row in fresh["curve"]] == [2, 4, 6]
+    # Run again, the command leaves the superseded record and the rerun as they are.
+    assert speedup.supersede(tmp_path, ["lsa_seed0"], "again") == []
+    assert json.loads((old / "superseded.json").read_text()) == {"reason": "resumed"}
+
+
+def test_supersede_needs_a_run_and_a_reason(tmp_path):
+    with pytest.raises(FileNotFoundError, match="none_seed9"):
+        speedup.supersede(tmp_path, ["none_seed9"], "typo")
+    with pytest.raises(SystemExit):
+        speedup.parse_args(["--config", "a.yaml", "--supersede", "none_seed1"])  # no --reason
 
 
 def test_paired_differences_count_seeds_and_sign_test():
