@@ -266,3 +266,23 @@ def test_preregistered_flow_matching_commands_build_the_registered_runs(tmp_path
                 cli.trainer.max_steps == args.max_steps and cli.trainer.val_check_interval == args.eval_every
             )
             assert cli.datamodule.image_size == 16
+
+
+def test_the_seed_1_rerun_is_the_preregistered_run_with_its_old_records_set_aside():
+    """The results page's rerun command trains what the pre-registration registered, only seed 1.
+
+    Catches: a rerun with other settings than the registered runs (steps, evaluations, FID keys, configs,
+    overrides), or one that supersedes other runs than those it trains again (a record lost or kept twice).
+    """
+    pre = _page_commands(ROOT / "docs/results/flow-matching-preregistration.md")
+    [rerun] = [c for c in _page_commands(ROOT / "docs/results/flow-matching.md") if "--supersede" in c]
+    new = speedup.parse_args(rerun[2:])
+    registered = [speedup.parse_args(c[2:]) for c in pre if c[:2] == ["python", "benchmarks/speedup.py"]]
+    primary = registered[0]
+    for name in ("example", "config", "max_steps", "eval_every", "metric", "out", "extra"):
+        assert getattr(new, name) == getattr(primary, name), name
+    assert set(new.methods) == {
+        m for r in registered if 1 in r.seeds and r.max_steps == 3000 for m in r.methods
+    }
+    assert new.seeds == [1] and sorted(new.supersede) == sorted(f"{m}_seed1" for m in new.methods)
+    assert new.reason
