@@ -323,7 +323,10 @@ def history_section(
         for r in runs:
             if r.get("sessions") is None:
                 by_method.setdefault(r["method"], []).append(r["seed"])
-        unknown += [f"{group}, `{m}` seeds {', '.join(map(str, seeds))}" for m, seeds in by_method.items()]
+        unknown += [
+            f"{group}, `{m}` seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+            for m, seeds in by_method.items()
+        ]
     if unknown:
         lines += [
             "Sessions not recorded (finished before the runner recorded them; no resume is noted beside",
@@ -333,7 +336,8 @@ def history_section(
     if superseded:
         lines += ["Records set aside (`superseded/`, kept, in no comparison of this report):", ""]
         lines += [
-            f"- `{r['method']}` seed {r['seed']}: {r.get('reason') or 'no reason given'}; "
+            f"- `{r['method']}` seed {r['seed']}{' **resumed**' if was_resumed(r) else ''}: "
+            f"{r.get('reason') or 'no reason given'}; "
             f"sessions: {_sessions(r)}."
             for r in superseded
         ]
