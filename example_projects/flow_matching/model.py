@@ -108,14 +108,17 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         self.times.rank = self.global_rank  # before a checkpoint's state is loaded (Lightning's order)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[TIMES_KEY] = self.times.state_dict()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if TIMES_KEY in checkpoint:
             self.times.load_state_dict(checkpoint[TIMES_KEY])
         elif self._trainer is not None and self._trainer.state.fn == "fit":
