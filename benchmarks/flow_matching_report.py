@@ -13,7 +13,13 @@ not make (the FID's sampling scatter):
 
 A run without `done.json` (not finished yet) is left out and counted: the report says how many of
 the planned runs it covers and calls itself interim until all of them are in, so it can be rendered
-while the sweep is under way.
+while the sweep is under way. Records set aside by `speedup.py --supersede` (`superseded/`) are listed
+with their reason and enter no comparison.
+
+After the primary come readings of it that the pre-registration did not list
+(`flow_matching_readings.py`): its bounds from the evaluations alone (no interpolation), the factor
+at shorter training budgets, the target loosened to one sampling SD of the baseline's best, each
+run's sessions (which runs were resumed) and the primary without the pairs that include a resumed run.
 
     python benchmarks/flow_matching_report.py             # docs/results/flow_matching_report.md + figure
     python benchmarks/flow_matching_report.py --scatter   # the sampling scatter (about 8 min alone)
@@ -32,8 +38,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import flow_matching_readings as readings  # noqa: E402
 from conditional_fm_report import summary as mean_interval  # noqa: E402
-from speedup import paired_stats, quality  # noqa: E402
+from speedup import paired_stats, quality, read_sessions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "results"
@@ -54,9 +61,21 @@ def key(steps: int) -> str:
     return f"val/fid64_n1024_euler{steps}"
 
 
-def load_runs(folder: Path) -> list[dict[str, Any]]:
-    """Every finished run (its ``done.json``) under ``folder/runs``, sorted by method and seed."""
-    runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*/done.json"))]
+def load_runs(folder: Path, where: str = "runs") -> list[dict[str, Any]]:
+    """Every finished run (its ``done.json``) under ``folder/runs``, sorted by method and seed.
+
+    Each run's ``sessions`` are its ``done.json``'s, or, for a run finished before the runner recorded
+    them, those of a ``sessions.jsonl`` beside it (``None`` without either: not recorded). ``where``:
+    ``superseded`` reads the records set aside, each with the ``reason`` of its ``superseded.json``.
+    """
+    runs = []
+    for path in sorted((folder / where).glob("*/done.json")):
+        run = json.loads(path.read_text())
+        if "sessions" not in run:
+            run["sessions"] = read_sessions(path.parent / "sessions.jsonl") or None
+        if (note := path.parent / "superseded.json").is_file():
+            run["reason"] = json.loads(note.read_text())["reason"]
+        runs.append(run)
     return sorted(runs, key=lambda r: (r["method"], r["seed"]))
 
 
@@ -458,8 +477,36 @@ def arms_section(runs: dict[str, dict[int, dict]], steps: list[int]) -> list[str
     return lines
 
 
-def render(runs_list: list[dict], long_list: list[dict], scatter: dict[str, Any] | None) -> str:
-    """The whole report, in the pre-registration's order."""
+def readings_sections(
+    runs: dict[str, dict[int, dict]],
+    long_runs: dict[str, dict[int, dict]],
+    superseded: list[dict[str, Any]],
+    scatter: dict[str, Any] | None,
+) -> list[str]:
+    """The primary read without interpolation, at shorter budgets, on the plateau; the run history."""
+    arm, base = runs.get(OT, {}), runs.get(BASE, {})
+    metric = key(PRIMARY_STEPS)
+    sd = scatter_summary(scatter)[PRIMARY_STEPS]["std"] if scatter else None
+    groups = {
+        "3,000 steps": [r for seeds in runs.values() for _, r in sorted(seeds.items())],
+        "9,000 steps": [r for seeds in long_runs.values() for _, r in sorted(seeds.items())],
+    }
+    return [
+        *readings.bounds_section(arm, base, {k: key(k) for k in SAMPLER_STEPS}, PRIMARY_STEPS),
+        *readings.budget_section(arm, base, metric),
+        *readings.plateau_section(arm, base, metric, sd),
+        *readings.history_section(groups, superseded),
+        *readings.unresumed_section(arm, base, metric),
+    ]
+
+
+def render(
+    runs_list: list[dict],
+    long_list: list[dict],
+    scatter: dict[str, Any] | None,
+    superseded: list[dict] | None = None,
+) -> str:
+    """The whole report: the primary, readings of it, then the secondaries in the pre-registration's order."""
     runs = {m: by_method(runs_list).get(m, {}) for m in PLAN if m in by_method(runs_list)}
     long_runs = by_method(long_list)
     counted, complete = _count_line(runs, PLAN)
@@ -496,6 +543,7 @@ def render(runs_list: list[dict], long_list: list[dict], scatter: dict[str, Any]
             "",
         ]
     lines += primary_section(runs, primary_done)
+    lines += readings_sections(runs, long_runs, superseded or [], scatter)
     lines += ["## Secondary 1: steps to quality at 1, 4 and 8 Euler steps, minibatch OT", ""]
     lines += [*_quality_table(runs.get(OT, {}), runs.get(BASE, {}), (1, 4, 8)), ""]
     lines += ["## Secondary 2: steps to quality, the L2 assignment (3 seeds: a description, p >= 0.25)", ""]
@@ -696,7 +744,8 @@ def main(argv: list[str] | None = None) -> str:
         measure_scatter(args.runs / "runs" / "none_seed0" / "last.ckpt", scatter_path)
     scatter = json.loads(scatter_path.read_text()) if scatter_path.is_file() else None
     runs, long_list = load_runs(args.runs), load_runs(args.long)
-    text = render(runs, long_list, scatter)
+    superseded = load_runs(args.runs, "superseded") + load_runs(args.long, "superseded")
+    text = render(runs, long_list, scatter, superseded)
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "flow_matching_report.md").write_text(text)
     if runs:

@@ -20,6 +20,13 @@ A method is a coupling method, optionally with its metric: ``none`` (the baselin
 
 Resumable: each run lives in ``OUT/runs/{method}_seed{seed}`` with a ``last.ckpt`` written at every
 evaluation; a run with ``done.json`` is skipped, an interrupted one continues from its checkpoint.
+Each session of a run appends the step it started from to ``sessions.jsonl`` (``done.json`` repeats
+the list), so the records say which runs were resumed and where. A run resumes exactly only where
+the example's checkpoints carry every random stream it draws from (the flow-matching example's do).
+
+``--supersede NAME... --reason TEXT`` first moves those runs' folders from ``OUT/runs`` to
+``OUT/superseded`` with the reason in ``superseded.json`` (kept, out of the report), so the same
+command then trains them afresh; a run already superseded is left as it is, so the command resumes.
 
     python benchmarks/speedup.py --example ddim \
         --config example_projects/ddim/configs/quickstart.yaml \
@@ -35,6 +42,7 @@ import argparse
 import importlib
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -69,6 +77,43 @@ class CurveRecorder(L.Callback):
         if fids:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": trainer.global_step, **fids}) + "\n")
+
+
+class SessionRecorder(L.Callback):
+    """Appends ``{"start_step": s}`` to ``sessions.jsonl`` when a fit session starts (``s`` > 0: resumed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:  # after a checkpoint's progress was restored
+            with self.path.open("a") as f:
+                f.write(json.dumps({"start_step": trainer.global_step}) + "\n")
+
+
+def read_sessions(path: Path) -> list[dict[str, Any]]:
+    """The sessions a run's ``sessions.jsonl`` lists, in order (``[]`` without the file)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def supersede(out: Path, names: list[str], reason: str) -> list[Path]:
+    """Moves ``out/runs/NAME`` to ``out/superseded/NAME`` with ``superseded.json`` (``{"reason"}``).
+
+    A name whose ``superseded/`` folder exists already is left alone (the command is being run again:
+    the folder under ``runs/`` is then the rerun). Returns the folders moved now.
+    """
+    moved = []
+    for name in names:
+        src, dst = out / "runs" / name, out / "superseded" / name
+        if dst.exists():
+            continue
+        if not src.is_dir():
+            raise FileNotFoundError(f"--supersede {name}: no run folder {src}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+        (dst / "superseded.json").write_text(json.dumps({"reason": reason}, indent=2) + "\n")
+        moved.append(dst)
+    return moved
 
 
 def _overlay(run_dir: Path, method: str, seed: int) -> Path:
@@ -113,12 +158,14 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     ckpt = ModelCheckpoint(
         dirpath=run_dir, filename="eval-{step}", save_last=True, every_n_train_steps=args.eval_every
     )
-    cli.trainer.callbacks.extend([CurveRecorder(run_dir / "curves.jsonl"), ckpt])
+    sessions = run_dir / "sessions.jsonl"
+    cli.trainer.callbacks.extend([CurveRecorder(run_dir / "curves.jsonl"), SessionRecorder(sessions), ckpt])
     last = run_dir / "last.ckpt"
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
     result = {"method": method, "seed": seed, "curve": _read_curve(run_dir / "curves.jsonl")}
     result["train_seconds_last_session"] = time.perf_counter() - start
+    result["sessions"] = read_sessions(sessions)
     done.write_text(json.dumps(result, indent=2))
     return result
 
@@ -402,9 +449,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--example", default="ddim", help="example_projects.<name> with a cli_main")
-    parser.add_argument(
-        "--config", type=Path, nargs="+", required=True, help="the example's base config, then overlays"
-    )
+    parser.add_argument("--config", type=Path, nargs="+", help="the example's base config, then overlays")
     parser.add_argument("--methods", nargs="+", default=["none", "lsa"], help="'none' is the baseline")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=600)
@@ -413,10 +458,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--metric", nargs="+", default=None, help="FID key(s) to compare (default: the first val/fid* key)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/speedup"))
+    parser.add_argument(
+        "--supersede", nargs="+", default=[], metavar="NAME", help="runs (method_seedK) to set aside"
+    )
+    parser.add_argument("--reason", default="", help="why --supersede replaces them (kept with the records)")
     args = parser.parse_args(argv)
     args.extra = extra
+    if not args.config:
+        parser.error("--config is required")
     if "none" not in args.methods:
         parser.error("--methods must include the baseline 'none'")
+    if args.supersede and not args.reason:
+        parser.error("--supersede needs --reason")
     return args
 
 
@@ -424,9 +477,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Trains (or resumes) every run, then writes ``curves.json``, ``report.md`` and the plots."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    for moved in supersede(args.out, args.supersede, args.reason):
+        print(f"superseded: {moved}")
     runs = [run_one(args, m, s) for s in args.seeds for m in args.methods]
     metrics = args.metric or [sorted(k for k in runs[0]["curve"][0] if k.startswith("val/fid"))[0]]
-    settings = {k: str(v) for k, v in vars(args).items()}
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("supersede", "reason")}
     summaries = {metric: summarize(runs, metric) for metric in metrics}
     record = {"settings": settings, "metric": metrics[0], "metrics": metrics, "runs": runs}
     record |= {"summary": summaries[metrics[0]], "summaries": summaries}

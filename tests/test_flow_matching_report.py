@@ -236,3 +236,122 @@ def test_committed_report_equals_a_rerender_of_the_committed_records(tmp_path):
     """The report on the docs site is exactly what the committed records render to (no hand edits)."""
     text = fmr.main(["--docs", str(tmp_path)])
     assert text == (ROOT / "docs/results/flow_matching_report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- readings (not pre-listed)
+
+import flow_matching_readings as fmrd  # noqa: E402
+import speedup  # noqa: E402
+
+
+def _curve(values):
+    return [{"step": s, "fid": v} for s, v in zip(STEPS, values, strict=True)]
+
+
+def test_bounds_come_from_the_evaluations_around_the_crossing():
+    # Oracle by hand: the baseline's best is 0.01 at step 3000. The arm is 0.015 at 750 and 0.005 at 1125:
+    # it crossed between them, so 3000/1125 = 2.67x <= factor <= 3000/750 = 4x, and the rule interpolates
+    # 750 + 375 * (0.015 - 0.01) / (0.015 - 0.005) = 937.5 steps: 3.2x. Catches: the bounds swapped, the
+    # interpolated step taken as a bound, or the first evaluation below taken as the step before it.
+    base = _curve(BASE_CURVE)
+    r = fmrd.seed_reading(_curve([0.02, 0.015, 0.005, 0.005, 0.005, 0.005, 0.005, 0.005]), base, "fid")
+    assert (r["before"], r["at"], r["steps"]) == (750, 1125, pytest.approx(937.5))
+    assert (r["lower"], r["upper"], r["speedup"]) == (pytest.approx(8 / 3), 4.0, pytest.approx(3.2))
+    first = fmrd.seed_reading(_curve([0.005] * 8), base, "fid")  # below at its first evaluation
+    assert (first["before"], first["at"], first["lower"], first["upper"]) == (None, 375, 8.0, None)
+    assert first["at_first_eval"]
+    never = fmrd.seed_reading(_curve([0.5] * 8), base, "fid")
+    assert (never["at"], never["lower"], never["speedup"], never["bound"]) == (None, None, None, 1.0)
+
+
+def _pair(seed, base_values, arm_values):
+    return {"method": "none", "seed": seed, "curve": _curve(base_values)}, {
+        "method": "lsa-sqeuclidean", "seed": seed, "curve": _curve(arm_values)
+    }  # fmt: skip
+
+
+def test_reading_drops_ties_at_exactly_2x_and_keeps_the_rule_unchanged():
+    # Lower bounds 4x, 4x and 2x (3000/750, 3000/750, 1500/750): the tie is dropped from the sign test as
+    # the rule drops it, so 2 of 2 above: p = 1/4; geometric mean (4 * 4 * 2)^(1/3) = 3.17. Catches a tie
+    # counted as below (2 of 3, p = 1/2) or as above (3 of 3, p = 1/8).
+    late = [0.08, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]  # crosses between 375 and 750
+    pairs = [_pair(0, BASE_CURVE, late), _pair(1, BASE_CURVE, late)]
+    pairs.append(_pair(2, [0.08, 0.07, 0.06, 0.01, 0.02, 0.02, 0.02, 0.02], late))  # best 0.01 at 1500
+    base = {s: b for s, (b, _) in enumerate(pairs)}
+    arm = {s: a for s, (_, a) in enumerate(pairs)}
+    q = fmrd.reading(arm, base, "fid")
+    assert [r["lower"] for r in q["per_seed"].values()] == [4.0, 4.0, 2.0] and q["ties"] == 1
+    assert (q["lower"]["above_claim"], q["lower"]["below_claim"]) == (2, 0)
+    assert q["lower"]["p_claim"] == pytest.approx(1 / 4) and q["lower"]["geomean"] == pytest.approx(
+        32 ** (1 / 3)
+    )
+    # With no slack the rule is the pre-registered one: the same numbers as speedup.quality.
+    rule = speedup.quality(arm, base, "fid")
+    assert {k: q["rule"][k] for k in ("geomean", "ci95", "above_claim", "p_claim")} == {
+        k: rule[k] for k in ("geomean", "ci95", "above_claim", "p_claim")
+    }
+
+
+def test_a_shorter_budget_takes_the_baselines_best_within_it():
+    # Cut at 1500 steps, the baseline's best is 0.05 (step 1500) and the slow arm reaches 0.05 at step
+    # 1500 too: 1.0x. Over the whole run it is 3000 / 1875 = 1.6x. Catches a variant that truncates the
+    # arm but keeps the whole run's target (0.01: never reached within 1500 steps).
+    base = {0: {"method": "none", "seed": 0, "curve": _curve(BASE_CURVE)}}
+    arm = {0: {"method": "lsa-sqeuclidean", "seed": 0, "curve": _curve(SLOW_CURVE)}}
+    cut = fmrd.reading(fmrd.truncated(arm, 1500), fmrd.truncated(base, 1500), "fid")["per_seed"][0]
+    assert (cut["target"], cut["base_steps"], cut["speedup"]) == (0.05, 1500, 1.0)
+    assert fmrd.reading(arm, base, "fid")["per_seed"][0]["speedup"] == pytest.approx(1.6)
+    rows = [line for line in fmrd.budget_section(arm, base, "fid") if line.startswith("| 1500 |")]
+    assert rows[0].startswith("| 1500 | 1500 | 1.00x |")  # budget, the baseline's best at, the rule
+
+
+def test_a_loosened_target_moves_the_baselines_step_to_its_first_evaluation_within_it():
+    # The baseline: 0.1005 at 1125, its best 0.1 at 1500 (runner-up gap 0.0005). With one SD of 0.004 the
+    # target is 0.104, first reached by the baseline at 1125 and by the arm at 750 (exactly): 1.5x. With
+    # the best as target (0.1) the arm crosses between 750 (0.104) and 1125 (0.09): 750 + 375 * 4 / 14 =
+    # 857.1 steps, 1500 / 857.1 = 1.75x. Catches a variant that loosens the target but keeps the
+    # baseline's step at its best (1500 / 750 = 2x).
+    base_values = [0.2, 0.15, 0.1005, 0.1, 0.11, 0.11, 0.11, 0.11]
+    arm_values = [0.2, 0.104, 0.09, 0.09, 0.09, 0.09, 0.09, 0.09]
+    base, arm = (dict([(0, run)]) for run in _pair(0, base_values, arm_values))
+    assert fmrd.runner_up(base, "fid")[0] == {"best": 0.1, "second": 0.1005, "gap": pytest.approx(0.0005)}
+    loose = fmrd.reading(arm, base, "fid", slack=0.004)["per_seed"][0]
+    assert (loose["base_steps"], loose["steps"], loose["speedup"]) == (1125, 750, 1.5)
+    strict = fmrd.reading(arm, base, "fid")["per_seed"][0]
+    assert strict["speedup"] == pytest.approx(1500 / (750 + 375 * 4 / 14))
+    text = "\n".join(fmrd.plateau_section(arm, base, "fid", 0.004))
+    assert (
+        "in 1 of 1 seeds its runner-up is" in text
+        and "| 0 | 0.1000 | 0.1005 (0.0005) | 0.1040 | 1125 |" in text
+    )
+
+
+def test_resumed_pairs_are_read_from_the_records_and_left_out_of_that_reading(tmp_path):
+    # A run is resumed when a recorded session starts after step 0; sessions come from done.json, else
+    # from a sessions.jsonl beside it (a resume noted by hand), else they are not recorded. Catches: a
+    # resume missed because it is noted beside the record, and a superseded record read as a run.
+    _sweep(tmp_path, [FAST_CURVE] * 3, l2=False)
+    run_dir = tmp_path / "runs" / "none_seed1"
+    (run_dir / "sessions.jsonl").write_text('{"start_step": 0}\n{"start_step": 750, "source": "by hand"}\n')
+    old = tmp_path / "superseded" / "none_seed2"
+    old.mkdir(parents=True)
+    (old / "done.json").write_text(
+        json.dumps({**_run("none", 2, [9.0] * 8), "sessions": [{"start_step": 0}]})
+    )
+    (old / "superseded.json").write_text(json.dumps({"reason": "a typo in its config"}))
+    runs = fmr.load_runs(tmp_path)
+    by = fmr.by_method(runs)
+    assert by["none"][1]["sessions"][1] == {"start_step": 750, "source": "by hand"}
+    assert by["none"][0]["sessions"] is None and fmrd.was_resumed(by["none"][0]) is None
+    assert fmrd.resumed_seeds(by["lsa-sqeuclidean"], by["none"]) == {1}
+    superseded = fmr.load_runs(tmp_path, "superseded")
+    assert [(r["seed"], r["reason"]) for r in superseded] == [(2, "a typo in its config")]
+    text = fmr.render(runs, [], None, superseded)
+    assert "`none` seed 1 **resumed** | from step 0, then from step 750 (by hand) |" in text
+    assert "Without seed 1 (a resumed run in its pair), 2 seeds:" in text
+    assert "- `none` seed 2: a typo in its config; sessions: from step 0." in text
+    assert "`none` 3 of 6 (seeds 0, 1, 2)" in text  # the rerun of seed 2 counts, not the record set aside
+    fresh = {s: {**r, "sessions": [{"start_step": 0}]} for s, r in by["none"].items()}
+    assert "No run of the primary comparison was resumed" in "\n".join(
+        fmrd.unresumed_section(by["lsa-sqeuclidean"], fresh, fmr.key(2))
+    )

@@ -72,6 +72,31 @@ def test_paired_sweep_writes_curves_plot_report_and_resumes(tmp_path):
     speedup.main(_args(tmp_path, 6))
     resumed = json.loads((run / "done.json").read_text())
     assert [row["step"] for row in resumed["curve"]] == [2, 4, 6]
+    # The records say which run was resumed and where (a runner that does not record it fails here).
+    assert resumed["sessions"] == [{"start_step": 0}, {"start_step": 4}]
+    assert json.loads((tmp_path / "runs" / "none_seed0" / "done.json").read_text())["sessions"] == [
+        {"start_step": 0}
+    ]
+    # --supersede sets the resumed run aside with its reason and the same command trains it afresh
+    # (catches: a record deleted instead of kept, or a rerun continuing the superseded checkpoint).
+    words = _args(tmp_path, 6)
+    cut = words.index("--")
+    speedup.main([*words[:cut], "--supersede", "lsa_seed0", "--reason", "resumed", *words[cut:]])
+    old = tmp_path / "superseded" / "lsa_seed0"
+    assert json.loads((old / "superseded.json").read_text()) == {"reason": "resumed"}
+    assert json.loads((old / "done.json").read_text())["sessions"] == resumed["sessions"]
+    fresh = json.loads((run / "done.json").read_text())
+    assert fresh["sessions"] == [{"start_step": 0}] and [row["step"] for row in fresh["curve"]] == [2, 4, 6]
+    # Run again, the command leaves the superseded record and the rerun as they are.
+    assert speedup.supersede(tmp_path, ["lsa_seed0"], "again") == []
+    assert json.loads((old / "superseded.json").read_text()) == {"reason": "resumed"}
+
+
+def test_supersede_needs_a_run_and_a_reason(tmp_path):
+    with pytest.raises(FileNotFoundError, match="none_seed9"):
+        speedup.supersede(tmp_path, ["none_seed9"], "typo")
+    with pytest.raises(SystemExit):
+        speedup.parse_args(["--config", "a.yaml", "--supersede", "none_seed1"])  # no --reason
 
 
 def test_paired_differences_count_seeds_and_sign_test():
@@ -241,3 +266,23 @@ def test_preregistered_flow_matching_commands_build_the_registered_runs(tmp_path
                 cli.trainer.max_steps == args.max_steps and cli.trainer.val_check_interval == args.eval_every
             )
             assert cli.datamodule.image_size == 16
+
+
+def test_the_seed_1_rerun_is_the_preregistered_run_with_its_old_records_set_aside():
+    """The results page's rerun command trains what the pre-registration registered, only seed 1.
+
+    Catches: a rerun with other settings than the registered runs (steps, evaluations, FID keys, configs,
+    overrides), or one that supersedes other runs than those it trains again (a record lost or kept twice).
+    """
+    pre = _page_commands(ROOT / "docs/results/flow-matching-preregistration.md")
+    [rerun] = [c for c in _page_commands(ROOT / "docs/results/flow-matching.md") if "--supersede" in c]
+    new = speedup.parse_args(rerun[2:])
+    registered = [speedup.parse_args(c[2:]) for c in pre if c[:2] == ["python", "benchmarks/speedup.py"]]
+    primary = registered[0]
+    for name in ("example", "config", "max_steps", "eval_every", "metric", "out", "extra"):
+        assert getattr(new, name) == getattr(primary, name), name
+    assert set(new.methods) == {
+        m for r in registered if 1 in r.seeds and r.max_steps == 3000 for m in r.methods
+    }
+    assert new.seeds == [1] and sorted(new.supersede) == sorted(f"{m}_seed1" for m in new.methods)
+    assert new.reason

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from example_projects.common.resumable import ResumableLoader
+
 DATASETS = ("mnist5k", "synthetic", "cifar10", "celeba", "mnist", "folder")
 QUICKSTART_HINT = (
     "To try an example without any files or network, use the embedded dataset (data.dataset: "
@@ -132,6 +134,12 @@ class ImageDataModule(L.LightningDataModule):
         random_flip: Random horizontal flips (the DDPM CIFAR-10 setting).
         val_size: Real images in the validation loader (validation loss; FID draws its own).
         num_synthetic: Size of the ``synthetic`` dataset.
+        seeded_order: Shuffle the training set with a generator of its own, seeded from the run seed
+            (``torch.initial_seed()``, which ``seed_everything`` sets), and keep its position in
+            checkpoints (``ResumableLoader``): a resumed run reads the same batches as an uninterrupted
+            one, and nothing else drawn from the global random state (evaluations, other loaders)
+            changes the order. ``False``: PyTorch's ``RandomSampler``, which draws each epoch's shuffle
+            from the global random state (the flow-matching example turns this on).
     """
 
     def __init__(
@@ -146,6 +154,7 @@ class ImageDataModule(L.LightningDataModule):
         random_flip: bool = False,
         val_size: int = 256,
         num_synthetic: int = 512,
+        seeded_order: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -157,6 +166,7 @@ class ImageDataModule(L.LightningDataModule):
         self.channels = channels or (1 if dataset in ("mnist5k", "mnist") else 3)
         self.batch_size, self.num_workers, self.download = batch_size, num_workers, download
         self.random_flip, self.val_size, self.num_synthetic = random_flip, val_size, num_synthetic
+        self.seeded_order = seeded_order
         self.train_set: Dataset | None = None
 
     @property
@@ -186,14 +196,11 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            drop_last=shuffle,
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers, "drop_last": shuffle,
+                  "persistent_workers": self.num_workers > 0}  # fmt: skip
+        if shuffle and self.seeded_order:
+            return ResumableLoader(dataset, seed=torch.initial_seed(), **kwargs)
+        return DataLoader(dataset, shuffle=shuffle, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled ``(image, label)`` batches; the last incomplete batch is dropped."""

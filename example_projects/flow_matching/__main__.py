@@ -17,9 +17,19 @@ from example_projects.flow_matching.model import FlowMatching
 
 
 class FlowMatchingCLI(ExampleCLI):
-    """The shared example CLI: ``fid:`` logs ``val/fid..._{sampler}{steps}`` per sampler spec."""
+    """The shared example CLI: ``fid:`` logs ``val/fid..._{sampler}{steps}`` per sampler spec.
+
+    The data's order is seeded and resumable by default (``data.seeded_order``): with the module's own
+    training-time stream, a resumed run continues exactly as an uninterrupted one, and the evaluation
+    schedule does not change what training draws.
+    """
 
     fid_class = FlowMatchingFID
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """The shared groups, and ``data.seeded_order: true`` as the default."""
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"data.seeded_order": True})
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> Any:

@@ -205,8 +205,9 @@ def compare(args: Sequence[str], cli_factory: Callable[..., Any]) -> dict[str, A
     arms = []
     for name in ARMS:
         say(f"\n=== Arm '{name}' ({ARM_TITLES[name]}, overlay {ARMS[name]}) ===")
-        # Built right before it trains: the seed is set again, so both arms start from the same global
-        # random state (data order, training times), not the state the first arm's training left.
+        # Built right before it trains: the seed is set again, so both arms start from the same weights
+        # (drawn from the global random state), not from the state the first arm's training left; the
+        # data order and training times come from streams seeded from the same run seed.
         arm = build_arm(name, out, rest, cli_factory)
         arm.cli.trainer.fit(arm.cli.model, datamodule=arm.cli.datamodule)
         arms.append(arm)

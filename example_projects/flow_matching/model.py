@@ -8,14 +8,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from example_projects.common.ema import EMA
+from example_projects.common.resumable import CountedStream
 from example_projects.common.training import check_prediction, check_sample_shape, eval_mode, warmup_optimizer
 from example_projects.flow_matching.objective import TimeSampling, flow_matching_loss, sample_time
 from example_projects.flow_matching.samplers import SAMPLERS, SamplerName, integrate
 from lightning_immiscible import ImmiscibleMixin
+
+#: Where checkpoints keep the training-time stream's state.
+TIMES_KEY = "flow_matching_times"
 
 
 class FlowMatching(ImmiscibleMixin, L.LightningModule):
@@ -43,6 +48,12 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
         warmup_steps: Linear learning-rate warm-up steps.
         ema_decay: EMA decay of the weights used for sampling and FID.
         ema_warmup: Ramp the EMA decay up over the first updates (off for the published setting).
+
+    Training times come from a stream of the module's own (``times``: batch ``i`` of rank ``r`` draws
+    from a generator seeded from ``(run seed, r, i)``, the run seed being ``torch.initial_seed()``,
+    which ``seed_everything`` sets), never from the global random state; checkpoints keep its seed and
+    count (``on_save_checkpoint``). So a resumed run draws the times an uninterrupted one draws, and an
+    evaluation (which advances the global state) does not change them.
     """
 
     def __init__(
@@ -67,6 +78,7 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
         self.net = net
         self.ema = EMA(self.net, ema_decay, ema_warmup)
         self.sampler: str = sampler
+        self.times = CountedStream("flow matching training times")
 
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one sample."""
@@ -95,11 +107,32 @@ class FlowMatching(ImmiscibleMixin, L.LightningModule):
         )
 
     @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.times.rank = self.global_rank  # before a checkpoint's state is loaded (Lightning's order)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[TIMES_KEY] = self.times.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if TIMES_KEY in checkpoint:
+            self.times.load_state_dict(checkpoint[TIMES_KEY])
+        elif self._trainer is not None and self._trainer.state.fn == "fit":
+            rank_zero_warn(
+                "FlowMatching: the checkpoint holds no training-time stream (written by an older version); "
+                "the resumed run draws its training times from a new one, not the interrupted run's."
+            )
+
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = self.coupled_data(batch)  # immiscible_data(batch), computed once per batch
         check_sample_shape(x0, self.sample_shape())
         noise = self.noise_like(x0)  # coupled noise when ImmiscibleCoupling is active
-        loss = self.loss(x0, noise, self.sample_times(x0.shape[0]))
+        loss = self.loss(x0, noise, self.sample_times(x0.shape[0], self.times.generator()))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
