@@ -16,6 +16,8 @@ Commands are collected from the fenced ``bash`` blocks and the inline code spans
   cite as its output exist; small real runs are in ``tests/test_benchmark_scripts.py``.
 - ``bash benchmarks/run_gpu.sh``: runs here; without CUDA it records the environment and stops
   with a clear message (its H100 output is in ``benchmarks/results/``).
+- ``bash tools/lower_bounds.sh ...``: its options are accepted and its Python is found (a dry run);
+  ``.ci/run`` runs the default form (the floors on Python 3.10) after the main suite.
 - ``pip install``: every extra and package named is declared in ``pyproject.toml``; ``.ci/run``
   performs the install of the ``test`` extra, which includes ``examples`` and ``docs``.
 - ``python -m build`` and the wheel it makes: built, checked and installed by ``tests/test_packaging.py``.
@@ -90,6 +92,8 @@ class Shown:
             return "build"
         if w[0] == "python" and w[1].endswith(".py"):
             return "script"
+        if w[:2] == ("bash", "tools/lower_bounds.sh"):
+            return "lower_bounds"
         return {"torchrun": "torchrun", "pip": "pip", "mkdocs": "mkdocs", "bash": "shell_script"}.get(w[0])
 
 
@@ -132,7 +136,8 @@ def test_every_command_shown_in_the_docs_has_a_check():
     unchecked = [f"{c.source}: {c.text}" for c in COMMANDS if c.kind is None]
     assert not unchecked, "give these documented commands a check in this file: " + "; ".join(unchecked)
     kinds = {c.kind for c in COMMANDS}
-    assert {"example", "torchrun", "slurm", "script", "pip", "pytest", "mkdocs", "shell_script"} <= kinds
+    expected = {"example", "torchrun", "slurm", "script", "pip", "pytest", "mkdocs", "shell_script"}
+    assert expected | {"lower_bounds"} <= kinds
 
 
 # --- python -m example_projects.<name> ... : dry runs -------------------------------------------------
@@ -385,6 +390,18 @@ def test_documented_shell_script_runs(shown: Shown, tmp_path: Path):
     log = (out / "assignment_cuda.txt").read_text()
     if not torch.cuda.is_available():
         assert "torch.cuda.is_available() is False" in log and "exit 2" in log
+
+
+@pytest.mark.parametrize("shown", _of_kind("lower_bounds"))
+def test_documented_lower_bound_command_is_accepted_and_ci_runs_the_default(shown: Shown):
+    # Catches: a documented option the script rejects (exit 2) or a Python it cannot find, and the
+    # floor run gone from .ci/run while the docs say CI runs it. The dry run installs nothing.
+    words = ["bash", "tools/lower_bounds.sh", "--dry-run", *shown.words[2:]]
+    done = subprocess.run(words, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, shown.text + "\n" + done.stdout + done.stderr
+    assert done.stdout.startswith("lower_bounds: Python "), done.stdout
+    if shown.words == ("bash", "tools/lower_bounds.sh"):
+        assert "\nbash tools/lower_bounds.sh\n" in (ROOT / ".ci" / "run").read_text()
 
 
 # --- install, test and build commands ------------------------------------------------------------------
