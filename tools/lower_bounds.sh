@@ -84,8 +84,9 @@ fi
 rm -rf "$venv"
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
-"$venv/bin/uv" pip install --python "$venv/bin/python" --resolution "$resolution" --only-binary :all: \
-  -e ".[fast,pot]" "${TEST_TOOLS[@]}"
+# --system-certs: the operating system's CA store (pip's too), as a proxy's certificate needs.
+"$venv/bin/uv" pip install --system-certs --python "$venv/bin/python" --resolution "$resolution" \
+  --only-binary :all: -e ".[fast,pot]" "${TEST_TOOLS[@]}"
 "$venv/bin/python" tools/check_floors.py --resolution "$resolution" "${TEST_TOOLS[@]}"
 echo "lower_bounds: installed in $((SECONDS - start)) s"
 
