@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_immiscible.checks import CouplingInputError, check_tensors, checked_ranges
+from lightning_immiscible.checks import CouplingInputError, check_cost_range, check_tensors, checked_ranges
 from lightning_immiscible.conditional import (
     assign_gathered,
     class_noise_means,
@@ -127,7 +127,7 @@ def agree_on_step(
     """
     wide = False
     if path == "group":
-        error, wide = _validate_local(x, error)
+        error, wide = _validate_local(x, error, spec.metric)
     error = error or _condition_error(x, condition)
     identity = solver_identity(spec)
     fields = {
@@ -223,14 +223,17 @@ def couple_in_group(
     return _with_local_skew(result, x, condition)
 
 
-def _validate_local(x: Tensor | None, error: BaseException | None) -> tuple[BaseException | None, bool]:
+def _validate_local(
+    x: Tensor | None, error: BaseException | None, metric: str
+) -> tuple[BaseException | None, bool]:
     """This rank's input check and whether its costs need float64, from one pass over `x`.
 
     Returns:
         `(error, wide)`: the error to send to the group (or `None`), and whether the costs need
         float64 (float64 data, or fp32 costs that could overflow: decided from `x`'s range and a
         bound on the noise, 10 standard deviations, before the pool is drawn, so that the group
-        agrees on one dtype for the gathered rows in the header exchange).
+        agrees on one dtype for the gathered rows in the header exchange). Data so large that even
+        float64 costs would overflow is an error here, on its rank, named for every rank.
     """
     if error is not None or x is None:
         return error or CouplingInputError("No data tensor to couple.", "no_tensor"), False
@@ -243,6 +246,7 @@ def _validate_local(x: Tensor | None, error: BaseException | None) -> tuple[Base
                 "empty",
             )
         ranges = checked_ranges(x.detach(), x.detach())[:1]  # one min/max pass: NaN/Inf and range
+        check_cost_range([*ranges, (10.0, 10.0)], x[0].numel(), metric)  # float64 overflow, named
     except CouplingInputError as exc:
         return exc, False
     wide = x.dtype == torch.float64

@@ -394,3 +394,17 @@ def test_values_whose_costs_overflow_float64_fail_naming_it(metric):
     assert float(cost[rows, res.index.numpy()].sum()) == pytest.approx(
         float(cost[rows, cols].sum()), rel=1e-9
     )
+
+
+def test_the_group_path_names_a_float64_overflow_before_any_exchange():
+    # float64 data at 1e200: squared distances (~1e400 per value) overflow float64. The group path
+    # must refuse it on the rank that holds it, with the overflow named, in the header exchange
+    # (every rank learns it in the same step). Catches the check left to the last guard before the
+    # solver, whose message only counts NaN/Inf cost entries after the rows were gathered.
+    from lightning_immiscible.distributed import couple_in_group
+    from lightning_immiscible.groups import build_rank_group
+
+    x0 = _data(8, 4, seed=40).double() * 1e200
+    assert not torch.isfinite((x0[:, None] - x0[None]).square().sum(-1)).all()  # the oracle: it overflows
+    with pytest.raises(CouplingInputError, match=r"hold values up to .*e\+199 .* overflow float64"):
+        couple_in_group(x0, build_rank_group("global"), seed=0, draw_index=0, spec=CouplingSpec())
