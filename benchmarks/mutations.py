@@ -140,8 +140,8 @@ MUTATIONS = (
         "float32_costs_forced",
         "huge or float64 data get float64 costs in the group path",
         DIST,
-        'wide_rows = any(mine.column("wide")) or needs_wide_rows(condition)',
-        "wide_rows = False",
+        'return AgreedStep(sizes, offset, torch.float64 if any(mine.column("wide")) else torch.float32)',
+        "return AgreedStep(sizes, offset, torch.float32)",
         ("tests/test_callback.py::test_huge_data_is_coupled_with_float64_costs_through_the_callback",),
     ),
     Mutation(
@@ -231,6 +231,14 @@ MUTATIONS = (
         "        if not (math.isfinite(low) and math.isfinite(high)):",
         "        if False:",
         ("tests/test_coupling.py::test_non_finite_values_are_found_by_the_single_scan",),
+    ),
+    Mutation(
+        "wide_labels_decided_alone",
+        "the need for float64 rows (labels >= 2**24) travels in the header, so every rank gathers alike",
+        DIST,
+        "    wide = error is None and (wide or needs_wide_rows(condition))",
+        "    wide = error is None and wide",
+        ("tests/test_conditional_ddp.py::test_labels_beyond_float32_on_one_rank_only_travel_exactly",),
     ),
     Mutation(
         "worker_path_skips_header",

@@ -129,9 +129,10 @@ def agree_on_step(
     if path == "group":
         error, wide = _validate_local(x, error, spec.metric)
     error = error or _condition_error(x, condition)
+    wide = error is None and (wide or needs_wide_rows(condition))  # labels >= 2**24 need float64 rows
     identity = solver_identity(spec)
     fields = {
-        "epoch": epoch, "draw": draw_index, "wide": int(wide and error is None),
+        "epoch": epoch, "draw": draw_index, "wide": int(wide),
         "solver": solver_code(identity), "condition": 0 if error else condition_code(condition),
         **(race.header_fields() if race is not None and path == "group" else {}),
     }  # fmt: skip
@@ -142,8 +143,7 @@ def agree_on_step(
         race.receive_headers(mine.fields())
     sizes = mine.column("b")
     offset = sum(sizes[: group.ranks.index(process_rank())]) if group.size > 1 else 0
-    wide_rows = any(mine.column("wide")) or needs_wide_rows(condition)
-    return AgreedStep(sizes, offset, torch.float64 if wide_rows else torch.float32)
+    return AgreedStep(sizes, offset, torch.float64 if any(mine.column("wide")) else torch.float32)
 
 
 def couple_in_group(
@@ -250,7 +250,7 @@ def _validate_local(
     except CouplingInputError as exc:
         return exc, False
     wide = x.dtype == torch.float64
-    return None, range_cost_dtype([*ranges, (10.0, 10.0)], x[0].numel(), "l2", wide) == torch.float64
+    return None, range_cost_dtype([*ranges, (10.0, 10.0)], x[0].numel(), metric, wide) == torch.float64
 
 
 def _condition_error(x: Tensor | None, condition: Tensor | None) -> CouplingInputError | None:

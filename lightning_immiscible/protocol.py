@@ -107,18 +107,18 @@ def encode(
         fields: Values of named `FIELDS` (`epoch`, `draw`, `wide`, `solver`, `condition`, race).
         path: Who couples this batch.
     """
-    head = torch.zeros(HEADER_SIZE, dtype=torch.int64)
+    head = [0] * HEADER_SIZE  # built in Python, one tensor at the end: this runs every step
     for name, value in {**fields, "path": PATHS.index(path)}.items():
         head[_AT[name]] = int(value)
     if error is not None or x is None:
         error = error or CouplingInputError("No data tensor to couple.", "no_tensor")
         head[_AT["status"]] = 1 + REASONS.index(error_reason(error))
-        head[_MESSAGE_AT:] = torch.from_numpy(_message_words(f"{type(error).__name__}: {error}"))
-        return head
+        head[_MESSAGE_AT:] = _message_words(f"{type(error).__name__}: {error}").tolist()
+        return torch.tensor(head, dtype=torch.int64)
     dims = tuple(x.shape[1:])
     head[_AT["b"]], head[_AT["ndim"]], head[_AT["numel"]] = x.shape[0], len(dims), math.prod(dims)
-    head[_DIMS_AT : _DIMS_AT + min(len(dims), DIMS)] = torch.tensor(dims[:DIMS], dtype=torch.int64)
-    return head
+    head[_DIMS_AT : _DIMS_AT + min(len(dims), DIMS)] = dims[:DIMS]
+    return torch.tensor(head, dtype=torch.int64)
 
 
 def _message_words(text: str) -> np.ndarray:
@@ -140,11 +140,11 @@ class Headers:
 
     def column(self, name: str) -> list[int]:
         """Every row's value of field `name`."""
-        return [int(v) for v in self.rows[:, _AT[name]]]
+        return self.rows[:, _AT[name]].tolist()
 
     def item_shape(self, i: int) -> tuple[int, ...]:
         """Row `i`'s `(ndim, numel, *dims)`: equal on ranks whose items have the same shape."""
-        return tuple(int(v) for v in self.rows[i, _AT["ndim"] : _MESSAGE_AT])
+        return tuple(self.rows[i, _AT["ndim"] : _MESSAGE_AT].tolist())
 
     def message(self, i: int) -> str:
         """Row `i`'s error message (empty when it is fine)."""

@@ -40,7 +40,8 @@ def _local_batch(rank: int, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _condition(rank: int, labels: torch.Tensor, fault: str | None) -> object:
     if fault is None or rank != 1:
         return labels
-    return {"float": labels.float(), "negative": labels - 5, "missing": None, "int32": labels.int()}[fault]
+    faults = {"float": labels.float(), "negative": labels - 5, "missing": None, "int32": labels.int()}
+    return {**faults, "huge": labels + 2**24}[fault]
 
 
 def _rank_main(rank: int, world: int, port: int, scope, method: str, fault, queue) -> None:
@@ -121,6 +122,26 @@ def test_each_rank_gets_the_noise_one_process_gives_the_concatenated_group(world
                 )
                 assert skew is not None
                 offset += SIZES[r]
+
+
+def test_labels_beyond_float32_on_one_rank_only_travel_exactly():
+    # Rank 1's labels are 2**24 and up (not exact in float32 rows: 2**24 and 2**24 + 1 are one
+    # float32 value), rank 0's are small. The need for float64 rows must travel in the header, so
+    # both ranks gather float64 rows. Catches a rank deciding the rows' dtype from its own labels
+    # alone (rank 0 gathers float32 against rank 1's float64: the gather fails or merges labels).
+    # Oracle: couple() of the concatenated batch and labels on the group's pool.
+    results = _run(2, "global", fault="huge")
+    for draw in range(DRAWS):
+        batches = [_local_batch(r, draw) for r in range(2)]
+        x = torch.cat([b[0] for b in batches])
+        labels = torch.cat([batches[0][1], batches[1][1] + 2**24])
+        expected = couple(x, draw_pool(x.shape, 3, 0, draw), condition=labels)
+        offset = 0
+        for r in range(2):
+            status, out = results[r]
+            assert status == "ok", out
+            assert torch.equal(torch.from_numpy(out[draw][0]), expected.index[offset : offset + SIZES[r]])
+            offset += SIZES[r]
 
 
 @pytest.mark.parametrize(
