@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write results here")
-    parser.add_argument("--pool-batches", type=int, nargs="+", default=None, help="measure pools of k batches")
+    parser.add_argument("--pool-batches", type=int, nargs="+", default=None, help="measure pools of k")
     return parser
 
 
@@ -86,7 +86,8 @@ def measure_pool(b: int, conditions: int, k: int, args: argparse.Namespace) -> d
         start = time.perf_counter()
         results = collate.couple_pool(list(x0.split(b)), list(noise.split(b)), list(labels.split(b)))
         wall = (time.perf_counter() - start) * 1e3
-        before, after = (statistics.mean(getattr(r, f) for r in results) for f in ("cost_before", "cost_after"))
+        before = statistics.mean(r.cost_before for r in results)
+        after = statistics.mean(r.cost_after for r in results)
         if seed:
             walls.append(wall)
             reductions.append(100 * (before - after) / before)
@@ -110,7 +111,8 @@ def pool_table(args: argparse.Namespace) -> list[dict]:
     for r in rows:
         print(
             f"{r['batch']:>5} {r['conditions']:>5} {r['pool_batches']:>4} {r['pool_items']:>6} "
-            f"{r['blocks_mean_size']:>7.1f} {r['pool_ms']:>9.1f} {r['per_step_ms']:>9.2f} {r['reduction_pct']:>8.2f}"
+            f"{r['blocks_mean_size']:>7.1f} {r['pool_ms']:>9.1f} {r['per_step_ms']:>9.2f} "
+            f"{r['reduction_pct']:>8.2f}"
         )
     return rows
 

@@ -334,8 +334,8 @@ MUTATIONS = (
         "a pool of k batches is coupled in one assignment over its k B items (labels: the pool's blocks)",
         "lightning_immiscible/workers.py",
         "        if len(x0s) == 1:\n            return [pooled]\n",
-        "        if len(x0s) >= 1:\n            return [self.spec.couple(x, n, None if conditions is None else "
-        "conditions[j], self.race) for j, (x, n) in enumerate(zip(x0s, noises))]\n",
+        "        if len(x0s) >= 1:\n            return [self.spec.couple(x, n, None if conditions is None "
+        "else conditions[j], self.race) for j, (x, n) in enumerate(zip(x0s, noises))]\n",
         (
             "tests/test_pools.py::test_one_assignment_over_the_pool_is_optimal_and_beats_batch_by_batch",
             "tests/test_pools.py::test_labels_couple_within_the_pools_blocks_and_noise_crosses_batches",

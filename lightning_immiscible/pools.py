@@ -45,8 +45,15 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
-from torch.utils.data import SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from lightning_immiscible.workers import CouplingCollate, PoolCollate
 
@@ -76,7 +83,9 @@ class PoolBatchSampler(BatchSampler):
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
         if isinstance(pool_batches, bool) or not isinstance(pool_batches, int) or pool_batches < 1:
-            raise ValueError(f"PoolBatchSampler(pool_batches={pool_batches!r}): pool_batches must be an int >= 1.")
+            raise ValueError(
+                f"PoolBatchSampler(pool_batches={pool_batches!r}): pool_batches must be an int >= 1."
+            )
         self.pool_batches = pool_batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -172,24 +181,30 @@ class PooledDataLoader(DataLoader):
         if isinstance(dataset, IterableDataset):
             raise TypeError("PooledDataLoader needs a map-style dataset (it samples the indices of pools).")
         if batch_sampler is None:
-            if sampler is None:
-                sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+            if sampler is None and shuffle:
+                sampler = RandomSampler(dataset, generator=generator)  # as DataLoader builds it
+            elif sampler is None:
+                sampler = SequentialSampler(dataset)
             elif shuffle:
                 raise ValueError("PooledDataLoader: sampler and shuffle=True exclude each other.")
             batch_sampler = PoolBatchSampler(sampler, int(batch_size or 0), drop_last, collate.pool_batches)
         elif not isinstance(batch_sampler, PoolBatchSampler):
             raise TypeError(
-                f"PooledDataLoader: batch_sampler must be a PoolBatchSampler, got {type(batch_sampler).__name__}; "
-                "pass batch_size, shuffle or sampler and drop_last instead."
+                "PooledDataLoader: batch_sampler must be a PoolBatchSampler, got "
+                f"{type(batch_sampler).__name__}; pass batch_size, shuffle or sampler and drop_last instead."
             )
         elif batch_size != 1 or shuffle or sampler is not None or drop_last:
-            raise ValueError("PooledDataLoader: batch_sampler excludes batch_size, shuffle, sampler and drop_last.")
+            raise ValueError(
+                "PooledDataLoader: batch_sampler excludes batch_size, shuffle, sampler and drop_last."
+            )
         elif batch_sampler.pool_batches != collate.pool_batches:  # rebuilt from its attributes only
             batch_sampler = PoolBatchSampler(
                 batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last, collate.pool_batches
             )
         pools = PoolCollate(collate, batch_sampler.batch_size)
-        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=pools, generator=generator, **kwargs)
+        super().__init__(
+            dataset, batch_sampler=batch_sampler, collate_fn=pools, generator=generator, **kwargs
+        )
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         """The training batches, pool after pool."""

@@ -102,8 +102,9 @@ class WorkerBatches:
 
         The training step pays nothing for it: `assign_ms` is 0 on the critical path. A batch whose
         noise was drawn for another position than the training loop's `(rank, epoch, batch_idx)` is
-        coupled again here, for that position (alone: a pooled collate's batch without its pool). The worker's `solver="auto"` race times are credited
-        to the training process's collate, whose race the next epoch's workers inherit.
+        coupled again here, for that position (alone: a pooled collate's batch without its pool).
+        The worker's `solver="auto"` race times are credited to the training process's collate,
+        whose race the next epoch's workers inherit.
 
         Args:
             x0: ``(B, *dims)`` the batch's data.
@@ -190,4 +191,4 @@ class WorkerBatches:
 def _alone(collate: CouplingCollate) -> str:
     """What the re-coupling loses for a pooled collate: such a batch is coupled without its pool."""
     k = collate.pool_batches
-    return f"; a PooledDataLoader's batch is then coupled alone, not in its pool of {k} batches" if k > 1 else ""
+    return f"; a PooledDataLoader's batch is then coupled alone, not in its pool of {k} batches" * (k > 1)

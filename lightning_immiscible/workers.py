@@ -285,9 +285,8 @@ class CouplingCollate:
                 f"shape; got {len(x0s)} batches of item shapes {sorted(shapes)}, {len(noises)} noises.",
                 "shape",
             )
-        pooled = self.spec.couple(
-            torch.cat(x0s), torch.cat(noises), None if conditions is None else torch.cat(conditions), self.race
-        )
+        labels = None if conditions is None else torch.cat(conditions)
+        pooled = self.spec.couple(torch.cat(x0s), torch.cat(noises), labels, self.race)
         if len(x0s) == 1:
             return [pooled]
         sizes, n = [x.shape[0] for x in x0s], len(x0s)
@@ -349,8 +348,9 @@ class CouplingCollate:
         """Collates a pool's batches and couples their noise in one assignment.
 
         Each chunk is collated by the inner `collate_fn` (never a slice of a collated batch); batch
-        `j` of the pool at `(rank, epoch, q)` ([next_position][lightning_immiscible.workers.CouplingCollate.next_position])
-        gets the noise drawn for batch position `q pool_batches + j`; then
+        `j` of the pool at `(rank, epoch, q)`
+        ([next_position][lightning_immiscible.workers.CouplingCollate.next_position]) gets the noise
+        drawn for batch position `q pool_batches + j`; then
         [couple_pool][lightning_immiscible.workers.CouplingCollate.couple_pool].
 
         Args:
@@ -364,7 +364,9 @@ class CouplingCollate:
             others: one draw per pool).
         """
         if not 1 <= len(chunks) <= self.pool_batches:
-            raise ValueError(f"collate_pool got {len(chunks)} batches; a pool holds 1 to {self.pool_batches}.")
+            raise ValueError(
+                f"collate_pool got {len(chunks)} batches; a pool holds 1 to {self.pool_batches}."
+            )
         batches = [self.collate_fn(chunk) for chunk in chunks]
         x0s = [self.data_fn(batch) for batch in batches]
         rank, epoch, pool = self.next_position()
@@ -374,10 +376,9 @@ class CouplingCollate:
                                    conditions)  # fmt: skip
         reports = self.race.pop_reports()  # in the training process this copy counted them already
         reports = reports if reports and get_worker_info() is not None else []
-        return [
-            _coupled_batch(batch, res, where, None if conditions is None else conditions[j], [] if j else reports)
-            for j, (batch, res, where) in enumerate(zip(batches, results, positions, strict=True))
-        ]
+        labels = conditions or [None] * len(batches)
+        parts = zip(batches, results, positions, labels, strict=True)
+        return [_coupled_batch(*part, [] if j else reports) for j, part in enumerate(parts)]
 
 
 class PoolCollate:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Ten
 from lightning_immiscible import CouplingCollate, CouplingSpec, PooledDataLoader
 from lightning_immiscible.pools import PoolBatchSampler
 from lightning_immiscible.workers import (
+    BATCH_KEY,
     INDEX_KEY,
     NOISE_KEY,
     POSITION_KEY,
@@ -75,6 +76,8 @@ def test_pool_batches_one_is_the_unpooled_collate_exactly(workers, condition):
         for key in a:
             if key == STATS_KEY:  # the assignment time differs from run to run
                 assert torch.equal(a[key][:2], b[key][:2])
+            elif key == BATCH_KEY:  # the inner batch: [images, labels]
+                assert all(torch.equal(u, v) for u, v in zip(a[key], b[key], strict=True))
             else:
                 assert torch.equal(a[key], b[key]), key
         x0, labels = a["batch"]
@@ -115,7 +118,8 @@ def test_pool_noise_is_the_concatenated_draws_of_its_batch_positions(workers):
     assert [b[POSITION_KEY].tolist() for b in batches] == [[0, 0, i] for i in range(6)]
     for q in range(2):
         pool = batches[3 * q : 3 * q + 3]
-        draws = torch.cat([_drawn(tuple(b["batch"][0].shape), 4, 0, 0, 3 * q + j) for j, b in enumerate(pool)])
+        shapes = [tuple(b["batch"][0].shape) for b in pool]
+        draws = torch.cat([_drawn(shape, 4, 0, 0, 3 * q + j) for j, shape in enumerate(shapes)])
         index = torch.cat([b[INDEX_KEY] for b in pool])
         assert sorted(index.tolist()) == list(range(24))
         for b in pool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from operator import itemgetter
 
 import numpy as np
 import pytest
@@ -17,6 +16,11 @@ from lightning_immiscible.mixin import hand_off
 from tests.helpers import ResumableLoader, ToyDiffusion, trainer
 
 
+def parity(batch) -> torch.Tensor:
+    """The labels of a ToyDiffusion batch for the conditional tests: item id % 2 (picklable)."""
+    return batch[1] % 2
+
+
 class PooledToy(ToyDiffusion):
     """Couples in a PooledDataLoader (pools of `pool_batches` batches of 8); records positions."""
 
@@ -25,7 +29,7 @@ class PooledToy(ToyDiffusion):
         self.num_workers, self.pool_batches, self.labels = num_workers, pool_batches, labels
 
     def collate(self) -> CouplingCollate:
-        condition = itemgetter(1) if self.labels else None
+        condition = parity if self.labels else None
         return CouplingCollate("lsa", seed=5, condition_fn=condition, pool_batches=self.pool_batches)
 
     def train_dataloader(self):
@@ -33,7 +37,7 @@ class PooledToy(ToyDiffusion):
                                 collate_fn=self.collate())  # fmt: skip
 
     def immiscible_condition(self, batch):
-        return batch[1] % 2 if self.labels else None
+        return parity(batch) if self.labels else None
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)

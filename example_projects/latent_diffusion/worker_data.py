@@ -32,6 +32,7 @@ class EncodeCollate:
         self.codec = codec
 
     def __call__(self, items: list[Any]) -> list[Tensor]:
+        """`[latents, labels]` of the items."""
         images, labels = default_collate(items)
         return [self.codec.encode(images), labels]
 
@@ -50,7 +51,9 @@ class LatentDataModule(ImageDataModule):
         **kwargs: `ImageDataModule`'s arguments (`batch_size`, `num_workers`, ...).
     """
 
-    def __init__(self, pool_batches: int = 0, worker_method: Literal["lsa", "none"] = "lsa", **kwargs: Any) -> None:
+    def __init__(
+        self, pool_batches: int = 0, worker_method: Literal["lsa", "none"] = "lsa", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if pool_batches < 0:
             raise ValueError(f"data.pool_batches must be >= 0 (0: no worker coupling), got {pool_batches}.")
