@@ -115,7 +115,7 @@ class PooledDataLoader(DataLoader):
     `collate_fn=CouplingCollate(...)` (and `pool_batches=1`) yields: batches of `batch_size` items
     from the same sampler, in the same order, in the collate's format, with `len(loader)` training
     batches. The difference: the noise of each run of `k` consecutive batches is coupled in one
-    assignment over their `k batch_size` items (see the [pools][lightning_immiscible.pools] module).
+    assignment over their `k batch_size` items (see the `pools` module).
     Keep `ImmiscibleMixin` and `ImmiscibleCoupling` as for any
     [CouplingCollate][lightning_immiscible.workers.CouplingCollate]; build the loader in
     `train_dataloader()`, with a map-style dataset and `persistent_workers=False`.
