@@ -9,6 +9,13 @@ of `--dim` values around C class means (what a class-conditional batch looks lik
 and prints a table. Timed runs belong on an otherwise idle machine.
 
     python benchmarks/conditional.py --batches 256 512 1024 2048 --conditions 10 100 1000 --dim 256
+
+With ``--pool-batches k ...`` it measures pools larger than a batch instead
+(`CouplingCollate(pool_batches=k).couple_pool`, what a `PooledDataLoader`'s workers run): `k`
+batches of `B` items coupled within conditions in one assignment, the time per pool and per
+training step (the pool's / `k`), and the reduction the pool keeps.
+
+    python benchmarks/conditional.py --batches 64 --conditions 100 --pool-batches 1 4 16 --dim 256
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 
 from lightning_immiscible.coupling import CouplingSpec
 from lightning_immiscible.solvers import available_solvers
+from lightning_immiscible.workers import CouplingCollate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument("--pool-batches", type=int, nargs="+", default=None, help="measure pools of k")
     return parser
 
 
@@ -68,8 +77,54 @@ def measure(spec: CouplingSpec, b: int, conditions: int, args: argparse.Namespac
     return row
 
 
+def measure_pool(b: int, conditions: int, k: int, args: argparse.Namespace) -> dict:
+    """Median time (ms) of one pool of `k` batches of `b` items coupled within conditions, its reduction."""
+    collate = CouplingCollate("lsa", solver=args.solver, pool_batches=k)
+    walls, reductions = [], []
+    for seed in range(args.repeats + 1):  # the first repeat warms the solver up and is dropped
+        x0, noise, labels = batch(b * k, conditions, args.dim, seed, args.device)
+        start = time.perf_counter()
+        results = collate.couple_pool(list(x0.split(b)), list(noise.split(b)), list(labels.split(b)))
+        wall = (time.perf_counter() - start) * 1e3
+        before = statistics.mean(r.cost_before for r in results)
+        after = statistics.mean(r.cost_after for r in results)
+        if seed:
+            walls.append(wall)
+            reductions.append(100 * (before - after) / before)
+    pool_ms = statistics.median(walls)
+    return {"batch": b, "conditions": conditions, "pool_batches": k, "pool_items": b * k,
+            "blocks_mean_size": b * k / conditions, "pool_ms": pool_ms, "per_step_ms": pool_ms / k,
+            "reduction_pct": statistics.median(reductions)}  # fmt: skip
+
+
+def pool_table(args: argparse.Namespace) -> list[dict]:
+    """Measures and prints the `--pool-batches` cells."""
+    rows = []
+    for b in args.batches:
+        for conditions in args.conditions:
+            for k in args.pool_batches:
+                rows.append(measure_pool(b, conditions, k, args))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"\nD={args.dim}, device {args.device}, solver {args.solver}, median of {args.repeats}")
+    print("{:>5} {:>5} {:>4} {:>6} {:>7} {:>9} {:>9} {:>8}".format("B", "C", "k", "items", "block", "pool ms",
+                                                                    "step ms", "red. %"))  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['batch']:>5} {r['conditions']:>5} {r['pool_batches']:>4} {r['pool_items']:>6} "
+            f"{r['blocks_mean_size']:>7.1f} {r['pool_ms']:>9.1f} {r['per_step_ms']:>9.2f} "
+            f"{r['reduction_pct']:>8.2f}"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.pool_batches:
+        result = {"dim": args.dim, "device": args.device, "solver": args.solver, "rows": pool_table(args)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     spec = CouplingSpec("lsa", solver=args.solver)
     rows = []
     for b in args.batches:

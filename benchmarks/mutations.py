@@ -329,6 +329,29 @@ MUTATIONS = (
             "tests/test_fuzz_inputs.py::test_every_input_pairs_optimally_or_fails_naming_the_problem[couple]",
         ),
     ),
+    Mutation(
+        "pool_coupled_batch_by_batch",
+        "a pool of k batches is coupled in one assignment over its k B items (labels: the pool's blocks)",
+        "lightning_immiscible/workers.py",
+        "        if len(x0s) == 1:\n            return [pooled]\n",
+        "        if len(x0s) >= 1:\n            return [self.spec.couple(x, n, None if conditions is None "
+        "else conditions[j], self.race) for j, (x, n) in enumerate(zip(x0s, noises))]\n",
+        (
+            "tests/test_pools.py::test_one_assignment_over_the_pool_is_optimal_and_beats_batch_by_batch",
+            "tests/test_pools.py::test_labels_couple_within_the_pools_blocks_and_noise_crosses_batches",
+        ),
+    ),
+    Mutation(
+        "pool_batch_positions",
+        "batch j of pool q draws the noise of batch position q k + j (the training loop's batch_idx)",
+        "lightning_immiscible/workers.py",
+        "positions = [(rank, epoch, pool * self.pool_batches + j) for j in range(len(chunks))]",
+        "positions = [(rank, epoch, pool + j) for j in range(len(chunks))]",
+        (
+            "tests/test_pools.py::test_pool_noise_is_the_concatenated_draws_of_its_batch_positions",
+            "tests/test_pools_fit.py::test_an_uninterrupted_run_uses_every_pooled_batch_at_its_own_position",
+        ),
+    ),
 )
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference; at run time see __
     from lightning_immiscible.callback import ImmiscibleCoupling
     from lightning_immiscible.coupling import CouplingInputError, CouplingResult, CouplingSpec, couple
     from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin
+    from lightning_immiscible.pools import PooledDataLoader
     from lightning_immiscible.solvers import available_solvers, register_solver
     from lightning_immiscible.workers import CouplingCollate
 
@@ -26,6 +27,7 @@ __all__ = [
     "CouplingSpec",
     "ImmiscibleCoupling",
     "ImmiscibleMixin",
+    "PooledDataLoader",
     "available_solvers",
     "couple",
     "register_solver",
@@ -33,7 +35,7 @@ __all__ = [
 
 #: Where `__getattr__` looks for a public name, in this order: the pure modules first, so that a
 #: name of theirs never imports Lightning.
-_MODULES = ("coupling", "solvers", "workers", "mixin", "callback")
+_MODULES = ("coupling", "solvers", "workers", "pools", "mixin", "callback")
 
 __version__ = "0.1.0"
 

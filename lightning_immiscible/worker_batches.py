@@ -102,8 +102,9 @@ class WorkerBatches:
 
         The training step pays nothing for it: `assign_ms` is 0 on the critical path. A batch whose
         noise was drawn for another position than the training loop's `(rank, epoch, batch_idx)` is
-        coupled again here, for that position. The worker's `solver="auto"` race times are credited
-        to the training process's collate, whose race the next epoch's workers inherit.
+        coupled again here, for that position (alone: a pooled collate's batch without its pool).
+        The worker's `solver="auto"` race times are credited to the training process's collate,
+        whose race the next epoch's workers inherit.
 
         Args:
             x0: ``(B, *dims)`` the batch's data.
@@ -177,10 +178,17 @@ class WorkerBatches:
             "position",
             f"ImmiscibleCoupling: a worker coupled a batch for (rank, epoch, batch) {worker.position} "
             f"but the training loop is at {position}; coupling it again on the training process "
-            "(correct, but on the critical path). Expected for the first epoch after a resume at "
+            f"(correct, but on the critical path{_alone(self.collates[0])}). Expected for the first "
+            "epoch after a resume at "
             "epoch > 0; otherwise use persistent_workers=False and a map-style dataset, and "
             "build CouplingCollate in train_dataloader() (or pass rank=).",
         )
         with full_precision(x0):
             result = self.collates[0].couple_on(x0, position, worker.condition)  # the same labels
         return dataclasses.replace(result, method="worker")
+
+
+def _alone(collate: CouplingCollate) -> str:
+    """What the re-coupling loses for a pooled collate: such a batch is coupled without its pool."""
+    k = collate.pool_batches
+    return f"; a PooledDataLoader's batch is then coupled alone, not in its pool of {k} batches" * (k > 1)

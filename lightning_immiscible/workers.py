@@ -55,7 +55,8 @@ datasets: a DataLoader deals batches to its workers in turn) and the epoch from
 [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling] calls at each epoch start.
 Each batch carries the position it was drawn for; the callback checks it against the training
 loop's `(rank, epoch, batch_idx)` and, where they differ, couples that batch again on the
-training process with the right position (correct, but on the critical path; logged once).
+training process with the right position (correct, but on the critical path, and a batch of a
+pool alone, without its pool; logged once).
 That happens for the first epoch of a run resumed at epoch > 0 (Lightning starts the workers
 before any callback hook), after epoch 0 with `persistent_workers=True` (persistent workers
 never see `set_epoch`: prefer `persistent_workers=False`), for iterable datasets, and when the
@@ -63,6 +64,14 @@ workers could not tell their rank (pass `rank=`, or build the collate in `train_
 When the callback cannot identify the collate that drew such a batch (it is wrapped in another
 callable, or several training loaders have one), it couples the batch on the training process
 with its own method and noise stream instead and warns once: stale noise is never used.
+
+Pools larger than a batch: `CouplingCollate(pool_batches=k)` couples `k` consecutive training
+batches in one assignment. A DataLoader hands out one collate call per item, so such a collate is
+the `collate_fn` of a [PooledDataLoader][lightning_immiscible.pools.PooledDataLoader], whose
+[PoolCollate][lightning_immiscible.workers.PoolCollate] cuts each pool back into its `k` batches of
+the format above ([collate_pool][lightning_immiscible.workers.CouplingCollate.collate_pool]). Batch
+`j` of pool `q` is at batch position `q k + j` and its noise is drawn for that position, exactly
+as without pooling; only the assignment spans the pool.
 
 Only valid when the module's ``immiscible_data(batch)`` is the collated data tensor itself (not,
 e.g., VAE latents or a GPU augmentation of it): the worker couples what it sees.
@@ -81,6 +90,8 @@ from torch import Tensor
 from torch.utils.data import default_collate, get_worker_info
 
 from lightning_immiscible.batches import find_data_tensor
+from lightning_immiscible.checks import CouplingInputError
+from lightning_immiscible.costs import paired_distance
 from lightning_immiscible.coupling import CouplingResult, CouplingSpec, Method, Metric
 from lightning_immiscible.groups import distributed_ready, process_rank
 from lightning_immiscible.process_race import ProcessRace
@@ -129,6 +140,15 @@ class CouplingCollate:
             within each label (see
             [conditional][lightning_immiscible.conditional]). `None`: unconditional.
         within_condition: `False` couples across labels; they then only feed the diagnostic.
+        pool_batches: Training batches coupled in one assignment (keyword). `1`: each batch alone,
+            as the `collate_fn` of any DataLoader. `k > 1`: pools of `k` consecutive batches
+            (`k B` items; with a `condition_fn` each label's block is the pool's), handed to
+            training as `k` batches of the loader's batch size; only as the `collate_fn` of a
+            [PooledDataLoader][lightning_immiscible.pools.PooledDataLoader]. The assignment costs
+            about `(k B)^3` (exact methods), paid in the workers once per `k` steps.
+
+    Raises:
+        ValueError: On an unknown method, metric or solver, `k < 1` or `pool_batches < 1`.
 
     Attributes:
         race: The collate's own `solver="auto"` race
@@ -154,6 +174,8 @@ class CouplingCollate:
         rank: int | None = None,
         condition_fn: Callable[[Any], Tensor] | None = None,
         within_condition: bool = True,
+        *,
+        pool_batches: int = 1,
     ) -> None:
         # Validated once, like every coupling path (CPU workers: precision "auto" is fp32).
         self.spec = CouplingSpec(method=method, metric=metric, solver=solver, k=int(k))
@@ -167,6 +189,12 @@ class CouplingCollate:
         self.epoch = 0
         self._counter = 0
         self.race = ProcessRace(label="CouplingCollate")
+        if isinstance(pool_batches, bool) or not isinstance(pool_batches, int) or pool_batches < 1:
+            raise ValueError(
+                f"CouplingCollate(pool_batches={pool_batches!r}): pool_batches must be an int >= 1 "
+                "(the training batches coupled in one assignment; 1: each batch alone)."
+            )
+        self.pool_batches = pool_batches
 
     @property
     def method(self) -> str:
@@ -196,7 +224,11 @@ class CouplingCollate:
         return self._built_on_rank or 0
 
     def next_position(self) -> tuple[int, int, int]:
-        """`(rank, epoch, batch index)` of the next batch this process collates (advances it)."""
+        """`(rank, epoch, index)` of the next DataLoader item this process collates (advances it).
+
+        The item is a batch, or with `pool_batches=k` a pool, whose batch `j` is at batch position
+        `k index + j`.
+        """
         info = get_worker_info()
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         position = (self.current_rank(), self.epoch, wid + workers * self._counter)
@@ -217,6 +249,57 @@ class CouplingCollate:
     ) -> CouplingResult:
         """Couples `x0` with the noise drawn for `position` (within `condition`'s labels, if given)."""
         return self.spec.couple(x0, self.noise_for(x0, position), condition, race=self.race)
+
+    def couple_pool(
+        self, x0s: list[Tensor], noises: list[Tensor], conditions: list[Tensor] | None = None
+    ) -> list[CouplingResult]:
+        """Couples several batches in one assignment: concatenate, `spec.couple`, split per batch.
+
+        The pool's noise is the concatenation of the batches' own draws, so it is as i.i.d. Gaussian
+        as each of them; every item may get any of the pool's noise vectors (with `conditions`: any
+        of its label's block of the pool).
+
+        Args:
+            x0s: `k` tensors `(B_j, *dims)`, the batches' data (the same `dims`).
+            noises: `k` tensors, the noise drawn for each batch: `(B_j, *dims)` (`knn`:
+                `(B_j, k, *dims)`).
+            conditions: `k` `(B_j,)` integer label tensors, or `None` (unconditional).
+
+        Returns:
+            One [CouplingResult][lightning_immiscible.coupling.CouplingResult] per batch: `noise`
+            `(B_j, *dims)`, batch `j`'s coupled noise; `index` `(B_j,)` int64 into the pool's noise
+            `torch.cat(noises)` (`knn`: each item's candidate, as for one batch); `cost_before` and
+            `cost_after`, the mean pair distance over batch `j`'s items with its own drawn noise and
+            with its coupled noise; `cost_ms` and `solve_ms`, the pool's divided by `k`;
+            `prior_skew`, the pool's statistic (one N(0, 1) draw per pool without a lean) on the
+            first result and `None` on the others. One batch: the result of `spec.couple` as it is.
+
+        Raises:
+            CouplingInputError: For an empty list, lists of different lengths or batches whose
+                items differ in shape, besides `spec.couple`'s own checks.
+        """
+        shapes = {tuple(x.shape[1:]) for x in x0s}
+        if not x0s or len(noises) != len(x0s) or len(shapes) > 1 or len(conditions or x0s) != len(x0s):
+            raise CouplingInputError(
+                f"couple_pool needs one noise (and condition) tensor per batch and batches of one item "
+                f"shape; got {len(x0s)} batches of item shapes {sorted(shapes)}, {len(noises)} noises.",
+                "shape",
+            )
+        labels = None if conditions is None else torch.cat(conditions)
+        pooled = self.spec.couple(torch.cat(x0s), torch.cat(noises), labels, self.race)
+        if len(x0s) == 1:
+            return [pooled]
+        sizes, n = [x.shape[0] for x in x0s], len(x0s)
+        parts = zip(x0s, noises, pooled.noise.split(sizes), pooled.index.split(sizes), strict=True)
+        results = []
+        for j, (x0, drawn, noise, index) in enumerate(parts):
+            before = _mean_distance(x0, drawn[:, 0] if self.method == "knn" else drawn, self.spec.metric)
+            skew = pooled.prior_skew if j == 0 else None
+            results.append(
+                CouplingResult(noise, index, before, _mean_distance(x0, noise, self.spec.metric),
+                               pooled.cost_ms / n, pooled.solve_ms / n, pooled.method, pooled.metric, skew)
+            )  # fmt: skip
+        return results
 
     def credit(self, batch: Any) -> None:
         """Counts the race times a worker's batch carries on this collate's race (see `race`).
@@ -248,24 +331,101 @@ class CouplingCollate:
 
         Returns:
             The dict described in the module docstring.
+
+        Raises:
+            RuntimeError: If `pool_batches > 1`: a plain DataLoader would couple batch by batch;
+                use a [PooledDataLoader][lightning_immiscible.pools.PooledDataLoader].
         """
-        batch = self.collate_fn(samples)
-        x0 = self.data_fn(batch)
-        position = self.next_position()
-        condition = None if self.condition_fn is None else self.condition_fn(batch)
-        res = self.couple_at(x0, position, condition)
-        stats = torch.tensor([res.cost_before, res.cost_after, res.assign_ms], dtype=torch.float64)
-        where = torch.tensor(position, dtype=torch.int64)
-        extra = {NOISE_KEY: res.noise, INDEX_KEY: res.index, STATS_KEY: stats, POSITION_KEY: where}
+        if self.pool_batches > 1:
+            raise RuntimeError(
+                f"CouplingCollate(pool_batches={self.pool_batches}) couples pools of {self.pool_batches} "
+                "training batches, which a plain DataLoader cannot hand out: use it as the collate_fn of "
+                "lightning_immiscible.PooledDataLoader(dataset, batch_size=..., collate_fn=collate)."
+            )
+        return self.collate_pool([samples])[0]
+
+    def collate_pool(self, chunks: list[list[Any]]) -> list[dict[str, Any]]:
+        """Collates a pool's batches and couples their noise in one assignment.
+
+        Each chunk is collated by the inner `collate_fn` (never a slice of a collated batch); batch
+        `j` of the pool at `(rank, epoch, q)`
+        ([next_position][lightning_immiscible.workers.CouplingCollate.next_position]) gets the noise
+        drawn for batch position `q pool_batches + j`; then
+        [couple_pool][lightning_immiscible.workers.CouplingCollate.couple_pool].
+
+        Args:
+            chunks: The dataset items of 1 to `pool_batches` consecutive training batches.
+
+        Returns:
+            One dict per chunk, in the module docstring's format: its items' coupled noise,
+            `index` into the pool's noise, its own before/after distances and the pool's assignment
+            time divided by the batches (`STATS_KEY`), its position. The pool's prior skew and
+            `solver="auto"` race reports ride on the first batch only (the skew is NaN on the
+            others: one draw per pool).
+        """
+        if not 1 <= len(chunks) <= self.pool_batches:
+            raise ValueError(
+                f"collate_pool got {len(chunks)} batches; a pool holds 1 to {self.pool_batches}."
+            )
+        batches = [self.collate_fn(chunk) for chunk in chunks]
+        x0s = [self.data_fn(batch) for batch in batches]
+        rank, epoch, pool = self.next_position()
+        positions = [(rank, epoch, pool * self.pool_batches + j) for j in range(len(chunks))]
+        conditions = None if self.condition_fn is None else [self.condition_fn(batch) for batch in batches]
+        results = self.couple_pool(x0s, [self.noise_for(x0, p) for x0, p in zip(x0s, positions, strict=True)],
+                                   conditions)  # fmt: skip
         reports = self.race.pop_reports()  # in the training process this copy counted them already
-        if reports and get_worker_info() is not None:
-            extra[RACE_KEY] = torch.tensor(reports, dtype=torch.int64)
-        if condition is not None:
-            skew = math.nan if res.prior_skew is None else res.prior_skew
-            extra |= {CONDITION_KEY: condition, SKEW_KEY: torch.tensor([skew], dtype=torch.float64)}
-        if isinstance(batch, Mapping):
-            return {**batch, **extra}
-        return {BATCH_KEY: batch, **extra}
+        reports = reports if reports and get_worker_info() is not None else []
+        labels = conditions or [None] * len(batches)
+        parts = zip(batches, results, positions, labels, strict=True)
+        return [_coupled_batch(*part, [] if j else reports) for j, part in enumerate(parts)]
+
+
+class PoolCollate:
+    """The `collate_fn` of a [PooledDataLoader][lightning_immiscible.pools.PooledDataLoader] (picklable).
+
+    Cuts a pool's items into training batches of `batch_size` (the last may hold fewer) and hands
+    them to [CouplingCollate.collate_pool][lightning_immiscible.workers.CouplingCollate.collate_pool].
+    [find_collates][lightning_immiscible.workers.find_collates] sees through it.
+
+    Attributes:
+        collate: The [CouplingCollate][lightning_immiscible.workers.CouplingCollate] that couples.
+        batch_size: Items per training batch.
+    """
+
+    def __init__(self, collate: CouplingCollate, batch_size: int) -> None:
+        self.collate, self.batch_size = collate, int(batch_size)
+
+    def __call__(self, samples: list[Any]) -> list[dict[str, Any]]:
+        """The pool's batches, each coupled (see `CouplingCollate.collate_pool`)."""
+        b = self.batch_size
+        return self.collate.collate_pool([samples[i : i + b] for i in range(0, len(samples), b)])
+
+
+def _mean_distance(x0: Tensor, noise: Tensor, metric: str) -> float:
+    """Mean pair distance of `(x0[i], noise[i])` (0 for no items)."""
+    return float(paired_distance(x0, noise, metric).double().mean()) if x0.shape[0] else 0.0
+
+
+def _coupled_batch(
+    batch: Any,
+    res: CouplingResult,
+    position: tuple[int, int, int],
+    condition: Tensor | None,
+    reports: list[list[int]],
+) -> dict[str, Any]:
+    """The batch dict of the module docstring for one coupled batch."""
+    stats = torch.tensor([res.cost_before, res.cost_after, res.assign_ms], dtype=torch.float64)
+    where = torch.tensor(position, dtype=torch.int64)
+    extra = {NOISE_KEY: res.noise, INDEX_KEY: res.index, STATS_KEY: stats, POSITION_KEY: where}
+    if reports:
+        extra[RACE_KEY] = torch.tensor(reports, dtype=torch.int64)
+    if condition is not None:
+        skew = math.nan if res.prior_skew is None else res.prior_skew
+        extra |= {CONDITION_KEY: condition, SKEW_KEY: torch.tensor([skew], dtype=torch.float64)}
+    if isinstance(batch, Mapping):
+        return {**batch, **extra}
+    return {BATCH_KEY: batch, **extra}
 
 
 def split_coupled_batch(batch: Any) -> tuple[Any, Tensor | None]:
@@ -354,10 +514,14 @@ def find_collates(loaders: Any) -> list[CouplingCollate]:
         loaders: A DataLoader, or a list / tuple / dict of them (Lightning's `train_dataloader`).
 
     Returns:
-        The collates, in loader order (empty when none couples in its workers).
+        The collates, in loader order (empty when none couples in its workers); a
+        [PooledDataLoader][lightning_immiscible.pools.PooledDataLoader]'s is the one its
+        [PoolCollate][lightning_immiscible.workers.PoolCollate] wraps.
     """
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
     if not isinstance(loaders, list | tuple):
         loaders = [loaders]
-    return [ld.collate_fn for ld in loaders if isinstance(getattr(ld, "collate_fn", None), CouplingCollate)]
+    found = [getattr(ld, "collate_fn", None) for ld in loaders]
+    found = [fn.collate if isinstance(fn, PoolCollate) else fn for fn in found]  # a PooledDataLoader's
+    return [fn for fn in found if isinstance(fn, CouplingCollate)]

@@ -12,8 +12,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from example_projects.common.cli import ExampleCLI
-from example_projects.common.data import ImageDataModule
 from example_projects.latent_diffusion.grids import ClassGrid
+from example_projects.latent_diffusion.worker_data import LatentDataModule
 
 
 class LatentCLI(ExampleCLI):
@@ -45,7 +45,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LatentCLI:
     """Runs the CLI (``fit``, ``validate``...) on ``args`` (``None``: ``sys.argv``); returns it."""
     return LatentCLI(
         L.LightningModule,
-        ImageDataModule,
+        LatentDataModule,
         subclass_mode_model=True,
         args=args,
         run=run,

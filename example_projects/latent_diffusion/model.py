@@ -94,6 +94,9 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         ema_warmup: Ramp the EMA decay up over the first updates.
         init_checkpoint: Fine-tuning: a stage-2 ``.ckpt`` (or a ``state_dict`` of the UNet) whose
             weights initialise the model; optimizer and step counters start fresh.
+        encoded_batches: Training batches carry latents already, encoded (and coupled) in the
+            DataLoader workers (``data.pool_batches``, ``configs/pooled_workers.yaml``); validation
+            batches are still images.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         init_checkpoint: str | None = None,
+        encoded_batches: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -159,8 +163,11 @@ class LatentDiffusion(ImmiscibleMixin, L.LightningModule):
 
     @override
     def immiscible_data(self, batch: Any) -> Tensor:
-        """The coupling's ``x0``: the batch's images encoded to ``(B, c, h, w)`` scaled latents."""
-        return self.codec.encode(batch[0])
+        """The coupling's ``x0``: the batch's images encoded to ``(B, c, h, w)`` scaled latents.
+
+        With ``encoded_batches`` the batch holds those latents already (the workers encoded them).
+        """
+        return batch[0] if self.hparams.encoded_batches else self.codec.encode(batch[0])
 
     @override
     def immiscible_condition(self, batch: Any) -> Tensor | None:

@@ -20,7 +20,8 @@ from example_projects.common.tiny_net import TinyConvNet
 from example_projects.common.unet import UNet
 from example_projects.latent_diffusion import ClassGrid, DiffusersCodec, LatentDiffusion, cli_main, guided_eps
 from example_projects.latent_diffusion.codecs import STAGE1_COMMAND, load_codec
-from lightning_immiscible import ImmiscibleCoupling
+from lightning_immiscible import ImmiscibleCoupling, PooledDataLoader
+from lightning_immiscible.workers import find_collates
 from tests.examples.support import reductions_per_step
 
 CONFIGS = Path(__file__).resolve().parents[2] / "example_projects" / "latent_diffusion" / "configs"
@@ -130,6 +131,23 @@ def test_every_logged_reduction_is_positive_when_coupled_and_zero_for_the_baseli
     )
     assert len(reductions) == 2
     assert all(r > 0 for r in reductions) if coupled else all(r == 0.0 for r in reductions)
+
+
+def test_pooled_workers_config_couples_pools_of_latents_in_the_loader(ae_ckpt: str, tmp_path: Path) -> None:
+    """``pooled_workers.yaml``: a PooledDataLoader whose collate encodes and couples pools of 4 batches.
+
+    Catches an overlay that does not reach the loader (image batches, coupling on the training
+    process) and a model that encodes the workers' latents again (a channel mismatch).
+    """
+    args = _stage2_args(tmp_path, ae_ckpt, "quickstart", "class_conditional", "pooled_workers")
+    cli = cli_main([*args, "--data.num_workers=0"])
+    loader = cli.trainer.train_dataloader
+    assert isinstance(loader, PooledDataLoader) and loader.batch_sampler.batch_size == 8
+    (collate,) = find_collates(loader)
+    assert collate.pool_batches == 4 and collate.condition_fn is not None
+    assert cli.trainer.global_step == 2 and cli.model.hparams.encoded_batches
+    (coupling,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ImmiscibleCoupling)]
+    assert coupling.last_result.method == "worker" and coupling.last_result.noise.shape == (8, 4, 8, 8)
 
 
 def test_another_network_class_from_the_config_builds_and_fits(ae_ckpt: str, tmp_path: Path) -> None:
