@@ -97,7 +97,7 @@ def train_classifier(x: Tensor, y: Tensor, epochs: int = 30, seed: int = 0) -> F
 
 
 def classifier_features(name: str, x: Tensor, y: Tensor, cache: Path, epochs: int = 30) -> FeatureClassifier:
-    """The dataset's frozen feature classifier: loaded from `cache/classifier-<name>.pt`, trained once if absent."""
+    """The frozen feature classifier: loaded from `cache/classifier-<name>.pt`, trained once if absent."""
     path = cache / f"classifier-{name}.pt"
     model = FeatureClassifier(x.shape[1])
     if path.exists():

@@ -7,6 +7,7 @@ comparisons, the records' provenance and refusal, resuming, and the paired strea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -31,6 +32,23 @@ from experiments.conditions_fm.report import PRIMARY, SECONDARY, render  # noqa:
 from lightning_immiscible import CouplingCollate, CouplingSpec  # noqa: E402
 
 TINY = runner.TINY
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: thread hand-offs cost more than the work (a tiny run
+    # took 8 s with torch's default threads under load, 1 s with one).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        limit: contextlib.AbstractContextManager = threadpool_limits(1)
+    except ImportError:
+        limit = contextlib.nullcontext()
+    with limit:
+        yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +163,12 @@ def test_ink_buckets_are_the_deciles_within_each_digit(tiny_ctx):
 
 
 def test_conditions_are_standardised_with_the_training_digits(tiny_ctx):
-    torch.testing.assert_close(tiny_ctx.cond_train.double().mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(tiny_ctx.cond_train.double().std(0), torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiny_ctx.cond_train.double().mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        tiny_ctx.cond_train.double().std(0), torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,7 +276,9 @@ def test_the_primary_family_needs_nine_of_ten_in_every_cell():
     eight = stats.primary_family([_cell(-3.0, 0.3, 1.0, sign_flips=2)] * 4, "fid_clf")
     assert {r["decision"] for r in eight} == {"undecided"}
     worse = stats.primary_family([_cell(3.0, 0.3, 1.0)] * 4, "fid_clf")
-    assert [r["decision"] for r in worse] == ["worse"] * 4 and worse[0]["holm_worse"] == pytest.approx(4 / 1024)
+    assert [r["decision"] for r in worse] == ["worse"] * 4 and worse[0]["holm_worse"] == pytest.approx(
+        4 / 1024
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,8 +328,16 @@ def test_the_report_renders_every_prelisted_comparison(part):
                 label = {"fid_clf": "FID", "faith_err": "faithfulness error", "class_acc": "class accuracy",
                          "bucket_hit": "bucket hit rate"}[metric]  # fmt: skip
                 assert f"| {pa} vs {pb} | {label} |" in text
-                found = [r for r in result["secondary"] if (r["a"], r["b"], r["metric"]) == (pa, pb, metric)]
-                assert {r["step"] for r in found} == {1500, 3000, 6000}  # secondary 8: the earlier checkpoints
+                found = [
+                    r
+                    for r in result["secondary"]
+                    if (r.get("a"), r.get("b"), r.get("metric")) == (pa, pb, metric)
+                ]
+                assert {r["step"] for r in found} == {
+                    1500,
+                    3000,
+                    6000,
+                }  # secondary 8: the earlier checkpoints
     assert len(result["primary"]) == 4
     if part == "b":
         assert [r["decision"] for r in result["primary"]] == ["better"] * 4
@@ -326,7 +358,9 @@ def test_the_report_of_no_records_says_so():
 def test_a_record_with_another_library_tree_hash_is_refused(tmp_path, monkeypatch):
     # Catches a sweep that mixes library versions (the page: one library version per sweep).
     prov = rec.provenance()
-    assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and re.fullmatch(r"[0-9a-f]{40}", prov["library_tree"])
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and re.fullmatch(
+        r"[0-9a-f]{40}", prov["library_tree"]
+    )
     assert re.fullmatch(r"[0-9a-f]{40}", prov["prereg_commit"]) and isinstance(prov["dirty"], bool)
     settings = asdict(TINY)
     old = {"part": "b", "settings": settings, "provenance": prov | {"library_tree": "0" * 40}}
@@ -382,7 +416,9 @@ def test_tiny_part_b_stops_between_runs_resumes_and_reports(tmp_path, monkeypatc
     assert reductions["independent"] == 0 < reductions["within-p1"] < reductions["within-p16"]
     result = runner.main([*out, "--report"])
     text = (tmp_path / "report-b.md").read_text()
-    assert result["records"] == 16 and len(result["primary"]) == 4 and "| classes100 | within-p16 | 2 |" in text
+    assert (
+        result["records"] == 16 and len(result["primary"]) == 4 and "| classes100 | within-p16 | 2 |" in text
+    )
     assert "n/a (" not in text.split("## Secondary 6")[1].split("## Secondary 8")[0]  # keys found
 
 
@@ -446,7 +482,8 @@ def test_a_pool_keeps_every_item_in_its_batch_and_couples_within_classes():
 
 @pytest.mark.skipif(
     not hasattr(CouplingCollate, "couple_pool"),
-    reason="CouplingCollate.couple_pool (pool_batches, issue #33 item 1) is not merged yet; remove this skip then",
+    reason="CouplingCollate.couple_pool (pool_batches, issue #33 item 1) is not merged yet; "
+    "remove this skip then",
 )
 def test_the_runners_pools_equal_the_librarys_worker_pools():
     # The page: "A test of the runner checks that its coupled pools equal those of
@@ -478,7 +515,9 @@ def test_the_classifier_is_trained_on_the_training_digits_only_and_cached(tmp_pa
     ctx = runner.context(tmp_path, TINY)
     data, _ = digits
     assert len(seen) == 1 and torch.equal(seen[0], data[measure.split(5000).train])
-    assert (tmp_path / f"classifier-{runner.classifier_name(TINY)}.pt").exists() and 0.5 < ctx.classifier_acc <= 1
+    assert (
+        tmp_path / f"classifier-{runner.classifier_name(TINY)}.pt"
+    ).exists() and 0.5 < ctx.classifier_acc <= 1
 
     def never(*args):
         raise AssertionError("retrained")

@@ -66,7 +66,9 @@ SECONDARY: dict[str, tuple[Listed, ...]] = {
 COMPONENTS = ("ink_err", "slant_err", "corr_ink", "corr_slant")
 
 
-def values(records: list[dict[str, Any]], setting: str, arm: str, cell: dict[str, Any], metric: str) -> dict[int, float]:
+def values(
+    records: list[dict[str, Any]], setting: str, arm: str, cell: dict[str, Any], metric: str
+) -> dict[int, float]:
     """Per seed, `arm`'s value of `metric` in the evaluation `cell` (the records that have it)."""
     out = {}
     for r in records:
@@ -82,9 +84,7 @@ def _num(x: float, fmt: str = "+.3f") -> str:
 
 
 def _stats_cells(s: dict[str, Any]) -> str:
-    return (
-        f"{s['n']} | {_num(s['mean'])} | [{_num(s['lo'])}, {_num(s['hi'])}] | {s['a_better']}/{s['n']} | "
-    )
+    return f"{s['n']} | {_num(s['mean'])} | [{_num(s['lo'])}, {_num(s['hi'])}] | {s['a_better']}/{s['n']} | "
 
 
 def _cell_label(cell: dict[str, Any]) -> str:
@@ -94,13 +94,17 @@ def _cell_label(cell: dict[str, Any]) -> str:
     return ", ".join(parts) + f", {cell['euler_steps']} Euler steps"
 
 
-def cells(settings: dict[str, Any], part: str, step: int, guidance: float | None = None) -> list[dict[str, Any]]:
+def cells(
+    settings: dict[str, Any], part: str, step: int, guidance: float | None = None
+) -> list[dict[str, Any]]:
     """The evaluation cells of one checkpoint (and guidance scale in part b), one per step count."""
     base: dict[str, Any] = {"step": step} if part == "a" else {"step": step, "guidance": guidance}
     return [{**base, "euler_steps": k} for k in settings["sampler_steps"]]
 
 
-def secondary_table(records: list[dict[str, Any]], listed: Listed, where: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+def secondary_table(
+    records: list[dict[str, Any]], listed: Listed, where: list[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
     """The rows of one numbered secondary comparison in the given cells (two-sided, uncorrected)."""
     head = "| A vs B | metric | cell | seeds | mean A - B | 95 % CI | A better | sign p | B's SD | decision |"
     lines, rows = [head, "|---|---|---|---|---|---|---|---|---|---|"], []
@@ -117,7 +121,9 @@ def secondary_table(records: list[dict[str, Any]], listed: Listed, where: list[d
     return lines, rows
 
 
-def primary_section(records: list[dict[str, Any]], part: str, settings: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+def primary_section(
+    records: list[dict[str, Any]], part: str, settings: dict[str, Any]
+) -> tuple[list[str], list[dict[str, Any]]]:
     """The primary family at the last checkpoint (part b: the first guidance scale)."""
     setting, a, b, metric = PRIMARY[part]
     last = max(settings["checkpoints"])
@@ -131,7 +137,7 @@ def primary_section(records: list[dict[str, Any]], part: str, settings: dict[str
         f"## Primary: {scope}{a} vs {b}, {LABELS[metric]} at step {last}"
         + (f", guidance {settings['guidance'][0]}" if part == "b" else ""),
         "",
-        f"One-sided sign tests toward \"{a} better\", Holm-corrected over the four step counts; harm is "
+        f'One-sided sign tests toward "{a} better", Holm-corrected over the four step counts; harm is '
         f"the mirror family. B's SD is {b}'s seed-to-seed SD in the cell.",
         "",
         "| cell | seeds | mean A - B | 95 % CI | A better | p (better) | Holm p (better) | Holm p (worse) "
@@ -156,7 +162,9 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.fmean(xs):.3f} ± {_num(sd, '.3f')}"
 
 
-def arm_table(records: list[dict[str, Any]], setting: str, where: list[dict[str, Any]], metrics: Iterable[str]) -> list[str]:
+def arm_table(
+    records: list[dict[str, Any]], setting: str, where: list[dict[str, Any]], metrics: Iterable[str]
+) -> list[str]:
     """Each arm's mean ± SD over seeds of each metric in each cell (descriptive)."""
     arms = sorted({r["arm"] for r in records if r["setting"] == setting})
     lines = ["| metric | cell | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
@@ -167,7 +175,9 @@ def arm_table(records: list[dict[str, Any]], setting: str, where: list[dict[str,
     return [*lines, ""]
 
 
-def per_run_table(records: list[dict[str, Any]], keys: list[tuple[str, str]], null: str | None = None) -> list[str]:
+def per_run_table(
+    records: list[dict[str, Any]], keys: list[tuple[str, str]], null: str | None = None
+) -> list[str]:
     """Per (setting, arm): the mean over seeds of per-run values, with its SE over seeds.
 
     Args:
@@ -226,7 +236,10 @@ def render(records: list[dict[str, Any]], part: str) -> tuple[str, dict[str, Any
     if not records:
         return f"{title}\n\nNo finished runs yet.\n", {"records": 0, "primary": [], "secondary": []}
     settings = records[0]["settings"]
-    last, rest = max(settings["checkpoints"]), sorted(set(settings["checkpoints"]) - {max(settings["checkpoints"])})
+    last, rest = (
+        max(settings["checkpoints"]),
+        sorted(set(settings["checkpoints"]) - {max(settings["checkpoints"])}),
+    )
     lines = [title, "", *provenance(records)]
     lines += [
         "Differences are A - B per paired seed. For FID and errors negative means A is better; for "
@@ -250,7 +263,9 @@ def render(records: list[dict[str, Any]], part: str) -> tuple[str, dict[str, Any
     return "\n".join(lines) + "\n", {"records": len(records), "primary": primary, "secondary": secondary}
 
 
-def _part_a_extras(records: list[dict[str, Any]], settings: dict[str, Any], last: int, rest: list[int]) -> tuple[list[str], list[dict[str, Any]]]:
+def _part_a_extras(
+    records: list[dict[str, Any]], settings: dict[str, Any], last: int, rest: list[int]
+) -> tuple[list[str], list[dict[str, Any]]]:
     chance = records[0].get("chance", {})
     lines = [
         "## Secondary 5: per component, every arm (mean ± SD over seeds)",
@@ -265,12 +280,15 @@ def _part_a_extras(records: list[dict[str, Any]], settings: dict[str, Any], last
         "Null: 0, with the null SE of one run's mean beside it. The pre-listed leak is the runner's; the "
         "library's own diagnostic, where it logs one, is shown beside it.",
         "",
-        *per_run_table(records, [("leak_mean", "leak"), ("library_leak_mean", "library's leak")], "leak_batches"),
+        *per_run_table(
+            records, [("leak_mean", "leak"), ("library_leak_mean", "library's leak")], "leak_batches"
+        ),
         "## Secondary 7: distance reduction per arm; for ot-cond the weight w and the r reached",
         "",
         *per_run_table(records, [("reduction_pct_mean", "reduction %"), ("w_mean", "w"), ("w_min", "w min"),
                                  ("w_max", "w max"), ("r_mean", "r"), ("r_min", "r min"), ("r_max", "r max"),
-                                 ("r_off_target", "batches with |r - 0.2| > 0.001"), ("train_s", "training s")]),
+                                 ("r_off_target", "batches with |r - 0.2| > 0.001"),
+                                 ("train_s", "training s")]),
         "## Secondary 8: secondaries 1-5 at the earlier checkpoints",
         "",
     ]  # fmt: skip
@@ -281,11 +299,15 @@ def _part_a_extras(records: list[dict[str, Any]], settings: dict[str, Any], last
             lines += [f"### Secondary {listed.number} at step {step}", "", *table, ""]
             rows += [{**r, "number": 8, "of": listed.number} for r in found]
         lines += [f"### Secondary 5 at step {step}", ""]
-        lines += arm_table(records, "ink-slant", cells(settings, "a", step), ("fid_clf", "faith_err", *COMPONENTS))
+        lines += arm_table(
+            records, "ink-slant", cells(settings, "a", step), ("fid_clf", "faith_err", *COMPONENTS)
+        )
     return lines, rows
 
 
-def _part_b_extras(records: list[dict[str, Any]], settings: dict[str, Any], last: int, rest: list[int]) -> tuple[list[str], list[dict[str, Any]]]:
+def _part_b_extras(
+    records: list[dict[str, Any]], settings: dict[str, Any], last: int, rest: list[int]
+) -> tuple[list[str], list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     lines = [
         "## Secondary 5: does the pool matter more when blocks are small? (descriptive)",
@@ -301,14 +323,15 @@ def _part_b_extras(records: list[dict[str, Any]], settings: dict[str, Any], last
             for cell in cells(settings, "b", step, w):
                 s = diff_in_diff(records, cell)
                 rows.append({"number": 5, **cell, **s})
-                lines.append(f"| {_cell_label(cell)} | {s['n']} | {_num(s['mean'])} | [{_num(s['lo'])}, {_num(s['hi'])}] |")
+                interval = f"[{_num(s['lo'])}, {_num(s['hi'])}]"
+                lines.append(f"| {_cell_label(cell)} | {s['n']} | {_num(s['mean'])} | {interval} |")
     lines += [
         "",
         "## Secondary 6: prior_skew per arm and setting",
         "",
-        "Once per pool over the pool's items (independent: per batch); null N(0, 1) per pool, so a run's mean "
-        "has the null SE beside it. We expected every arm within 3 null SEs of 0. The per-training-batch "
-        "statistic is shown beside it.",
+        "Once per pool over the pool's items (independent: per batch); null N(0, 1) per pool, so a run's "
+        "mean has the null SE beside it. We expected every arm within 3 null SEs of 0. The "
+        "per-training-batch statistic is shown beside it.",
         "",
         *per_run_table(records, [("prior_skew_mean", "prior_skew per pool"),
                                  ("prior_skew_batch_mean", "per batch")], "prior_skew_pools"),
@@ -333,13 +356,17 @@ def _part_b_extras(records: list[dict[str, Any]], settings: dict[str, Any], last
         for step in (last, *rest):
             for w in settings["guidance"]:
                 lines += [f"{setting_name}, step {step}, guidance {w}:", ""]
-                metrics = ("fid_clf", "class_acc", "bucket_hit") if setting_name == "classes100" else ("fid_clf", "class_acc")
+                metrics = (
+                    ("fid_clf", "class_acc", "bucket_hit")
+                    if setting_name == "classes100"
+                    else ("fid_clf", "class_acc")
+                )
                 lines += arm_table(records, setting_name, cells(settings, "b", step, w), metrics)
     return lines, rows
 
 
 def diff_in_diff(records: list[dict[str, Any]], cell: dict[str, Any]) -> dict[str, Any]:
-    """Secondary 5 of part (b) in one cell: mean and 95 % interval of the per-seed difference of differences."""
+    """Part (b)'s secondary 5 in one cell: mean and 95 % interval of the per-seed difference in FID gains."""
     per_setting = []
     for setting in ("classes100", "classes10"):
         hi, lo = values(records, setting, P16, cell, "fid_clf"), values(records, setting, P1, cell, "fid_clf")
@@ -347,4 +374,3 @@ def diff_in_diff(records: list[dict[str, Any]], cell: dict[str, Any]) -> dict[st
     big, small = per_setting
     zero = {s: 0.0 for s in big if s in small}
     return compare({s: big[s] - small[s] for s in zero}, zero, "fid_clf")
-

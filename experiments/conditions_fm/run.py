@@ -42,9 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from conditional_fm import ClassTimeMLP, guided, init_weights
@@ -60,6 +59,7 @@ from experiments.conditions_fm.report import render
 from lightning_immiscible import CouplingResult, CouplingSpec
 from lightning_immiscible.conditional import class_noise_means, prior_skew
 
+ROOT = Path(__file__).resolve().parents[2]
 DATASET = "mnist28"
 PARTS: dict[str, dict[str, tuple[str, ...]]] = {
     "a": {"ink-slant": ("independent", "ot", "ot-cond", "knn")},
@@ -94,7 +94,9 @@ class Settings:
     guidance: tuple[float, ...] = (2.0, 1.0)  # part b; the first is the primary scale
 
 
-TINY = Settings(seeds=2, steps=32, checkpoints=(16, 32), batch=16, width=32, eval_samples=40, classifier_epochs=1)
+TINY = Settings(
+    seeds=2, steps=32, checkpoints=(16, 32), batch=16, width=32, eval_samples=40, classifier_epochs=1
+)
 
 
 def embedding_conditions_available() -> bool:
@@ -106,13 +108,17 @@ def embedding_conditions_available() -> bool:
 def ot_cond_spec(s: Settings) -> CouplingSpec:
     """The `ot-cond` arm: `M + w C`, `w` searched per batch for `r(w)` = 0.2 (C²OT's rule)."""
     if not embedding_conditions_available():
-        raise SystemExit("ot-cond needs CouplingSpec(candidate_share=..., condition_metric=...): not in this library.")
+        raise SystemExit(
+            "ot-cond needs CouplingSpec(candidate_share=..., condition_metric=...): not in this library."
+        )
     spec: Any = CouplingSpec
-    return spec("lsa", metric="sqeuclidean", candidate_share=s.candidate_share, condition_metric="sqeuclidean")
+    return spec(
+        "lsa", metric="sqeuclidean", candidate_share=s.candidate_share, condition_metric="sqeuclidean"
+    )
 
 
 class ConditionTimeMLP(ClassTimeMLP):
-    """The class-conditional MLP with its label embedding replaced by a learned `2 -> 32 -> 32` (SiLU) embedding.
+    """The class-conditional MLP whose label embedding is a learned `2 -> 32 -> 32` (SiLU) embedding.
 
     `(B, D)` points, `(B,)` times and `(B, 2)` standardised conditions -> `(B, D)` velocities.
     """
@@ -165,7 +171,12 @@ def context(cache: Path, s: Settings, classifier: FeatureClassifier | None = Non
     data, labels = load_dataset(DATASET)
     assert labels is not None
     sp = measure.split(data.shape[0])
-    train, digits, held, held_digits = data[sp.train], labels[sp.train], data[sp.held_out], labels[sp.held_out]
+    train, digits, held, held_digits = (
+        data[sp.train],
+        labels[sp.train],
+        data[sp.held_out],
+        labels[sp.held_out],
+    )
     clf = classifier or classifier_features(classifier_name(s), train, digits, cache, s.classifier_epochs)
     with torch.no_grad():
         reference = gaussian_stats(clf.features(held[: s.eval_samples]))
@@ -204,7 +215,9 @@ def pool_batches(arm: str) -> int:
     return int(arm.split("-p")[1]) if arm.startswith("within-p") else 1
 
 
-def couple_pool(spec: CouplingSpec, x0s: list[Tensor], noises: list[Tensor], labels: list[Tensor]) -> tuple[list[Tensor], CouplingResult]:
+def couple_pool(
+    spec: CouplingSpec, x0s: list[Tensor], noises: list[Tensor], labels: list[Tensor]
+) -> tuple[list[Tensor], CouplingResult]:
     """Couples a pool of consecutive training batches within classes in one call, split back per batch.
 
     The pool's noise is its batches' draws concatenated; every item stays in its own batch.
@@ -216,13 +229,19 @@ def couple_pool(spec: CouplingSpec, x0s: list[Tensor], noises: list[Tensor], lab
     return list(res.noise.split([x.shape[0] for x in x0s])), res
 
 
-def couple_a(arm: str, x0: Tensor, noise: Tensor, cond: Tensor, s: Settings, knn_gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
+def couple_a(
+    arm: str, x0: Tensor, noise: Tensor, cond: Tensor, s: Settings, knn_gen: torch.Generator
+) -> tuple[Tensor, dict[str, Any]]:
     """Part (a): one batch's coupled noise and its diagnostics (the runner's leak and the library's)."""
     if arm == "independent":
         res = NONE.couple(x0, noise)
     elif arm == "ot":
         embed = embedding_conditions_available()
-        res = dataclasses.replace(LSA, within_condition=False).couple(x0, noise, cond) if embed else LSA.couple(x0, noise)
+        res = (
+            dataclasses.replace(LSA, within_condition=False).couple(x0, noise, cond)
+            if embed
+            else LSA.couple(x0, noise)
+        )
     elif arm == "ot-cond":
         res = ot_cond_spec(s).couple(x0, noise, cond)
     elif arm == "knn":
@@ -240,19 +259,25 @@ def couple_a(arm: str, x0: Tensor, noise: Tensor, cond: Tensor, s: Settings, knn
     return res.noise, diag
 
 
-def couple_b(arm: str, x0s: list[Tensor], noises: list[Tensor], labels: list[Tensor]) -> tuple[list[Tensor], dict[str, Any]]:
+def couple_b(
+    arm: str, x0s: list[Tensor], noises: list[Tensor], labels: list[Tensor]
+) -> tuple[list[Tensor], dict[str, Any]]:
     """Part (b): a pool's coupled noise per batch, its `prior_skew` and reduction, and each batch's skew."""
     if arm == "independent":  # a pool of one batch: the statistic per batch
         res = NONE.couple(x0s[0], noises[0], labels[0])
         coupled = [res.noise]
     else:
         coupled, res = couple_pool(LSA, x0s, noises, labels)
-    per_batch = [prior_skew(x, y, *class_noise_means(n, y)) for x, y, n in zip(x0s, labels, coupled, strict=True)]
+    per_batch = [
+        prior_skew(x, y, *class_noise_means(n, y)) for x, y, n in zip(x0s, labels, coupled, strict=True)
+    ]
     return coupled, {"prior_skew": res.prior_skew, "reduction": res.reduction_pct, "batch_skews": per_batch}
 
 
 @torch.no_grad()
-def evaluate(part: str, setting: str, model: nn.Module, noise: Tensor, s: Settings, ctx: Context) -> list[dict[str, Any]]:
+def evaluate(
+    part: str, setting: str, model: nn.Module, noise: Tensor, s: Settings, ctx: Context
+) -> list[dict[str, Any]]:
     """Samples for the held-out digits' conditions (one per digit) and scores them, per cell."""
     n, clf, rows = noise.shape[0], ctx.classifier, []
     model.eval()
@@ -298,13 +323,25 @@ def _summaries(part: str, diags: list[dict[str, Any]], s: Settings) -> dict[str,
     out["leak_library_max_diff"] = max(gaps) if gaps else None
     for key in ("w", "r"):
         xs = [d[key] for d in diags if d[key] is not None]
-        out |= {f"{key}_mean": _mean(xs), f"{key}_min": min(xs, default=None), f"{key}_max": max(xs, default=None)}
+        out |= {
+            f"{key}_mean": _mean(xs),
+            f"{key}_min": min(xs, default=None),
+            f"{key}_max": max(xs, default=None),
+        }
     rs = [d["r"] for d in diags if d["r"] is not None]
     out["r_off_target"] = sum(abs(r - s.candidate_share) > 1e-3 for r in rs) if rs else None
     return out
 
 
-def run_unit(part: str, setting: str, arm: str, seed: int, s: Settings, ctx: Context, trace: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+def run_unit(
+    part: str,
+    setting: str,
+    arm: str,
+    seed: int,
+    s: Settings,
+    ctx: Context,
+    trace: list[dict[str, Tensor]] | None = None,
+) -> dict[str, Any]:
     """Trains one (part, setting, arm, seed), evaluates it at every checkpoint and returns its record.
 
     Args:
@@ -318,7 +355,11 @@ def run_unit(part: str, setting: str, arm: str, seed: int, s: Settings, ctx: Con
             indices, the noise drawn (before coupling), the times and the label drops.
     """
     gens = {name: stream(f"conditions-{part}", seed, name) for name in STREAMS}
-    base = ConditionTimeMLP(ctx.dim, s.width) if part == "a" else ClassTimeMLP(ctx.dim, s.width, classes=classes(setting))
+    base = (
+        ConditionTimeMLP(ctx.dim, s.width)
+        if part == "a"
+        else ClassTimeMLP(ctx.dim, s.width, classes=classes(setting))
+    )
     model = init_weights(base, gens["init"])
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     eval_noise = torch.randn(s.eval_samples, ctx.dim, generator=gens["eval"])
@@ -345,7 +386,9 @@ def run_unit(part: str, setting: str, arm: str, seed: int, s: Settings, ctx: Con
                 drop = torch.rand(s.batch, generator=gens["drop"]) < s.cond_drop
                 c = torch.where(drop, torch.full_like(c, classes(setting)), c)
             if trace is not None:
-                trace.append({"index": i, "noise": drawn, "time": t} | ({"drop": drop} if part == "b" else {}))
+                trace.append(
+                    {"index": i, "noise": drawn, "time": t} | ({"drop": drop} if part == "b" else {})
+                )
             loss = flow_matching_loss(lambda x, tt, c=c: model(x, tt, c), x0, noise, t)
             opt.zero_grad()
             loss.backward()
@@ -372,7 +415,12 @@ def run_unit(part: str, setting: str, arm: str, seed: int, s: Settings, ctx: Con
 
 def units(part: str, s: Settings) -> list[tuple[str, str, int]]:
     """Every (setting, arm, seed) of a part, seed-major (paired seeds finish together)."""
-    return [(setting, arm, seed) for seed in range(s.seeds) for setting, arms in PARTS[part].items() for arm in arms]
+    return [
+        (setting, arm, seed)
+        for seed in range(s.seeds)
+        for setting, arms in PARTS[part].items()
+        for arm in arms
+    ]
 
 
 def run_sweep(args: argparse.Namespace, s: Settings) -> list[Path]:
@@ -398,7 +446,7 @@ def run_sweep(args: argparse.Namespace, s: Settings) -> list[Path]:
 
 
 def plan(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
-    """Prints the runs left and an estimate from 20 timed steps of the part's slowest arm (and one evaluation)."""
+    """Prints the runs left and an estimate from 20 timed steps of the slowest arm and one evaluation."""
     records = args.out / "records"
     todo = [u for u in units(args.part, s) if not rec.record_path(records, args.part, *u).exists()]
     cached = (args.out / "cache" / f"classifier-{classifier_name(s)}.pt").exists()
@@ -431,11 +479,19 @@ def write_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``--help`` lists it)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--part", choices=sorted(PARTS), required=True)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="records/ and cache/ (default: experiments/conditions_fm; --tiny: runs/conditions_fm_tiny)")  # fmt: skip
-    parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop between runs after this")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="records/ and cache/ (default: experiments/conditions_fm; --tiny: runs/conditions_fm_tiny)",
+    )
+    parser.add_argument(
+        "--max-minutes", type=float, default=float("inf"), help="stop between runs after this"
+    )
     parser.add_argument("--plan", action="store_true", help="print the runs left and a timed estimate")
     parser.add_argument("--report", action="store_true", help="only write the comparisons")
     parser.add_argument("--report-path", type=Path, default=None, help="default: OUT/report-PART.md")

@@ -89,7 +89,9 @@ def compare(a: dict[int, float], b: dict[int, float], metric: str) -> dict[str, 
     return out
 
 
-def primary_family(cells: list[tuple[dict[int, float], dict[int, float]]], metric: str) -> list[dict[str, Any]]:
+def primary_family(
+    cells: list[tuple[dict[int, float], dict[int, float]]], metric: str
+) -> list[dict[str, Any]]:
     """The primary family: one-sided sign tests toward "A better", Holm-corrected over the cells.
 
     Harm is the mirror family (one-sided toward "A worse", Holm-corrected over the same cells).
