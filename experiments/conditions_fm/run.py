@@ -456,12 +456,14 @@ def plan(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     if arm == "ot-cond" and not embedding_conditions_available():
         arm, note = "ot", " (ot-cond is not in this library yet: timed ot, without the weight search)"
     timing = dataclasses.replace(s, seeds=1, steps=20, checkpoints=(20,))
+    run_unit(args.part, setting, arm, 0, timing, ctx)  # untimed: settles solver="auto"'s race per cost shape
     timed = run_unit(args.part, setting, arm, 0, timing, ctx)
     per_run = s.steps * timed["train_s"] / timing.steps + len(s.checkpoints) * timed["eval_s"]
     minutes = len(todo) * per_run / 60 + (0 if cached else 1)
     total = len(units(args.part, s))
     print(f"part ({args.part}): {len(todo)} of {total} runs left in {records}")
-    print(f"timed here: {setting} {arm}, 20 steps at {1000 * timed['train_s'] / 20:.1f} ms/step{note}; "
+    per_step = 1000 * timed["train_s"] / timing.steps
+    print(f"timed here: {setting} {arm}, 20 steps (after 20 untimed) at {per_step:.1f} ms/step{note}; "
           f"one evaluation {timed['eval_s']:.1f} s; about {per_run:.0f} s per run")  # fmt: skip
     print(f"estimate: {minutes:.0f} min" + ("" if cached else " (including about 1 min for the classifier)"))
     return {"left": len(todo), "total": total, "per_run_s": per_run, "minutes": minutes}
