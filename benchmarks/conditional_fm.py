@@ -85,9 +85,8 @@ class ClassTimeMLP(nn.Module):
         return self.net(torch.cat([x, angle.sin(), angle.cos(), self.label(y)], dim=1))
 
 
-def make_model(dim: int, width: int, generator: torch.Generator) -> ClassTimeMLP:
-    """A `ClassTimeMLP` whose weights come from `generator` only."""
-    model = ClassTimeMLP(dim, width)
+def init_weights(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Draws every parameter of `model` from `generator` only: uniform in `+-1/sqrt(last dim)`."""
     with torch.no_grad():
         for p in model.parameters():
             bound = 1.0 / p.shape[-1] ** 0.5
@@ -95,13 +94,18 @@ def make_model(dim: int, width: int, generator: torch.Generator) -> ClassTimeMLP
     return model
 
 
-def guided(model: nn.Module, y: Tensor, scale: float) -> Any:
+def make_model(dim: int, width: int, generator: torch.Generator, classes: int = 10) -> nn.Module:
+    """A `ClassTimeMLP` (`classes` labels and the null label) whose weights come from `generator` only."""
+    return init_weights(ClassTimeMLP(dim, width, classes=classes), generator)
+
+
+def guided(model: nn.Module, y: Tensor, scale: float, null: int = NULL) -> Any:
     """The velocity with classifier-free guidance `v_u + w (v_c - v_u)` (`w = 1`: conditional only)."""
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         if scale == 1.0:
             return model(x, t, y)
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)]))
+        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
         v_c, v_u = v.chunk(2)
         return v_u + scale * (v_c - v_u)
 

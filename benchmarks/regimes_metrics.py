@@ -96,14 +96,14 @@ def train_classifier(x: Tensor, y: Tensor, epochs: int = 30, seed: int = 0) -> F
     return model.eval()
 
 
-def classifier_features(name: str, x: Tensor, y: Tensor, cache: Path) -> FeatureClassifier:
-    """The dataset's frozen feature classifier: loaded from `cache/<name>.pt`, trained once if absent."""
+def classifier_features(name: str, x: Tensor, y: Tensor, cache: Path, epochs: int = 30) -> FeatureClassifier:
+    """The frozen feature classifier: loaded from `cache/classifier-<name>.pt`, trained once if absent."""
     path = cache / f"classifier-{name}.pt"
     model = FeatureClassifier(x.shape[1])
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval().requires_grad_(False)
-    model = train_classifier(x, y)
+    model = train_classifier(x, y, epochs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)

@@ -14,8 +14,8 @@ import lightning_immiscible
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_immiscible"
-PROJECT = ("lightning_immiscible", "example_projects", "benchmarks", "tests")
-SCANNED = ("lightning_immiscible", "example_projects", "benchmarks", "tests", "docs")
+PROJECT = ("lightning_immiscible", "example_projects", "benchmarks", "experiments", "tests")
+SCANNED = ("lightning_immiscible", "example_projects", "benchmarks", "experiments", "tests", "docs")
 PURE = ("batches", "costs", "coupling", "distributed", "sizing", "solver_race", "solvers", "solvers_approx")
 PURE += ("workers", "pools", "groups", "protocol", "streams", "process_race")
 

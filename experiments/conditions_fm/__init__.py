@@ -1,0 +1,1 @@
+"""The runner of `docs/results/conditions-preregistration.md` (continuous conditions, larger pools)."""
