@@ -315,8 +315,10 @@ def _assign_with_labels(
 
 
 def _with_local_skew(result: CouplingResult, x: Tensor, condition: Tensor | None) -> CouplingResult:
-    """Adds the prior skew (labels; exact for `none`, per-item `knn`, one rank) or the condition leak
-    (an embedding) from this rank's items alone."""
+    """Adds the prior skew (labels) or the condition leak (an embedding) from this rank's items alone.
+
+    The prior skew so computed is exact for `none`, per-item `knn` and a group of one rank.
+    """
     if condition is None:
         return result
     if is_embedding(condition):

@@ -92,8 +92,10 @@ EMBEDDING_CODE = 1 + len(LABEL_DTYPES)
 
 
 def condition_code(condition: Tensor | None) -> int:
-    """The header's `condition` field: 0 without a condition, `1 + LABEL_DTYPES.index(dtype)` for
-    labels, `EMBEDDING_CODE` for an embedding."""
+    """The header's `condition` field: 0 without a condition, else the kind of condition.
+
+    `1 + LABEL_DTYPES.index(dtype)` for labels, `EMBEDDING_CODE` for an embedding.
+    """
     if condition is None:
         return 0
     return EMBEDDING_CODE if is_embedding(condition) else 1 + LABEL_DTYPES.index(condition.dtype)
