@@ -34,9 +34,10 @@ def test_group_sizing_table(tmp_path):
                                 "--json", str(tmp_path / "g.json")])  # fmt: skip
     assert [(r["pool"], r["ranks_per_group"]) for r in result["rows"]][:1] == [(32, 2)]
     assert all(r["assign_ms"] > 0 for r in result["rows"])
-    # 14 named fields (b, status, epoch, draw, wide, solver, path, condition, 4 race, ndim, numel),
-    # 6 dims and a 256-byte message slot (32 int64), written out here from the documented layout
-    header = (14 + 6 + 32) * 8
+    # 15 named fields (b, status, epoch, draw, wide, solver, path, condition, condition_dim, 4 race,
+    # ndim, numel), 6 dims and a 256-byte message slot (32 int64), written out here from the
+    # documented layout: 424 bytes
+    header = (15 + 6 + 32) * 8
     assert result["rows"][0]["mib_sent_per_rank"] == pytest.approx((header + 16 * 32 * 4 + 24) / 2**20)
 
 
