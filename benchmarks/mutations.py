@@ -352,6 +352,35 @@ MUTATIONS = (
             "tests/test_pools_fit.py::test_an_uninterrupted_run_uses_every_pooled_batch_at_its_own_position",
         ),
     ),
+    Mutation(
+        "embedding_weight_on_the_data_cost",
+        "an embedding condition is coupled on M + w C (the weight multiplies the condition cost)",
+        "lightning_immiscible/embedding.py",
+        "    total = cost + weight * c if weight else cost",
+        "    total = weight * cost + c if weight else cost",
+        (
+            "tests/test_embedding.py::test_the_pairing_is_scipys_optimum_of_the_cost_plus_the_weighted_condition",
+        ),
+    ),
+    Mutation(
+        "embedding_condition_of_another_item",
+        "C[i, j] compares item i's condition with that of item j, the item pool noise j was drawn with",
+        "lightning_immiscible/embedding.py",
+        "        c = sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)",
+        "        c = sq[:, None] + np.roll(sq, 1)[None, :] - 2.0 * (z @ np.roll(z, 1, 0).T)",
+        (
+            "tests/test_embedding.py::test_the_condition_cost_is_the_distance_between_the_items_conditions",
+            "tests/test_embedding.py::test_the_pairing_is_scipys_optimum_of_the_cost_plus_the_weighted_condition",
+        ),
+    ),
+    Mutation(
+        "leak_conditions_not_centred",
+        "the condition leak fits the centred data on the centred conditions",
+        "lightning_immiscible/embedding.py",
+        "    centred = z - z.mean(0)\n",
+        "    centred = z\n",
+        ("tests/test_embedding.py::test_the_leak_equals_a_least_squares_fit_by_numpy",),
+    ),
 )
 
 

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_immiscible.coupling import CouplingResult, CouplingSpec, Method, Metric, Precision
 from lightning_immiscible.distributed import agree_on_step, couple_in_group
+from lightning_immiscible.embedding import ConditionMetric
 from lightning_immiscible.groups import (
     SINGLE,
     RankGroup,
@@ -172,7 +173,18 @@ class ImmiscibleCoupling(Callback):
             [conditional][lightning_immiscible.conditional]). ``False`` couples across labels
             (plain minibatch OT); the labels then only feed ``immiscible/prior_skew``, which is
             logged whenever labels are given (about N(0, 1) per batch when the noise given each
-            class is Gaussian, clearly positive under cross-class coupling).
+            class is Gaussian, clearly positive under cross-class coupling). When it returns a
+            `(B, E)` float embedding, ``lsa``/``flip`` minimise the data-noise cost plus a weighted
+            condition cost ([embedding][lightning_immiscible.embedding]; ``False``: plain OT) and
+            the callback logs ``immiscible/condition_leak`` (about N(0, 1) per batch when the
+            noise is independent of the condition), ``immiscible/condition_weight`` and
+            ``immiscible/candidate_share``.
+        candidate_share: For an embedding condition, the target share of candidate pairs, in
+            (0, 1), that sets the condition weight per pool
+            ([search_weight][lightning_immiscible.embedding.search_weight]); C²OT's 0.2.
+        condition_metric: For an embedding condition, the distance between two conditions:
+            ``"sqeuclidean"`` (standardised attributes, vectors whose length means something) or
+            ``"cosine"`` (``1 - cos``: text embeddings such as CLIP's, compared by direction).
 
     Raises:
         ValueError: On an argument out of its range, naming the argument.
@@ -215,12 +227,19 @@ class ImmiscibleCoupling(Callback):
         max_step_fraction: float = 0.25,
         collective_timeout_s: float | None = None,
         within_condition: bool = True,
+        candidate_share: float = 0.2,
+        condition_metric: ConditionMetric = "sqeuclidean",
     ) -> None:
         for name, value in (("prog_bar", prog_bar), ("within_condition", within_condition)):
             if not isinstance(value, bool):
                 raise ValueError(f"ImmiscibleCoupling({name}={value!r}): {name} must be True or False.")
         spec = dict(method=method, metric=metric, precision=precision, solver=solver, k=k)
-        self.spec = CouplingSpec(**spec, within_condition=within_condition)  # type: ignore[arg-type]
+        conditioned = dict(
+            within_condition=within_condition,
+            candidate_share=candidate_share,
+            condition_metric=condition_metric,
+        )
+        self.spec = CouplingSpec(**spec, **conditioned)  # type: ignore[arg-type]
         self.scope = _checked_scope(scope)
         self.seed = _checked_seed(seed)
         self.prog_bar = prog_bar
@@ -281,6 +300,7 @@ class ImmiscibleCoupling(Callback):
         return {
             "method": spec.method, "metric": spec.metric, "scope": self.scope, "precision": spec.precision,
             "solver": spec.solver, "k": spec.k, "within_condition": spec.within_condition,
+            "candidate_share": spec.candidate_share, "condition_metric": spec.condition_metric,
         }  # fmt: skip
 
     def effective_scope(self) -> str | int:
@@ -493,8 +513,12 @@ class ImmiscibleCoupling(Callback):
         values = coupling_metrics(result, self._fit.group.size) | {"noise_taken": float(taken)}
         if result.method == "worker":
             values["worker_assign_ms"] = self._fit.workers.assign_ms
-        if result.prior_skew is not None:  # a condition was given: the skew of the class priors
+        if result.prior_skew is not None:  # labels were given: the skew of the class priors
             values["prior_skew"] = result.prior_skew
+        for name in ("condition_leak", "condition_weight", "candidate_share"):  # an embedding
+            value = getattr(result, name)
+            if value is not None:
+                values[name] = value
         for name, value in values.items():
             show = self.prog_bar and name in ("reduction_pct", "assign_ms")
             pl_module.log(

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_immiscible.costs import cost_matrix
+from lightning_immiscible.embedding import embedding_problem, is_embedding
 from lightning_immiscible.solvers import SolverSpec, solve
 
 #: Integer label dtypes accepted as a condition; the header carries `1 + index` (0: no condition).
@@ -47,22 +48,36 @@ FLOAT32_EXACT = 2**24
 LABEL_LIMIT = 2**53
 
 
-def condition_problem(condition: object, batch_size: int) -> tuple[str, str] | None:
+def condition_problem(
+    condition: object, batch_size: int, metric: str = "sqeuclidean"
+) -> tuple[str, str] | None:
     """Checks a condition tensor locally, before any communication.
 
     Args:
-        condition: The labels given for the batch, or `None` (unconditional).
+        condition: The batch's condition: `(B,)` integer labels, a `(B, E)` float embedding
+            ([embedding_problem][lightning_immiscible.embedding.embedding_problem] checks it), or
+            `None` (unconditional).
         batch_size: `B`, the batch's item count.
+        metric: The condition metric an embedding is compared with.
 
     Returns:
         `None` when the condition is usable (or absent), else `(message, reason)` with `reason` one
-        of the coupling's input-error reasons (`"dtype"`, `"shape"`, `"invalid"`).
+        of the coupling's input-error reasons (`"dtype"`, `"shape"`, `"invalid"`, `"non_finite"`).
     """
     if condition is None:
         return None
-    fix = "pass `(B,)` integer class ids (e.g. `labels.long()`; map prompts to cluster ids or buckets)"
+    fix = "pass `(B,)` integer class ids (e.g. `labels.long()`) or a `(B, E)` float embedding"
     if not isinstance(condition, Tensor):
         return f"condition must be a torch.Tensor, got {type(condition).__name__}; {fix}.", "dtype"
+    if condition.ndim >= 2:
+        return embedding_problem(condition, batch_size, metric)
+    if condition.is_floating_point():
+        return (
+            f"condition has dtype {condition.dtype} and shape {tuple(condition.shape)}: pass `(B,)` "
+            "integer class ids for labels (e.g. `labels.long()`), or a `(B, 1)` float tensor for a "
+            "scalar condition (`condition[:, None]`).",
+            "dtype",
+        )
     if condition.dtype not in LABEL_DTYPES:
         return f"condition has dtype {condition.dtype}; {fix}.", "dtype"
     if condition.ndim != 1 or condition.shape[0] != batch_size:
@@ -78,7 +93,9 @@ def condition_problem(condition: object, batch_size: int) -> tuple[str, str] | N
 
 
 def needs_wide_rows(condition: Tensor | None) -> bool:
-    """Whether the labels need float64 cost rows to travel exactly (labels `>= 2**24`)."""
+    """Whether the condition needs float64 rows to travel exactly (labels `>= 2**24`, float64 embeddings)."""
+    if is_embedding(condition):
+        return condition.dtype == torch.float64  # type: ignore[union-attr]
     return condition is not None and condition.numel() > 0 and int(condition.max()) >= FLOAT32_EXACT
 
 

@@ -49,6 +49,14 @@ from lightning_immiscible.costs import (
     paired_distance,
     range_cost_dtype,
 )
+from lightning_immiscible.embedding import (
+    CONDITION_METRICS,
+    ConditionMetric,
+    check_share,
+    condition_leak,
+    is_embedding,
+    solve_with_embedding,
+)
 from lightning_immiscible.process_race import AUTO_RACE, ProcessRace
 from lightning_immiscible.solvers import SolverSpec, resolve_solver, solve
 
@@ -88,10 +96,18 @@ class CouplingSpec:
         k: Candidates per item that the library draws for `"knn"` (group and worker coupling).
             [couple][lightning_immiscible.coupling.couple] reads `k` from the shape of the noise
             it is given instead.
-        within_condition: When a condition (class labels) is given, solve the assignment within
-            each condition ([conditional][lightning_immiscible.conditional]); `False` couples across
-            conditions as without labels, which then only feed the `prior_skew` diagnostic.
-            Keyword-only.
+        within_condition: When a condition is given, couple with it: labels within each
+            condition ([conditional][lightning_immiscible.conditional]), an embedding with the
+            condition term ([embedding][lightning_immiscible.embedding]). `False` couples across
+            conditions as without one; the condition then only feeds the diagnostic (`prior_skew`,
+            `condition_leak`). Keyword-only.
+        candidate_share: For an embedding condition: the target share `r` of candidate pairs that
+            sets the condition weight `w` per pool
+            ([search_weight][lightning_immiscible.embedding.search_weight]), `0 < r < 1`; C²OT's
+            0.2 by default. Lower keeps each noise nearer its own condition. Keyword-only.
+        condition_metric: The distance between two embedding conditions: `"sqeuclidean"` (vectors
+            whose length means something: standardised attributes) or `"cosine"` (`1 - cos`, for
+            embeddings compared by direction: CLIP text embeddings). Keyword-only.
 
     Inputs are always checked: NaN/Inf, and values so large that their costs would overflow
     float64, raise a `CouplingInputError` (the check rides on the pass that the costs need anyway,
@@ -99,8 +115,8 @@ class CouplingSpec:
     output), it is never modified, and the result's `noise` carries no graph.
 
     Raises:
-        CouplingInputError: On an unknown method, metric, precision or solver, or `k < 1`
-            (a `ValueError`).
+        CouplingInputError: On an unknown method, metric, precision, solver or condition metric,
+            `k < 1`, or a `candidate_share` outside (0, 1) (a `ValueError`).
 
     Examples:
         ```python
@@ -119,12 +135,16 @@ class CouplingSpec:
     solver: str | SolverSpec = "auto"
     k: int = 4
     within_condition: bool = field(default=True, kw_only=True)
+    candidate_share: float = field(default=0.2, kw_only=True)
+    condition_metric: ConditionMetric = field(default="sqeuclidean", kw_only=True)
 
     def __post_init__(self) -> None:
         try:
             check_choice("method", self.method, METHODS)
             check_choice("metric", self.metric, METRICS)
             check_choice("precision", self.precision, PRECISIONS)
+            check_choice("condition_metric", self.condition_metric, CONDITION_METRICS)
+            check_share(self.candidate_share)
             resolve_solver(self.solver)
         except ValueError as exc:
             raise CouplingInputError(str(exc)) from exc
@@ -139,7 +159,7 @@ class CouplingSpec:
         Args:
             x0: `(B, *dims)` floating-point data.
             noise: `(B, *dims)` Gaussian noise; for `"knn"` `(B, k, *dims)` candidates per item.
-            condition: `(B,)` integer labels, or `None`; see
+            condition: `(B,)` integer labels, a `(B, E)` float embedding, or `None`; see
                 [couple_with_condition][lightning_immiscible.coupling.couple_with_condition].
             race: The race that `solver="auto"` consults and advances (an unconditional assignment
                 of items of more than 64 values); `None`: the process's ``AUTO_RACE``.
@@ -185,9 +205,16 @@ class CouplingResult:
         solve_ms: Wall time of the assignment solver, ms.
         method: The coupling method used (`"worker"` for noise coupled in a DataLoader worker).
         metric: The distance used for the costs.
-        prior_skew: With a condition: the
+        prior_skew: With labels: the
             [prior_skew][lightning_immiscible.conditional.prior_skew] z-score of this batch (about
             N(0, 1) when the noise given each class is Gaussian); `None` otherwise.
+        condition_leak: With an embedding: the
+            [condition_leak][lightning_immiscible.embedding.condition_leak] z-score of this batch
+            (about N(0, 1) when the noise is independent of the condition); `None` otherwise or
+            when undefined (a constant condition).
+        condition_weight: The condition weight `w` the pool was coupled with (an embedding,
+            `lsa`/`flip` with `within_condition`); `None` otherwise.
+        candidate_share: The share of candidate pairs `r(w)` that weight reached (or `None`).
     """
 
     noise: Tensor
@@ -199,6 +226,9 @@ class CouplingResult:
     method: str = "lsa"
     metric: str = "l2"
     prior_skew: float | None = None
+    condition_leak: float | None = None
+    condition_weight: float | None = None
+    candidate_share: float | None = None
 
     @property
     def assign_ms(self) -> float:
@@ -224,20 +254,25 @@ class Assignment:
         rows: This process's `(b, B)` cost rows (on the data's device), from which
             [pair_distances][lightning_immiscible.coupling.pair_distances] reads the pairs'
             distances; `None` when no cost was built (`method="none"`, one item).
+        weight: The condition weight `w` (an embedding condition), else `None`.
+        share: The candidate share `w` reached, else `None`.
     """
 
     index: Tensor
     cost_ms: float
     solve_ms: float
     rows: CostRows | None = None
+    weight: float | None = None
+    share: float | None = None
 
     def result(
         self, noise: Tensor, cost_before: float, cost_after: float, spec: CouplingSpec
     ) -> CouplingResult:
         """The [CouplingResult][lightning_immiscible.coupling.CouplingResult] of this assignment."""
         return CouplingResult(
-            noise, self.index, cost_before, cost_after, self.cost_ms, self.solve_ms, spec.method, spec.metric
-        )
+            noise, self.index, cost_before, cost_after, self.cost_ms, self.solve_ms, spec.method, spec.metric,
+            condition_weight=self.weight, candidate_share=self.share,
+        )  # fmt: skip
 
 
 def assign(
@@ -250,6 +285,7 @@ def assign(
     dtype: torch.dtype | None = None,
     norms: tuple[Tensor, Tensor] | None = None,
     solver: str | SolverSpec | None = None,
+    embedding: Tensor | None = None,
 ) -> Assignment:
     """Cost -> solve -> timing: the one assignment step of every coupling path.
 
@@ -268,6 +304,10 @@ def assign(
             [cost_dtype][lightning_immiscible.costs.cost_dtype]).
         norms: Squared norms of `x` and `noise` in `dtype`, when the caller has them already.
         solver: The solver for this call instead of `spec.solver`.
+        embedding: `(b, E)` float conditions of `x`'s rows: solve `M + w C` instead
+            ([solve_with_embedding][lightning_immiscible.embedding.solve_with_embedding]). In a
+            group they ride as `E` extra columns of the gathered rows (the caller's `dtype` must
+            hold them exactly: float64 for float64 conditions).
 
     Returns:
         The [Assignment][lightning_immiscible.coupling.Assignment]; `index` has shape `(b,)`.
@@ -275,6 +315,8 @@ def assign(
     start = time.perf_counter()
     target = -noise if spec.method == "flip" else noise
     rows = cost_rows(x, target, spec.metric, spec.precision, dtype, norms)
+    if embedding is not None:
+        return _assign_embedding(x, rows, embedding, spec, gather_rows, offset, solver, start)
     full = (rows.cost if gather_rows is None else gather_rows(rows.cost)).cpu()
     mid = time.perf_counter()
     # The item dimension lets solver="auto" pick the solver measured fastest for such costs; a
@@ -284,6 +326,33 @@ def assign(
     end = time.perf_counter()
     index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
     return Assignment(index, (mid - start) * 1e3, (end - mid) * 1e3, rows)
+
+
+def _assign_embedding(
+    x: Tensor,
+    rows: CostRows,
+    embedding: Tensor,
+    spec: CouplingSpec,
+    gather_rows: Callable[[Tensor], Tensor] | None,
+    offset: int,
+    solver: str | SolverSpec | None,
+    start: float,
+) -> Assignment:
+    """[assign][lightning_immiscible.coupling.assign]'s gather and solve with an embedding condition."""
+    b = rows.cost.shape[1]
+    if gather_rows is None:  # one process: the conditions as they are, in float64
+        full, z = rows.cost.cpu().double().numpy(), embedding.detach().cpu().double().numpy()
+    else:
+        cond = embedding.detach().to(rows.cost.device, rows.cost.dtype)
+        gathered = gather_rows(torch.cat([rows.cost, cond], 1)).cpu().double().numpy()
+        full, z = gathered[:, :b], gathered[:, b:]
+    mid = time.perf_counter()
+    col, weight, share = solve_with_embedding(
+        full, z, share=spec.candidate_share, metric=spec.condition_metric, solver=solver or spec.solver,
+        dim=math.prod(x.shape[1:]),
+    )  # fmt: skip
+    index = torch.from_numpy(col[offset : offset + x.shape[0]]).to(x.device)
+    return Assignment(index, (mid - start) * 1e3, (time.perf_counter() - mid) * 1e3, rows, weight, share)
 
 
 def pair_distances(
@@ -370,10 +439,13 @@ def couple(
     precision: Precision = "auto",
     solver: str = "auto",
     condition: Tensor | None = None,
+    candidate_share: float = 0.2,
+    condition_metric: ConditionMetric = "sqeuclidean",
 ) -> CouplingResult:
     """Re-pairs `noise` with `x0` (Immiscible Diffusion, Li et al. 2024, Algorithm 1).
 
-    A shorthand for `CouplingSpec(method, metric, precision, solver).couple(x0, noise, condition)`:
+    A shorthand for `CouplingSpec(method, metric, precision, solver, candidate_share=...,
+    condition_metric=...).couple(x0, noise, condition)`:
     hold a [CouplingSpec][lightning_immiscible.coupling.CouplingSpec] to reuse one setting.
 
     Args:
@@ -395,9 +467,14 @@ def couple(
             candidates on the same cost, return the rule's answer, and later calls use the faster:
             [RaceBook][lightning_immiscible.solver_race.RaceBook], once per process), or one of
             [available_solvers][lightning_immiscible.solvers.available_solvers].
-        condition: `(B,)` integer labels (class ids, cluster ids of prompts) or `None`: couple
-            within each condition, so that the noise each class trains on stays Gaussian (see
+        condition: `(B,)` integer labels (class ids, cluster ids of prompts): couple within each
+            condition, so that the noise each class trains on stays Gaussian; or a `(B, E)` float
+            embedding (text embeddings, attribute vectors): minimise the data-noise cost plus a
+            weighted condition cost (C²OT); or `None` (see
             [couple_with_condition][lightning_immiscible.coupling.couple_with_condition]).
+        candidate_share: For an embedding: the target share of candidate pairs that sets the
+            condition weight ([search_weight][lightning_immiscible.embedding.search_weight]).
+        condition_metric: For an embedding: `"sqeuclidean"` or `"cosine"` between conditions.
 
     Returns:
         A [CouplingResult][lightning_immiscible.coupling.CouplingResult]; `result.noise` is on
@@ -419,18 +496,21 @@ def couple(
         assert res.cost_after <= res.cost_before
         ```
     """
-    spec = CouplingSpec(method, metric, precision, solver)
+    spec = CouplingSpec(
+        method, metric, precision, solver, candidate_share=candidate_share, condition_metric=condition_metric
+    )
     return spec.couple(x0, noise, condition)
 
 
-def check_condition(condition: object, batch_size: int) -> None:
-    """Raises a [CouplingInputError][lightning_immiscible.coupling.CouplingInputError] for unusable labels.
+def check_condition(condition: object, batch_size: int, metric: str = "sqeuclidean") -> None:
+    """Raises a [CouplingInputError][lightning_immiscible.coupling.CouplingInputError] for a bad condition.
 
     Args:
-        condition: `(B,)` integer labels >= 0, or `None`.
+        condition: `(B,)` integer labels >= 0, a `(B, E)` finite float embedding, or `None`.
         batch_size: `B`.
+        metric: The condition metric (`"cosine"` refuses an all-zero embedding row).
     """
-    problem = condition_problem(condition, batch_size)
+    problem = condition_problem(condition, batch_size, metric)
     if problem is not None:
         raise CouplingInputError(*problem)
 
@@ -445,17 +525,25 @@ def couple_with_condition(spec: CouplingSpec, x0: Tensor, noise: Tensor, conditi
     diagnostic shows it); `none` keeps the identity pairing. Every method returns the
     [prior_skew][lightning_immiscible.conditional.prior_skew] of the batch.
 
+    A `(B, E)` float embedding instead couples `lsa`/`flip` on `M + w C`
+    ([embedding][lightning_immiscible.embedding]; across conditions with
+    `spec.within_condition=False`), leaves `knn` and `none` as they are, and returns the
+    [condition_leak][lightning_immiscible.embedding.condition_leak] (and `w`, `r`) instead.
+
     Args:
         spec: The coupling.
         x0: `(B, *dims)` data.
         noise: `(B, *dims)` noise (`knn`: `(B, k, *dims)`).
-        condition: `(B,)` integer labels >= 0.
+        condition: `(B,)` integer labels >= 0, or a `(B, E)` float embedding.
 
     Returns:
-        The [CouplingResult][lightning_immiscible.coupling.CouplingResult] with `prior_skew` set.
+        The [CouplingResult][lightning_immiscible.coupling.CouplingResult] with `prior_skew` set
+        (labels), or `condition_leak` set (an embedding).
     """
     x0, noise = _checked_detached(x0, noise, spec.method)
-    check_condition(condition, x0.shape[0])
+    check_condition(condition, x0.shape[0], spec.condition_metric)
+    if is_embedding(condition):
+        return _couple_with_embedding(spec, x0, noise, condition)
     if spec.method in ("lsa", "flip") and spec.within_condition and x0.shape[0] > 1:
         dtype, _ = cost_inputs(x0, noise, spec.metric)  # NaN/Inf and overflow: one pass
         before = _mean(paired_distance(x0, noise, spec.metric, dtype))
@@ -470,3 +558,19 @@ def couple_with_condition(spec: CouplingSpec, x0: Tensor, noise: Tensor, conditi
         result = spec.couple(x0, noise)
     skew = prior_skew(x0, condition, *class_noise_means(result.noise, condition)) if x0.shape[0] else None
     return dataclasses.replace(result, prior_skew=skew)
+
+
+def _couple_with_embedding(
+    spec: CouplingSpec, x0: Tensor, noise: Tensor, condition: Tensor
+) -> CouplingResult:
+    """[couple_with_condition][lightning_immiscible.coupling.couple_with_condition] for an embedding."""
+    if spec.method in ("lsa", "flip") and spec.within_condition and x0.shape[0] > 1:
+        dtype, norms = cost_inputs(x0, noise, spec.metric)  # NaN/Inf and overflow: one pass
+        found = assign(x0, noise, spec, dtype=dtype, norms=norms, embedding=condition)
+        paired = noise.index_select(0, found.index)
+        before, after = pair_distances(found, x0, noise, 0, spec)
+        result = found.result(paired, _mean(before), _mean(after), spec)
+    else:
+        result = spec.couple(x0, noise)
+    leak = condition_leak(x0, condition, result.noise)
+    return dataclasses.replace(result, condition_leak=leak)

@@ -38,11 +38,13 @@ from lightning_immiscible.conditional import (
 )
 from lightning_immiscible.costs import range_cost_dtype
 from lightning_immiscible.coupling import Assignment, CouplingResult, CouplingSpec, assign, pair_distances
+from lightning_immiscible.embedding import condition_leak, is_embedding
 from lightning_immiscible.groups import RankGroup, collective, place, process_rank
 from lightning_immiscible.protocol import (
     StepPath,
     agree,
     condition_code,
+    condition_dim,
     encode,
     exchange,
     solver_code,
@@ -117,7 +119,7 @@ def agree_on_step(
         spec: The coupling's settings.
         error: What failed on this rank while preparing `x` (sent to every rank, chained here).
         epoch: The training epoch (ranks at different `(epoch, draw_index)` fail together).
-        condition: `(b_r,)` integer labels or `None`.
+        condition: `(b_r,)` integer labels, a `(b_r, E)` float embedding, or `None`.
         race: `solver="auto"`'s race: sends its report, reads the group's rows.
         path: `"worker"` for a batch a DataLoader worker coupled (only the header is exchanged).
 
@@ -128,12 +130,14 @@ def agree_on_step(
     wide = False
     if path == "group":
         error, wide = _validate_local(x, error, spec.metric)
-    error = error or _condition_error(x, condition)
-    wide = error is None and (wide or needs_wide_rows(condition))  # labels >= 2**24 need float64 rows
+    error = error or _condition_error(x, condition, spec.condition_metric)
+    # Labels >= 2**24 and float64 embeddings need float64 rows to travel exactly.
+    wide = error is None and (wide or needs_wide_rows(condition))
     identity = solver_identity(spec)
     fields = {
         "epoch": epoch, "draw": draw_index, "wide": int(wide),
         "solver": solver_code(identity), "condition": 0 if error else condition_code(condition),
+        "condition_dim": 0 if error else condition_dim(condition),
         **(race.header_fields() if race is not None and path == "group" else {}),
     }  # fmt: skip
     heads = exchange(group, encode(x, error, fields, path))
@@ -176,7 +180,12 @@ def couple_in_group(
         condition: `(b_r,)` integer labels of this rank's items, or `None`. `lsa`/`flip` then
             solve within each label over the whole group (`spec.within_condition`; see
             [conditional][lightning_immiscible.conditional]); the labels travel as one extra
-            column of the gathered cost rows. The result's `prior_skew` is set.
+            column of the gathered cost rows. The result's `prior_skew` is set. Or a `(b_r, E)`
+            float embedding: `lsa`/`flip` solve `M + w C` over the whole group, every rank finding
+            the same `w` from the same gathered matrix
+            ([embedding][lightning_immiscible.embedding]); the conditions travel as `E` extra
+            columns of the gathered rows. The result's `condition_leak` is set, from this rank's
+            items (their data, conditions and coupled noise), like `prior_skew`'s data directions.
         race: `solver="auto"`'s race ([AutoSolver][lightning_immiscible.solver_race.AutoSolver]):
             decides the solver from the pool size the group agreed on.
 
@@ -208,7 +217,12 @@ def couple_in_group(
     found = Assignment(torch.arange(step.offset, step.offset + x.shape[0], device=x.device), 0.0, 0.0)
     skew = None
     gather = functools.partial(_gather_rows, group, sizes=step.sizes)
-    if solving and condition is not None:
+    if solving and is_embedding(condition):
+        embedding = condition if spec.within_condition else None  # False: plain OT across conditions
+        found = assign(
+            x, pool, spec, gather_rows=gather, offset=step.offset, dtype=step.dtype, embedding=embedding
+        )
+    elif solving and condition is not None:
         found, skew = _assign_with_labels(x, pool, condition, spec, gather, step)
     elif solving:
         found = assign(x, pool, spec, gather_rows=gather, offset=step.offset, dtype=step.dtype)
@@ -253,8 +267,8 @@ def _validate_local(
     return None, range_cost_dtype([*ranges, (10.0, 10.0)], x[0].numel(), metric, wide) == torch.float64
 
 
-def _condition_error(x: Tensor | None, condition: Tensor | None) -> CouplingInputError | None:
-    problem = condition_problem(condition, x.shape[0]) if x is not None else None
+def _condition_error(x: Tensor | None, condition: Tensor | None, metric: str) -> CouplingInputError | None:
+    problem = condition_problem(condition, x.shape[0], metric) if x is not None else None
     return CouplingInputError(*problem) if problem else None
 
 
@@ -301,9 +315,14 @@ def _assign_with_labels(
 
 
 def _with_local_skew(result: CouplingResult, x: Tensor, condition: Tensor | None) -> CouplingResult:
-    """Adds the prior skew from this rank's items alone (exact for `none`, per-item `knn`, one rank)."""
+    """Adds the prior skew (labels) or the condition leak (an embedding) from this rank's items alone.
+
+    The prior skew so computed is exact for `none`, per-item `knn` and a group of one rank.
+    """
     if condition is None:
         return result
+    if is_embedding(condition):
+        return dataclasses.replace(result, condition_leak=condition_leak(x, condition, result.noise))
     return dataclasses.replace(
         result, prior_skew=prior_skew(x, condition, *class_noise_means(result.noise, condition))
     )

@@ -177,19 +177,22 @@ class ImmiscibleMixin:
         return find_data_tensor(batch)
 
     def immiscible_condition(self, batch: Any) -> Tensor | None:
-        """Returns the batch's condition, `(B,)` integer labels, or `None` (unconditional; the default).
+        """Returns the batch's condition: `(B,)` integer labels, a `(B, E)` float embedding, or `None`.
 
-        Override it in a conditional model (`return batch["label"]`): the callback then couples the
-        noise within each label, so that the noise each class trains on stays Gaussian (see
-        [conditional][lightning_immiscible.conditional]), and logs `immiscible/prior_skew`. Map
-        prompts or continuous conditions to cluster ids or buckets. The callback calls it once per
-        training batch, next to `immiscible_data`.
+        Override it in a conditional model. Labels (`return batch["label"]`): the callback couples
+        the noise within each label, so that the noise each class trains on stays Gaussian (see
+        [conditional][lightning_immiscible.conditional]), and logs `immiscible/prior_skew`. An
+        embedding (a text encoder's output, standardised attributes): the callback minimises the
+        data-noise cost plus a weighted condition cost (see
+        [embedding][lightning_immiscible.embedding]) and logs `immiscible/condition_leak`. The
+        callback calls it once per training batch, next to `immiscible_data`.
 
         Args:
             batch: The batch as `training_step` receives it.
 
         Returns:
-            `(B,)` labels >= 0 of an integer dtype, aligned with `immiscible_data(batch)`, or `None`.
+            `(B,)` labels >= 0 of an integer dtype, or `(B, E)` finite floats (`(B, 1)` for one
+            scalar condition), aligned with `immiscible_data(batch)`; or `None`.
         """
         return None
 

@@ -13,8 +13,8 @@ rank's message as `MESSAGE_BYTES` UTF-8 bytes.
 - `epoch`, `draw`: where the rank is in the noise stream (ranks must agree);
 - `wide`: the rank's costs need float64; `solver`: a code of the solver setting (ranks of a group
   must agree, see [solver_code][lightning_immiscible.protocol.solver_code]);
-- `path`: `PATHS.index(path)`; `condition`: see
-  [condition_code][lightning_immiscible.protocol.condition_code];
+- `path`: `PATHS.index(path)`; `condition`, `condition_dim`: the kind of condition and, for an
+  embedding, its width `E` (see [condition_code][lightning_immiscible.protocol.condition_code]);
 - `race_pool`, `race_dim`, `race_us0`, `race_us1`: the `solver="auto"` race's report of the previous
   race batch ([SolverRace][lightning_immiscible.solver_race.SolverRace]);
 - `ndim`, `numel`, then the first `DIMS` item dims.
@@ -35,6 +35,7 @@ from torch import Tensor
 from lightning_immiscible.checks import CouplingInputError
 from lightning_immiscible.conditional import LABEL_DTYPES
 from lightning_immiscible.coupling import CouplingSpec
+from lightning_immiscible.embedding import is_embedding
 from lightning_immiscible.groups import RankGroup, collective, place, process_rank
 from lightning_immiscible.solvers import SOLVERS, SolverSpec
 
@@ -49,7 +50,7 @@ StepPath = Literal["group", "worker"]
 PATHS: tuple[StepPath, ...] = get_args(StepPath)
 
 FIELDS: tuple[str, ...] = (
-    "b", "status", "epoch", "draw", "wide", "solver", "path", "condition",
+    "b", "status", "epoch", "draw", "wide", "solver", "path", "condition", "condition_dim",
     "race_pool", "race_dim", "race_us0", "race_us1", "ndim", "numel",
 )  # fmt: skip
 #: The race's fields (filled by the `solver="auto"` race).
@@ -85,9 +86,24 @@ def solver_code(identity: str) -> int:
     return zlib.crc32(identity.encode()) if identity else 0
 
 
+#: The header's `condition` code of a `(B, E)` float embedding (any float dtype: its values travel
+#: exactly in the gathered rows, float64 ones in float64 rows).
+EMBEDDING_CODE = 1 + len(LABEL_DTYPES)
+
+
 def condition_code(condition: Tensor | None) -> int:
-    """The header's `condition` field: 0 without a condition, else `1 + LABEL_DTYPES.index(dtype)`."""
-    return 0 if condition is None else 1 + LABEL_DTYPES.index(condition.dtype)
+    """The header's `condition` field: 0 without a condition, else the kind of condition.
+
+    `1 + LABEL_DTYPES.index(dtype)` for labels, `EMBEDDING_CODE` for an embedding.
+    """
+    if condition is None:
+        return 0
+    return EMBEDDING_CODE if is_embedding(condition) else 1 + LABEL_DTYPES.index(condition.dtype)
+
+
+def condition_dim(condition: Tensor | None) -> int:
+    """The header's `condition_dim` field: an embedding's width `E`, else 0."""
+    return int(condition.shape[1]) if is_embedding(condition) else 0  # type: ignore[union-attr]
 
 
 def error_reason(error: BaseException) -> str:
@@ -104,7 +120,8 @@ def encode(
     Args:
         x: `(b, *dims)` this rank's data (`None` when preparing it failed).
         error: What failed on this rank, or `None`.
-        fields: Values of named `FIELDS` (`epoch`, `draw`, `wide`, `solver`, `condition`, race).
+        fields: Values of named `FIELDS` (`epoch`, `draw`, `wide`, `solver`, `condition`,
+            `condition_dim`, race).
         path: Who couples this batch.
     """
     head = [0] * HEADER_SIZE  # built in Python, one tensor at the end: this runs every step
@@ -237,17 +254,22 @@ def _agree_on_step(heads: Headers) -> None:
 
 
 def _agree_on_condition(heads: Headers) -> None:
-    codes = heads.column("condition")
-    if len(set(codes)) <= 1:
+    kinds = list(zip(heads.column("condition"), heads.column("condition_dim"), strict=True))
+    if len(set(kinds)) <= 1:
         return
-    named = {
-        r: "none" if c == 0 else str(LABEL_DTYPES[c - 1]) for r, c in zip(heads.ranks, codes, strict=True)
-    }
+    named = {r: _condition_name(c, e) for r, (c, e) in zip(heads.ranks, kinds, strict=True)}
     raise CouplingInputError(
-        f"Ranks disagree on the coupling condition (rank: label dtype {named}): give the same kind of "
-        "condition on every rank, `(B_r,)` labels of one integer dtype (or None on all of them).",
+        f"Ranks disagree on the coupling condition (rank: condition {named}): give the same kind of "
+        "condition on every rank: `(B_r,)` labels of one integer dtype, `(B_r, E)` float "
+        "embeddings of one width E, or None on all of them.",
         "invalid",
     )
+
+
+def _condition_name(code: int, dim: int) -> str:
+    if code == 0:
+        return "none"
+    return f"embedding (B, {dim})" if code == EMBEDDING_CODE else str(LABEL_DTYPES[code - 1])
 
 
 def _agree_on_shapes(group: RankGroup, mine: Headers) -> None:

@@ -143,7 +143,10 @@ class WorkerBatches:
         result = CouplingResult(
             noise, index, worker.cost_before, worker.cost_after, 0.0, 0.0, "worker", metric
         )
-        return dataclasses.replace(result, prior_skew=worker.prior_skew)
+        return dataclasses.replace(
+            result, prior_skew=worker.prior_skew, condition_leak=worker.condition_leak,
+            condition_weight=worker.condition_weight, candidate_share=worker.candidate_share,
+        )  # fmt: skip
 
     def _credit(self, worker: WorkerCoupling) -> None:
         """Counts the worker's race times on the collate it came from (only when it is identifiable)."""

@@ -23,6 +23,9 @@ Batch format (what the DataLoader yields, see
 With a `condition_fn`, two more keys: `"immiscible_condition"` (`(B,)` the labels the noise was
 coupled within) and `"immiscible_prior_skew"` (`(1,)` float64, the
 [prior_skew][lightning_immiscible.conditional.prior_skew] of the batch; NaN when undefined). A batch
+whose condition is a `(B, E)` float embedding carries `"immiscible_condition_leak"` instead of the
+prior skew: `(3,)` float64, the [condition_leak][lightning_immiscible.embedding.condition_leak], the
+condition weight `w` and the candidate share it reached (NaN when undefined). A batch
 that a worker coupled with a `solver="auto"` race batch also carries `"immiscible_race"` (`(n, 7)`
 int64, the race's reports: see [CouplingCollate][lightning_immiscible.workers.CouplingCollate]).
 
@@ -93,6 +96,7 @@ from lightning_immiscible.batches import find_data_tensor
 from lightning_immiscible.checks import CouplingInputError
 from lightning_immiscible.costs import paired_distance
 from lightning_immiscible.coupling import CouplingResult, CouplingSpec, Method, Metric
+from lightning_immiscible.embedding import ConditionMetric, is_embedding
 from lightning_immiscible.groups import distributed_ready, process_rank
 from lightning_immiscible.process_race import ProcessRace
 from lightning_immiscible.streams import Stream, draw_noise
@@ -108,10 +112,12 @@ BATCH_KEY = "batch"
 #: Keys of the labels and the prior-skew diagnostic (batches of a collate with a `condition_fn`).
 CONDITION_KEY = "immiscible_condition"
 SKEW_KEY = "immiscible_prior_skew"
+#: Key of an embedding condition's `(3,)` float64 leak, weight and candidate share.
+LEAK_KEY = "immiscible_condition_leak"
 #: Key of the `solver="auto"` race reports of a worker's race batch (`(n, 7)` int64).
 RACE_KEY = "immiscible_race"
-_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY, CONDITION_KEY, SKEW_KEY, RACE_KEY)
-_OPTIONAL_KEYS = {POSITION_KEY, CONDITION_KEY, SKEW_KEY, RACE_KEY}
+_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY, CONDITION_KEY, SKEW_KEY, LEAK_KEY, RACE_KEY)
+_OPTIONAL_KEYS = {POSITION_KEY, CONDITION_KEY, SKEW_KEY, LEAK_KEY, RACE_KEY}
 
 
 class CouplingCollate:
@@ -138,14 +144,19 @@ class CouplingCollate:
         condition_fn: Maps the collated batch to its `(B,)` integer labels (e.g.
             `operator.itemgetter(1)`; picklable, for spawned workers): the noise is then coupled
             within each label (see
-            [conditional][lightning_immiscible.conditional]). `None`: unconditional.
-        within_condition: `False` couples across labels; they then only feed the diagnostic.
+            [conditional][lightning_immiscible.conditional]); or to a `(B, E)` float embedding:
+            coupled with the condition term ([embedding][lightning_immiscible.embedding]).
+            `None`: unconditional.
+        within_condition: `False` couples across conditions; they then only feed the diagnostic.
         pool_batches: Training batches coupled in one assignment (keyword). `1`: each batch alone,
             as the `collate_fn` of any DataLoader. `k > 1`: pools of `k` consecutive batches
             (`k B` items; with a `condition_fn` each label's block is the pool's), handed to
             training as `k` batches of the loader's batch size; only as the `collate_fn` of a
             [PooledDataLoader][lightning_immiscible.pools.PooledDataLoader]. The assignment costs
             about `(k B)^3` (exact methods), paid in the workers once per `k` steps.
+        candidate_share: For an embedding: the target share of candidate pairs (keyword; see
+            [CouplingSpec][lightning_immiscible.coupling.CouplingSpec]).
+        condition_metric: For an embedding: `"sqeuclidean"` or `"cosine"` (keyword).
 
     Raises:
         ValueError: On an unknown method, metric or solver, `k < 1` or `pool_batches < 1`.
@@ -176,10 +187,15 @@ class CouplingCollate:
         within_condition: bool = True,
         *,
         pool_batches: int = 1,
+        candidate_share: float = 0.2,
+        condition_metric: ConditionMetric = "sqeuclidean",
     ) -> None:
         # Validated once, like every coupling path (CPU workers: precision "auto" is fp32).
         self.spec = CouplingSpec(method=method, metric=metric, solver=solver, k=int(k))
-        self.spec = dataclasses.replace(self.spec, within_condition=within_condition)
+        self.spec = dataclasses.replace(
+            self.spec, within_condition=within_condition, candidate_share=candidate_share,
+            condition_metric=condition_metric,
+        )  # fmt: skip
         self.condition_fn = condition_fn
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.rank = rank
@@ -263,7 +279,8 @@ class CouplingCollate:
             x0s: `k` tensors `(B_j, *dims)`, the batches' data (the same `dims`).
             noises: `k` tensors, the noise drawn for each batch: `(B_j, *dims)` (`knn`:
                 `(B_j, k, *dims)`).
-            conditions: `k` `(B_j,)` integer label tensors, or `None` (unconditional).
+            conditions: `k` `(B_j,)` integer label tensors or `(B_j, E)` float embeddings, or
+                `None` (unconditional).
 
         Returns:
             One [CouplingResult][lightning_immiscible.coupling.CouplingResult] per batch: `noise`
@@ -271,8 +288,9 @@ class CouplingCollate:
             `torch.cat(noises)` (`knn`: each item's candidate, as for one batch); `cost_before` and
             `cost_after`, the mean pair distance over batch `j`'s items with its own drawn noise and
             with its coupled noise; `cost_ms` and `solve_ms`, the pool's divided by `k`;
-            `prior_skew`, the pool's statistic (one N(0, 1) draw per pool without a lean) on the
-            first result and `None` on the others. One batch: the result of `spec.couple` as it is.
+            `prior_skew` (labels) or `condition_leak`, `condition_weight` and `candidate_share`
+            (an embedding), the pool's (one N(0, 1) draw per pool without a lean) on the first
+            result and `None` on the others. One batch: the result of `spec.couple` as it is.
 
         Raises:
             CouplingInputError: For an empty list, lists of different lengths or batches whose
@@ -294,10 +312,14 @@ class CouplingCollate:
         results = []
         for j, (x0, drawn, noise, index) in enumerate(parts):
             before = _mean_distance(x0, drawn[:, 0] if self.method == "knn" else drawn, self.spec.metric)
-            skew = pooled.prior_skew if j == 0 else None
+            first = j == 0  # the pool's diagnostics: one draw per pool
             results.append(
                 CouplingResult(noise, index, before, _mean_distance(x0, noise, self.spec.metric),
-                               pooled.cost_ms / n, pooled.solve_ms / n, pooled.method, pooled.metric, skew)
+                               pooled.cost_ms / n, pooled.solve_ms / n, pooled.method, pooled.metric,
+                               pooled.prior_skew if first else None,
+                               pooled.condition_leak if first else None,
+                               pooled.condition_weight if first else None,
+                               pooled.candidate_share if first else None)
             )  # fmt: skip
         return results
 
@@ -423,6 +445,8 @@ def _coupled_batch(
     if condition is not None:
         skew = math.nan if res.prior_skew is None else res.prior_skew
         extra |= {CONDITION_KEY: condition, SKEW_KEY: torch.tensor([skew], dtype=torch.float64)}
+    if is_embedding(condition):
+        extra[LEAK_KEY] = embedding_stats(res)
     if isinstance(batch, Mapping):
         return {**batch, **extra}
     return {BATCH_KEY: batch, **extra}
@@ -464,6 +488,10 @@ class WorkerCoupling:
         position: `(rank, epoch, batch index)` the noise was drawn for (`None`: not recorded).
         condition: `(B,)` the labels the worker coupled within (`None`: unconditional).
         prior_skew: The worker's [prior_skew][lightning_immiscible.conditional.prior_skew] (or `None`).
+        condition_leak: The worker's [condition_leak][lightning_immiscible.embedding.condition_leak]
+            (an embedding condition; else `None`).
+        condition_weight: The condition weight `w` the worker coupled with (or `None`).
+        candidate_share: The candidate share `w` reached (or `None`).
         race: The worker's `solver="auto"` race reports (see `CouplingCollate.credit`).
     """
 
@@ -477,6 +505,9 @@ class WorkerCoupling:
     condition: Tensor | None = None
     prior_skew: float | None = None
     race: tuple[tuple[int, ...], ...] = ()
+    condition_leak: float | None = None
+    condition_weight: float | None = None
+    candidate_share: float | None = None
 
     @classmethod
     def from_batch(cls, batch: Any) -> WorkerCoupling | None:
@@ -497,7 +528,18 @@ class WorkerCoupling:
         skew = float(batch[SKEW_KEY][0]) if SKEW_KEY in batch else math.nan
         condition, skew_or_none = batch.get(CONDITION_KEY), None if math.isnan(skew) else skew
         found = cls(inner, noise, batch[INDEX_KEY], before, after, ms, position, condition, skew_or_none)  # type: ignore[arg-type]
-        return dataclasses.replace(found, race=race_reports(batch))
+        stats = batch[LEAK_KEY].tolist() if LEAK_KEY in batch else [math.nan] * 3
+        leak, weight, share = (None if math.isnan(v) else float(v) for v in stats)
+        return dataclasses.replace(
+            found, race=race_reports(batch), condition_leak=leak, condition_weight=weight,
+            candidate_share=share,
+        )  # fmt: skip
+
+
+def embedding_stats(result: CouplingResult) -> Tensor:
+    """`(3,)` float64: a result's condition leak, weight and candidate share (NaN for `None`)."""
+    values = (result.condition_leak, result.condition_weight, result.candidate_share)
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
 
 
 def race_reports(batch: Any) -> tuple[tuple[int, ...], ...]:

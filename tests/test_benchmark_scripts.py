@@ -34,9 +34,10 @@ def test_group_sizing_table(tmp_path):
                                 "--json", str(tmp_path / "g.json")])  # fmt: skip
     assert [(r["pool"], r["ranks_per_group"]) for r in result["rows"]][:1] == [(32, 2)]
     assert all(r["assign_ms"] > 0 for r in result["rows"])
-    # 14 named fields (b, status, epoch, draw, wide, solver, path, condition, 4 race, ndim, numel),
-    # 6 dims and a 256-byte message slot (32 int64), written out here from the documented layout
-    header = (14 + 6 + 32) * 8
+    # 15 named fields (b, status, epoch, draw, wide, solver, path, condition, condition_dim, 4 race,
+    # ndim, numel), 6 dims and a 256-byte message slot (32 int64), written out here from the
+    # documented layout: 424 bytes
+    header = (15 + 6 + 32) * 8
     assert result["rows"][0]["mib_sent_per_rank"] == pytest.approx((header + 16 * 32 * 4 + 24) / 2**20)
 
 
@@ -156,3 +157,16 @@ def test_performance_page_shows_the_committed_call_split_run():
     start = page.index("<!-- call-split table:")
     shown = page[page.index("\n", start) + 1 : page.index("<!-- end of call-split table -->")]
     assert shown.strip() == call_split.render_split(saved).strip()
+
+
+def test_embedding_cost_benchmark_quick_run(tmp_path):
+    out = tmp_path / "e.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "embedding_cost.py"), "--batches", "32", "--widths", "3",
+         "--dim", "16", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["B"], r["E"]) for r in rows] == [(32, 3), (32, 3)] and all(r["weight"] > 0 for r in rows)
+    assert "| 32 | 3 | cosine |" in done.stdout

@@ -480,11 +480,6 @@ def test_a_pool_keeps_every_item_in_its_batch_and_couples_within_classes():
     assert res.prior_skew is not None
 
 
-@pytest.mark.skipif(
-    not hasattr(CouplingCollate, "couple_pool"),
-    reason="CouplingCollate.couple_pool (pool_batches, issue #33 item 1) is not merged yet; "
-    "remove this skip then",
-)
 def test_the_runners_pools_equal_the_librarys_worker_pools():
     # The page: "A test of the runner checks that its coupled pools equal those of
     # CouplingCollate(pool_batches=k) given the same items and noise."
@@ -531,11 +526,6 @@ def test_the_classifier_is_trained_on_the_training_digits_only_and_cached(tmp_pa
 # Part (a) with the library's condition-aware coupling
 
 
-@pytest.mark.skipif(
-    not runner.embedding_conditions_available(),
-    reason="CouplingSpec(candidate_share=..., condition_metric=...) (issue #33 item 2) is not merged yet; "
-    "remove this skip then",
-)
 def test_tiny_part_a_runs_every_arm_and_records_the_weight_search(tmp_path):
     # Catches an ot-cond arm whose weight search misses the page's tolerance (r within 0.001 of 0.2),
     # and a record without the library's own leak beside the runner's.
@@ -550,11 +540,7 @@ def test_tiny_part_a_runs_every_arm_and_records_the_weight_search(tmp_path):
 
 
 def test_the_ot_cond_spec_is_the_pages():
-    if runner.embedding_conditions_available():
-        spec = runner.ot_cond_spec(runner.Settings())
-        assert (spec.method, spec.metric) == ("lsa", "sqeuclidean")
-        assert (spec.candidate_share, spec.condition_metric) == (0.2, "sqeuclidean")
-    else:
-        with pytest.raises(SystemExit, match="candidate_share"):
-            runner.ot_cond_spec(runner.Settings())
+    spec = runner.ot_cond_spec(runner.Settings())
+    assert (spec.method, spec.metric) == ("lsa", "sqeuclidean")
+    assert (spec.candidate_share, spec.condition_metric) == (0.2, "sqeuclidean")
     assert isinstance(runner.LSA, CouplingSpec) and runner.LSA.metric == "sqeuclidean"

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "lightning_immiscible"
 PROJECT = ("lightning_immiscible", "example_projects", "benchmarks", "experiments", "tests")
 SCANNED = ("lightning_immiscible", "example_projects", "benchmarks", "experiments", "tests", "docs")
 PURE = ("batches", "costs", "coupling", "distributed", "sizing", "solver_race", "solvers", "solvers_approx")
-PURE += ("workers", "pools", "groups", "protocol", "streams", "process_race")
+PURE += ("workers", "pools", "groups", "protocol", "streams", "process_race", "embedding", "conditional")
 
 
 def _files() -> list[Path]:

@@ -99,20 +99,9 @@ TINY = Settings(
 )
 
 
-def embedding_conditions_available() -> bool:
-    """Whether this library couples with per-item embedding conditions (`CouplingSpec.candidate_share`)."""
-    fields = {f.name for f in dataclasses.fields(CouplingSpec)}
-    return hasattr(CouplingSpec, "candidate_share") or "candidate_share" in fields
-
-
 def ot_cond_spec(s: Settings) -> CouplingSpec:
     """The `ot-cond` arm: `M + w C`, `w` searched per batch for `r(w)` = 0.2 (C²OT's rule)."""
-    if not embedding_conditions_available():
-        raise SystemExit(
-            "ot-cond needs CouplingSpec(candidate_share=..., condition_metric=...): not in this library."
-        )
-    spec: Any = CouplingSpec
-    return spec(
+    return CouplingSpec(
         "lsa", metric="sqeuclidean", candidate_share=s.candidate_share, condition_metric="sqeuclidean"
     )
 
@@ -236,12 +225,7 @@ def couple_a(
     if arm == "independent":
         res = NONE.couple(x0, noise)
     elif arm == "ot":
-        embed = embedding_conditions_available()
-        res = (
-            dataclasses.replace(LSA, within_condition=False).couple(x0, noise, cond)
-            if embed
-            else LSA.couple(x0, noise)
-        )
+        res = dataclasses.replace(LSA, within_condition=False).couple(x0, noise, cond)
     elif arm == "ot-cond":
         res = ot_cond_spec(s).couple(x0, noise, cond)
     elif arm == "knn":
@@ -329,7 +313,7 @@ def _summaries(part: str, diags: list[dict[str, Any]], s: Settings) -> dict[str,
             f"{key}_max": max(xs, default=None),
         }
     rs = [d["r"] for d in diags if d["r"] is not None]
-    out["r_off_target"] = sum(abs(r - s.candidate_share) > 1e-3 for r in rs) if rs else None
+    out["r_off_target"] = int(sum(abs(r - s.candidate_share) > 1e-3 for r in rs)) if rs else None
     return out
 
 
@@ -452,9 +436,6 @@ def plan(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     cached = (args.out / "cache" / f"classifier-{classifier_name(s)}.pt").exists()
     ctx = context(args.out / "cache", s, None if cached else FeatureClassifier(784).requires_grad_(False))
     setting, arm = SLOWEST[args.part]
-    note = ""
-    if arm == "ot-cond" and not embedding_conditions_available():
-        arm, note = "ot", " (ot-cond is not in this library yet: timed ot, without the weight search)"
     timing = dataclasses.replace(s, seeds=1, steps=20, checkpoints=(20,))
     run_unit(args.part, setting, arm, 0, timing, ctx)  # untimed: settles solver="auto"'s race per cost shape
     timed = run_unit(args.part, setting, arm, 0, timing, ctx)
@@ -463,7 +444,7 @@ def plan(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     total = len(units(args.part, s))
     print(f"part ({args.part}): {len(todo)} of {total} runs left in {records}")
     per_step = 1000 * timed["train_s"] / timing.steps
-    print(f"timed here: {setting} {arm}, 20 steps (after 20 untimed) at {per_step:.1f} ms/step{note}; "
+    print(f"timed here: {setting} {arm}, 20 steps (after 20 untimed) at {per_step:.1f} ms/step; "
           f"one evaluation {timed['eval_s']:.1f} s; about {per_run:.0f} s per run")  # fmt: skip
     print(f"estimate: {minutes:.0f} min" + ("" if cached else " (including about 1 min for the classifier)"))
     return {"left": len(todo), "total": total, "per_run_s": per_run, "minutes": minutes}
