@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import lightning as L
 import torch
 from torch import nn
@@ -10,6 +12,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_immiscible import ImmiscibleMixin
 
 DIM = 12
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a test's own rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ToyDiffusion(ImmiscibleMixin, L.LightningModule):

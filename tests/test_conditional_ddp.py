@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import socket
 import traceback
 
 import pytest
@@ -16,19 +15,13 @@ from lightning_immiscible import CouplingSpec, ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group, partition_ranks
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import trainer
+from tests.helpers import free_port, trainer
 from tests.test_conditional import LabeledToy
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
 SIZES = (5, 9, 3, 7)  # uneven local batches
 DRAWS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_batch(rank: int, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +65,7 @@ def _rank_main(rank: int, world: int, port: int, scope, method: str, fault, queu
 
 def _run(world: int, scope, method: str = "lsa", fault: str | None = None) -> dict[int, tuple[str, object]]:
     ctx = mp.get_context("fork")  # each child sets one torch thread first: see _rank_main
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(r, world, port, scope, method, fault, queue))
         for r in range(world)

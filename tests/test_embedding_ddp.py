@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import traceback
 
 import pytest
@@ -14,18 +13,13 @@ from lightning_immiscible import CouplingSpec, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group
 from lightning_immiscible.streams import draw_pool
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
 SIZES = (11, 6)  # uneven local batches
 DRAWS = 2
 SPEC = CouplingSpec("lsa", "sqeuclidean", candidate_share=0.25)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_batch(rank: int, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +59,7 @@ def _rank_main(rank: int, port: int, fault: str | None, queue) -> None:
 
 def _run(fault: str | None = None) -> dict[int, tuple[str, object]]:
     ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, fault, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-import socket
 import traceback
 import warnings
 
@@ -22,7 +21,7 @@ from torch import nn
 import lightning_immiscible.groups as li_groups
 from lightning_immiscible import ImmiscibleCoupling
 from lightning_immiscible.mixin import hand_off
-from tests.helpers import ToyDiffusion, trainer
+from tests.helpers import ToyDiffusion, free_port, trainer
 
 
 @pytest.mark.parametrize(
@@ -154,12 +153,6 @@ def test_the_checkpoint_state_has_a_plain_key_with_the_settings_inside(tmp_path)
     assert state["settings"]["method"] == "flip" and state["seed"] == 4 and state["draws"] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class CountingGroups:
     """``torch.distributed`` as the groups module sees it, counting group creation and destruction."""
 
@@ -209,7 +202,7 @@ def test_each_fit_builds_its_process_groups_and_releases_them_in_teardown():
     # from rank 0. Catches groups never destroyed (no teardown), groups kept from the first fit,
     # and the first fit's seed kept by the second (issue 32).
     ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_two_fits_on_rank, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -1,7 +1,6 @@
 """Scale-out on real processes: 2 "nodes" x 2 devices on one host, launched by torchrun."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +10,17 @@ import torch
 
 from lightning_immiscible import couple
 from lightning_immiscible.streams import draw_pool
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[1]
 SCOPES = ("node", "2", "global", "local")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def multinode_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("multinode")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     nodes = [
         subprocess.Popen(
