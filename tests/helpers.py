@@ -14,6 +14,32 @@ from lightning_immiscible import ImmiscibleMixin
 DIM = 12
 
 
+def results_of_ranks(procs: list, queue, timeout: float = 120) -> dict[int, tuple[str, object]]:
+    """Starts forked rank processes and collects one `(rank, status, payload)` from each.
+
+    Args:
+        procs: Unstarted `multiprocessing.Process`es, one per rank, each putting one tuple on `queue`.
+        queue: Their shared queue.
+        timeout: Seconds to wait for each result (a hung rank fails the test, not the suite).
+
+    Returns:
+        `{rank: (status, payload)}`; the processes are joined, or killed when they do not end.
+    """
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, status, payload = queue.get(timeout=timeout)
+            results[rank] = (status, payload)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for a test's own rendezvous)."""
     with socket.socket() as s:

@@ -15,7 +15,7 @@ from lightning_immiscible import CouplingSpec, ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group, partition_ranks
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import free_port, trainer
+from tests.helpers import free_port, results_of_ranks, trainer
 from tests.test_conditional import LabeledToy
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
@@ -70,19 +70,7 @@ def _run(world: int, scope, method: str = "lsa", fault: str | None = None) -> di
         ctx.Process(target=_rank_main, args=(r, world, port, scope, method, fault, queue))
         for r in range(world)
     ]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=120)
-            results[rank] = (status, payload)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return results
+    return results_of_ranks(procs, queue)
 
 
 @pytest.mark.parametrize(

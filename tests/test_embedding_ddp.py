@@ -13,7 +13,7 @@ from lightning_immiscible import CouplingSpec, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import free_port
+from tests.helpers import free_port, results_of_ranks
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
@@ -61,19 +61,7 @@ def _run(fault: str | None = None) -> dict[int, tuple[str, object]]:
     ctx = mp.get_context("fork")
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, fault, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(2):
-            rank, status, payload = queue.get(timeout=120)
-            results[rank] = (status, payload)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return results
+    return results_of_ranks(procs, queue)
 
 
 def test_each_rank_gets_the_pairing_and_weight_one_process_gives_the_concatenated_batch():
