@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from tests.helpers import free_port
 
 
 @pytest.fixture(autouse=True)
-def fresh_master_port(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A free `MASTER_PORT` for each multi-process test.
+def fork_safe_ranks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A free `MASTER_PORT` and one torch thread for each multi-process test.
 
-    Lightning's launcher writes the port it picks into `os.environ` and never removes it, so every
-    later `ddp_fork` fit in the same pytest process reused the first test's port, and failed with
-    EADDRINUSE whenever another test's process had bound it meanwhile.
+    - Lightning's launcher writes the port it picks into `os.environ` and never removes it, so every
+      later `ddp_fork` fit in the same pytest process reused the first test's port, and failed with
+      EADDRINUSE whenever another process had bound it meanwhile.
+    - Forked ranks inherit the parent's OpenMP thread pool but not its threads: once an earlier test
+      had run a multi-threaded MKL kernel in the pytest process, a forked rank's next threaded
+      kernel (an in-place `sqrt_` in the costs) waited forever at an OpenMP barrier (seen in the full
+      suite only, never in a test run alone). One thread in the parent before the fork keeps the
+      ranks' kernels serial.
     """
-    if request.node.get_closest_marker("ddp") is not None:
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    if request.node.get_closest_marker("ddp") is None:
+        yield
+        return
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
