@@ -7,12 +7,16 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.helpers import free_port
+from tests.ports import free_port
 
 
 @pytest.fixture(autouse=True)
 def fork_safe_ranks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A free `MASTER_PORT` and one torch thread for each multi-process test.
+
+    This file imports neither Lightning nor tests.helpers: Lightning configures its loggers when it
+    is first imported, and imported this early (before pytest's log capture is set up) its
+    messages no longer reached `caplog` on some versions (the floors' Lightning 2.5.0).
 
     - Lightning's launcher writes the port it picks into `os.environ` and never removes it, so every
       later `ddp_fork` fit in the same pytest process reused the first test's port, and failed with

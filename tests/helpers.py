@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import lightning as L
 import torch
 from torch import nn
@@ -38,13 +36,6 @@ def results_of_ranks(procs: list, queue, timeout: float = 120) -> dict[int, tupl
             if p.is_alive():
                 p.kill()
     return results
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a test's own rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ToyDiffusion(ImmiscibleMixin, L.LightningModule):

@@ -15,7 +15,8 @@ from lightning_immiscible import CouplingSpec, ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group, partition_ranks
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import free_port, results_of_ranks, trainer
+from tests.helpers import results_of_ranks, trainer
+from tests.ports import free_port
 from tests.test_conditional import LabeledToy
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]

@@ -13,7 +13,8 @@ from lightning_immiscible import CouplingSpec, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import free_port, results_of_ranks
+from tests.helpers import results_of_ranks
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 

@@ -21,7 +21,8 @@ from torch import nn
 import lightning_immiscible.groups as li_groups
 from lightning_immiscible import ImmiscibleCoupling
 from lightning_immiscible.mixin import hand_off
-from tests.helpers import ToyDiffusion, free_port, trainer
+from tests.helpers import ToyDiffusion, trainer
+from tests.ports import free_port
 
 
 @pytest.mark.parametrize(

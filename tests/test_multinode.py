@@ -10,7 +10,7 @@ import torch
 
 from lightning_immiscible import couple
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import free_port
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[1]

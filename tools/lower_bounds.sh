@@ -37,6 +37,7 @@ EXTRAS_ONLY=(
   tests/examples
   tests/test_benchmark_scripts.py
   tests/test_cli.py
+  tests/test_conditions_fm.py
   tests/test_decisions.py
   tests/test_doc_commands.py
   tests/test_docs.py
