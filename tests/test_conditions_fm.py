@@ -356,7 +356,8 @@ def test_the_report_of_no_records_says_so():
 
 
 def test_a_record_with_another_library_tree_hash_is_refused(tmp_path, monkeypatch):
-    # Catches a sweep that mixes library versions (the page: one library version per sweep).
+    # Catches a part that mixes library versions (the page: one library version per part), and a
+    # check that refuses the other part's records (the parts are separate experiments).
     prov = rec.provenance()
     assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and re.fullmatch(
         r"[0-9a-f]{40}", prov["library_tree"]
@@ -379,6 +380,12 @@ def test_a_record_with_another_library_tree_hash_is_refused(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="other settings"):
         rec.check_can_add(tmp_path / "records", prov, "b", asdict(runner.Settings()))
     rec.check_can_add(tmp_path / "records", prov, "a", asdict(runner.Settings()))
+    # a part (a) record of another library: part (b) may still add, part (a) may not
+    other = {"part": "a", "settings": asdict(runner.Settings()), "provenance": old["provenance"]}
+    rec.write(tmp_path / "records" / "a-ink-slant-independent-seed0.json", other)
+    rec.check_can_add(tmp_path / "records", prov, "b", settings)
+    with pytest.raises(SystemExit, match="one library version per part"):
+        rec.check_can_add(tmp_path / "records", prov, "a", asdict(runner.Settings()))
 
 
 def test_tiny_part_b_stops_between_runs_resumes_and_reports(tmp_path, monkeypatch):
@@ -424,8 +431,12 @@ def test_tiny_part_b_stops_between_runs_resumes_and_reports(tmp_path, monkeypatc
 
 def test_plan_counts_the_runs_left_and_caches_nothing(tmp_path, capsys):
     result = runner.main(["--part", "b", "--tiny", "--plan", "--out", str(tmp_path)])
-    assert result["left"] == result["total"] == 16 and result["per_run_s"] > 0
-    assert "16 of 16 runs left" in capsys.readouterr().out and not (tmp_path / "cache").exists()
+    # Catches a plan that times one arm for all (the arms' costs differ by up to 2x) or skips some.
+    assert result["left"] == result["total"] == 16 and result["minutes"] > 0
+    assert set(result["per_run_s"]) == {(s, a) for s, arms in runner.PARTS["b"].items() for a in arms}
+    assert all(v > 0 for v in result["per_run_s"].values())
+    out = capsys.readouterr().out
+    assert "16 of 16 runs left" in out and out.count(" ms/step") == 8 and not (tmp_path / "cache").exists()
 
 
 def test_runs_are_seed_major():

@@ -2,9 +2,11 @@
 
 Each record stores where it ran from (`provenance`): the commit, the git tree hash of
 `lightning_immiscible/` at that commit, a `dirty` flag (uncommitted changes to the library or to
-any Python file) and the last commit that changed the pre-registration page. A folder holds one
-library version: `check_can_add` refuses a record whose library tree hash differs from the records
-already there, and one made with other settings of its part.
+any Python file) and the last commit that changed the pre-registration page. Each part's records
+hold one library version: `check_can_add` refuses a record whose library tree hash differs from
+the records of its part already there, and one made with other settings of its part. The two parts
+are separate experiments (no comparison reads across them), so the library may change between
+parts, never within one.
 """
 
 from __future__ import annotations
@@ -60,17 +62,19 @@ def check_can_add(records: Path, prov: dict[str, Any], part: str, settings: dict
         settings: Its part's settings (as JSON would store them).
 
     Raises:
-        SystemExit: A record there has another library tree hash, or its part's other settings.
+        SystemExit: A record of the same part there has another library tree hash or other settings.
     """
     wanted = json.loads(json.dumps(settings))
     for path in sorted(records.glob("*.json")):
         old = json.loads(path.read_text())
+        if old["part"] != part:
+            continue
         if old["provenance"]["library_tree"] != prov["library_tree"]:
             raise SystemExit(
                 f"{path} ran with library tree hash {old['provenance']['library_tree']}, this code has "
-                f"{prov['library_tree']}: one library version per sweep. Start over in another folder."
+                f"{prov['library_tree']}: one library version per part. Start over in another folder."
             )
-        if old["part"] == part and old["settings"] != wanted:
+        if old["settings"] != wanted:
             raise SystemExit(f"{path} was made with other settings; use another folder.")
 
 

@@ -12,10 +12,11 @@ every item stays in its own training batch.
 
 Each finished (part, setting, arm, seed) is one JSON record under `OUT/records/` (by default
 `experiments/conditions_fm/records/`); a rerun skips those, `--max-minutes` stops between runs, and
-a record whose library tree hash differs from those already in the folder is refused. `--plan`
-prints the runs left and an estimate timed here; `--report` writes every pre-listed comparison from
-the finished records and trains nothing. `--tiny` is a smoke test with other settings, written under
-`runs/conditions_fm_tiny/`: never the pre-registered run.
+a record whose library tree hash differs from those of its part already in the folder is refused.
+`--plan` prints the runs left and an estimate timed here (20 steps of each arm left); `--report`
+writes every pre-listed comparison from the finished records and trains nothing. `--tiny` is a
+smoke test with other settings, written under `runs/conditions_fm_tiny/`: never the pre-registered
+run.
 
 ```bash
 python experiments/conditions_fm/run.py --part a --plan
@@ -65,8 +66,6 @@ PARTS: dict[str, dict[str, tuple[str, ...]]] = {
     "a": {"ink-slant": ("independent", "ot", "ot-cond", "knn")},
     "b": {s: ("independent", "within-p1", "within-p4", "within-p16") for s in ("classes100", "classes10")},
 }
-#: The arm whose 20 steps `--plan` times (the page: each part's slowest).
-SLOWEST = {"a": ("ink-slant", "ot-cond"), "b": ("classes100", "within-p1")}
 STREAMS = ("init", "data", "noise", "time", "drop", "eval", "knn")
 NONE = CouplingSpec("none", "sqeuclidean")
 LSA = CouplingSpec("lsa", "sqeuclidean")
@@ -430,22 +429,23 @@ def run_sweep(args: argparse.Namespace, s: Settings) -> list[Path]:
 
 
 def plan(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
-    """Prints the runs left and an estimate from 20 timed steps of the slowest arm and one evaluation."""
+    """Prints the runs left and an estimate from 20 timed steps and one evaluation of each arm left."""
     records = args.out / "records"
     todo = [u for u in units(args.part, s) if not rec.record_path(records, args.part, *u).exists()]
     cached = (args.out / "cache" / f"classifier-{classifier_name(s)}.pt").exists()
     ctx = context(args.out / "cache", s, None if cached else FeatureClassifier(784).requires_grad_(False))
-    setting, arm = SLOWEST[args.part]
     timing = dataclasses.replace(s, seeds=1, steps=20, checkpoints=(20,))
-    run_unit(args.part, setting, arm, 0, timing, ctx)  # untimed: settles solver="auto"'s race per cost shape
-    timed = run_unit(args.part, setting, arm, 0, timing, ctx)
-    per_run = s.steps * timed["train_s"] / timing.steps + len(s.checkpoints) * timed["eval_s"]
-    minutes = len(todo) * per_run / 60 + (0 if cached else 1)
+    per_run: dict[tuple[str, str], float] = {}
+    for setting, arm in dict.fromkeys((setting, arm) for setting, arm, _ in todo):
+        run_unit(args.part, setting, arm, 0, timing, ctx)  # untimed: settles solver="auto"'s race
+        timed = run_unit(args.part, setting, arm, 0, timing, ctx)
+        train = s.steps * timed["train_s"] / timing.steps
+        per_run[setting, arm] = train + len(s.checkpoints) * timed["eval_s"]
+        print(f"{setting} {arm}: {1000 * timed['train_s'] / timing.steps:.1f} ms/step, one evaluation "
+              f"{timed['eval_s']:.1f} s, about {per_run[setting, arm]:.0f} s per run")  # fmt: skip
+    minutes = sum(per_run[setting, arm] for setting, arm, _ in todo) / 60 + (0 if cached else 1)
     total = len(units(args.part, s))
     print(f"part ({args.part}): {len(todo)} of {total} runs left in {records}")
-    per_step = 1000 * timed["train_s"] / timing.steps
-    print(f"timed here: {setting} {arm}, 20 steps (after 20 untimed) at {per_step:.1f} ms/step; "
-          f"one evaluation {timed['eval_s']:.1f} s; about {per_run:.0f} s per run")  # fmt: skip
     print(f"estimate: {minutes:.0f} min" + ("" if cached else " (including about 1 min for the classifier)"))
     return {"left": len(todo), "total": total, "per_run_s": per_run, "minutes": minutes}
 
