@@ -6,7 +6,10 @@ Each use of noise has its own stream, so two uses never draw the same numbers:
   the group, different for other groups and draws);
 - `Stream.KNN`: `knn` candidates, words `(rank, draw)` (per rank, whatever the scope);
 - `Stream.WORKER`: a DataLoader worker's batch, words `(rank, epoch, batch index)`;
-- `Stream.FALLBACK`: the callback re-coupling a worker batch it cannot attribute, words `(rank, draw)`.
+- `Stream.FALLBACK`: the callback re-coupling a worker batch it cannot attribute, words `(rank, draw)`;
+- `Stream.SEMIDISCRETE`: fitting a dataset-level map, words `(0, rank, step)` (noise), `(1, rank, step)`
+  (labels) and `(2, 0, batch)` (the fixed convergence sample);
+- `Stream.DATASET`: the training noise of the dataset-level coupling, words `(rank, epoch, batch index)`.
 
 A stream's generator is seeded from NumPy's `SeedSequence([seed, stream, *words])` (63 bits), so
 no global random state is read or advanced.
@@ -29,6 +32,8 @@ class Stream(IntEnum):
     KNN = 1
     WORKER = 2
     FALLBACK = 3
+    SEMIDISCRETE = 4
+    DATASET = 5
 
 
 def stream_seed(seed: int, stream: Stream, *words: int) -> int:
