@@ -14,8 +14,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for type checkers and the API reference; at run time see __getattr__
     from lightning_immiscible.callback import ImmiscibleCoupling
     from lightning_immiscible.coupling import CouplingInputError, CouplingResult, CouplingSpec, couple
+    from lightning_immiscible.dataset_coupling import DatasetCouplingLoader
+    from lightning_immiscible.map_fit import FitSemidiscreteMap
     from lightning_immiscible.mixin import CoupledBatch, ImmiscibleMixin
     from lightning_immiscible.pools import PooledDataLoader
+    from lightning_immiscible.semidiscrete import SemidiscreteMap
     from lightning_immiscible.solvers import available_solvers, register_solver
     from lightning_immiscible.workers import CouplingCollate
 
@@ -25,9 +28,12 @@ __all__ = [
     "CouplingInputError",
     "CouplingResult",
     "CouplingSpec",
+    "DatasetCouplingLoader",
+    "FitSemidiscreteMap",
     "ImmiscibleCoupling",
     "ImmiscibleMixin",
     "PooledDataLoader",
+    "SemidiscreteMap",
     "available_solvers",
     "couple",
     "register_solver",
@@ -35,7 +41,10 @@ __all__ = [
 
 #: Where `__getattr__` looks for a public name, in this order: the pure modules first, so that a
 #: name of theirs never imports Lightning.
-_MODULES = ("coupling", "solvers", "workers", "pools", "mixin", "callback")
+_MODULES = (
+    "coupling", "solvers", "workers", "pools", "semidiscrete", "dataset_coupling", "mixin", "callback",
+    "map_fit",
+)  # fmt: skip
 
 __version__ = "0.1.0"
 

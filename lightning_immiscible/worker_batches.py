@@ -126,7 +126,9 @@ class WorkerBatches:
         if not self.collates and (worker.race or worker.position != position):
             self._find(trainer)  # on_train_epoch_start is skipped when Lightning resumes mid-epoch
         self._credit(worker)
-        if worker.position != position:
+        if worker.from_map and worker.position != position:
+            self._map_position(worker, position)
+        elif worker.position != position:
             if len(self.collates) == 1:
                 return self._recouple(x0, worker, position)
             return self._fallback(x0, worker, position, fallback)
@@ -147,6 +149,29 @@ class WorkerBatches:
             result, prior_skew=worker.prior_skew, condition_leak=worker.condition_leak,
             condition_weight=worker.condition_weight, candidate_share=worker.candidate_share,
         )  # fmt: skip
+
+    def _map_position(self, worker: WorkerCoupling, position: tuple[int, int, int]) -> None:
+        """A dataset-level batch met at another position: its noise chose its items, so it is kept.
+
+        Raises:
+            CouplingInputError: The batch was drawn for another rank (its noise could be that rank's).
+        """
+        if worker.position is None or worker.position[0] != position[0]:
+            raise CouplingInputError(
+                f"ImmiscibleCoupling: a DatasetCouplingLoader batch was drawn for rank "
+                f"{None if worker.position is None else worker.position[0]} on rank {position[0]}: two "
+                "ranks could train on the same noise. Let the loader read the rank (rank=None) or pass "
+                "each rank its own.",
+                "invalid",
+            )
+        self.notices.warn_once(
+            "map-position",
+            f"ImmiscibleCoupling: a DatasetCouplingLoader batch was drawn for (rank, epoch, batch) "
+            f"{worker.position} but the training loop is at {position}. Its noise chose its items, so "
+            "the pair is kept as it is; only the noise stream's position differs from an "
+            "uninterrupted run's (expected when resuming from a checkpoint saved without the "
+            "loader's state).",
+        )
 
     def _credit(self, worker: WorkerCoupling) -> None:
         """Counts the worker's race times on the collate it came from (only when it is identifiable)."""

@@ -116,8 +116,11 @@ SKEW_KEY = "immiscible_prior_skew"
 LEAK_KEY = "immiscible_condition_leak"
 #: Key of the `solver="auto"` race reports of a worker's race batch (`(n, 7)` int64).
 RACE_KEY = "immiscible_race"
-_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY, CONDITION_KEY, SKEW_KEY, LEAK_KEY, RACE_KEY)
-_OPTIONAL_KEYS = {POSITION_KEY, CONDITION_KEY, SKEW_KEY, LEAK_KEY, RACE_KEY}
+#: Key of a dataset-level batch's `(2,)` float64 search time (ms) and distinct items (see
+#: [DatasetCouplingLoader][lightning_immiscible.dataset_coupling.DatasetCouplingLoader]).
+MAP_KEY = "immiscible_map"
+_KEYS = (NOISE_KEY, INDEX_KEY, STATS_KEY, POSITION_KEY, CONDITION_KEY, SKEW_KEY, LEAK_KEY, RACE_KEY, MAP_KEY)
+_OPTIONAL_KEYS = {POSITION_KEY, CONDITION_KEY, SKEW_KEY, LEAK_KEY, RACE_KEY, MAP_KEY}
 
 
 class CouplingCollate:
@@ -493,6 +496,9 @@ class WorkerCoupling:
         condition_weight: The condition weight `w` the worker coupled with (or `None`).
         candidate_share: The candidate share `w` reached (or `None`).
         race: The worker's `solver="auto"` race reports (see `CouplingCollate.credit`).
+        map_search_ms: For a dataset-level batch (its items chosen by its noise through a fitted
+            map), the worker's search time in ms; `None` for a batch coupled by a collate.
+        map_items: For a dataset-level batch, its number of distinct items.
     """
 
     batch: Any
@@ -508,6 +514,13 @@ class WorkerCoupling:
     condition_leak: float | None = None
     condition_weight: float | None = None
     candidate_share: float | None = None
+    map_search_ms: float | None = None
+    map_items: int | None = None
+
+    @property
+    def from_map(self) -> bool:
+        """Whether the noise chose the items (a dataset-level batch) rather than being re-paired."""
+        return self.map_search_ms is not None
 
     @classmethod
     def from_batch(cls, batch: Any) -> WorkerCoupling | None:
@@ -530,9 +543,11 @@ class WorkerCoupling:
         found = cls(inner, noise, batch[INDEX_KEY], before, after, ms, position, condition, skew_or_none)  # type: ignore[arg-type]
         stats = batch[LEAK_KEY].tolist() if LEAK_KEY in batch else [math.nan] * 3
         leak, weight, share = (None if math.isnan(v) else float(v) for v in stats)
+        search_ms, items = batch[MAP_KEY].tolist() if MAP_KEY in batch else (None, None)
         return dataclasses.replace(
             found, race=race_reports(batch), condition_leak=leak, condition_weight=weight,
-            candidate_share=share,
+            candidate_share=share, map_search_ms=search_ms,
+            map_items=None if items is None else int(items),
         )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ PROJECT = ("lightning_immiscible", "example_projects", "benchmarks", "experiment
 SCANNED = ("lightning_immiscible", "example_projects", "benchmarks", "experiments", "tests", "docs")
 PURE = ("batches", "costs", "coupling", "distributed", "sizing", "solver_race", "solvers", "solvers_approx")
 PURE += ("workers", "pools", "groups", "protocol", "streams", "process_race", "embedding", "conditional")
+PURE += ("semidiscrete", "dataset_coupling")
 
 
 def _files() -> list[Path]:
