@@ -19,6 +19,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from example_projects.common.resumable import ResumableLoader
+from lightning_immiscible import DatasetCouplingLoader, SemidiscreteMap
+
+#: The held-out split: `torch.randperm(len(dataset))` with a generator seeded 7, the first
+#: `held_out` items held out (for MNIST-5k the conditions and dataset-coupling runners' split).
+HELD_OUT_SEED = 7
 
 DATASETS = ("mnist5k", "synthetic", "cifar10", "celeba", "mnist", "folder")
 QUICKSTART_HINT = (
@@ -140,6 +145,12 @@ class ImageDataModule(L.LightningDataModule):
             one, and nothing else drawn from the global random state (evaluations, other loaders)
             changes the order. ``False``: PyTorch's ``RandomSampler``, which draws each epoch's shuffle
             from the global random state (the flow-matching example turns this on).
+        held_out: Hold this many images out of training (a fixed split, ``HELD_OUT_SEED``); FID
+            statistics are then computed on them instead of the training set. ``0``: train on all.
+        dataset_coupling: Train on a ``DatasetCouplingLoader``: each batch's items are chosen by its
+            noise through ``sd_map``, a ``SemidiscreteMap`` of the training images built in
+            ``setup`` and fitted by a ``FitSemidiscreteMap`` callback (``configs/dataset.yaml``).
+            Needs an in-memory dataset (``mnist5k`` or ``synthetic``) and no ``random_flip``.
     """
 
     def __init__(
@@ -155,6 +166,8 @@ class ImageDataModule(L.LightningDataModule):
         val_size: int = 256,
         num_synthetic: int = 512,
         seeded_order: bool = False,
+        held_out: int = 0,
+        dataset_coupling: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -167,13 +180,24 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.download = batch_size, num_workers, download
         self.random_flip, self.val_size, self.num_synthetic = random_flip, val_size, num_synthetic
         self.seeded_order = seeded_order
+        if held_out < 0:
+            raise ValueError(f"data.held_out must be >= 0 (images held out of training), got {held_out}.")
+        if dataset_coupling and (dataset not in ("mnist5k", "synthetic") or random_flip):
+            raise ValueError(
+                "data.dataset_coupling pairs noise with fixed, in-memory images: use dataset mnist5k or "
+                f"synthetic without random_flip (got dataset={dataset!r}, random_flip={random_flip})."
+            )
+        self.held_out, self.dataset_coupling = held_out, dataset_coupling
         self.train_set: Dataset | None = None
+        self.held_set: Dataset | None = None
+        self.sd_map: SemidiscreteMap | None = None
 
     @property
     def fingerprint(self) -> str:
         """Identifies the real images (for cached FID statistics)."""
         root = os.path.abspath(self.root) if self.root else ""
-        return f"{self.name}|{root}|{self.image_size}|{self.channels}|{self.num_synthetic}"
+        held = f"|held{self.held_out}" if self.held_out else ""
+        return f"{self.name}|{root}|{self.image_size}|{self.channels}|{self.num_synthetic}{held}"
 
     def prepare_data(self) -> None:
         """Downloads once per node (only with ``download=True``)."""
@@ -185,15 +209,17 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         if self.name == "mnist5k":
-            self.train_set = TensorDataset(*mnist5k_tensor(self.image_size))
+            full: Dataset = TensorDataset(*mnist5k_tensor(self.image_size))
         elif self.name == "synthetic":
-            self.train_set = TensorDataset(
-                *synthetic_tensor(self.num_synthetic, self.channels, self.image_size)
-            )
+            full = TensorDataset(*synthetic_tensor(self.num_synthetic, self.channels, self.image_size))
         else:
-            self.train_set = open_dataset(
-                self.name, self.root, self.image_size, self.channels, False, self.random_flip
-            )
+            full = open_dataset(self.name, self.root, self.image_size, self.channels, False, self.random_flip)
+        self.train_set = full
+        if self.held_out:
+            self.train_set, self.held_set = _split(full, self.held_out)
+        if self.dataset_coupling:
+            assert isinstance(self.train_set, TensorDataset)  # mnist5k or synthetic (checked in __init__)
+            self.sd_map = SemidiscreteMap(self.train_set.tensors[0], seed=torch.initial_seed())
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers, "drop_last": shuffle,
@@ -203,8 +229,12 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(dataset, shuffle=shuffle, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled ``(image, label)`` batches; the last incomplete batch is dropped."""
+        """Shuffled ``(image, label)`` batches (last incomplete one dropped), or chosen by their noise."""
         self.setup()
+        if self.sd_map is not None:
+            return DatasetCouplingLoader(
+                self.train_set, self.sd_map, self.batch_size, num_workers=self.num_workers
+            )
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -215,6 +245,20 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(Subset(self.train_set, idx.tolist()), shuffle=False)
 
     def real_images(self) -> Dataset:
-        """The dataset FID statistics are computed on (the training set, as in the paper)."""
+        """The dataset FID statistics are computed on: the held-out images, else the training set."""
         self.setup()
-        return self.train_set
+        return self.held_set if self.held_set is not None else self.train_set
+
+
+def _split(full: Dataset, held_out: int) -> tuple[Dataset, Dataset]:
+    """The training set and the held-out set (``HELD_OUT_SEED``'s permutation, its first ``held_out``)."""
+    n = len(full)  # type: ignore[arg-type]
+    if held_out >= n:
+        raise ValueError(f"data.held_out={held_out} leaves no training images (the dataset has {n}).")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    held, train = perm[:held_out], perm[held_out:]
+    if isinstance(full, TensorDataset):  # stays a TensorDataset: a dataset-level map indexes its tensors
+        return TensorDataset(*(x[train] for x in full.tensors)), TensorDataset(
+            *(x[held] for x in full.tensors)
+        )
+    return Subset(full, train.tolist()), Subset(full, held.tolist())
