@@ -170,3 +170,17 @@ def test_embedding_cost_benchmark_quick_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["B"], r["E"]) for r in rows] == [(32, 3), (32, 3)] and all(r["weight"] > 0 for r in rows)
     assert "| 32 | 3 | cosine |" in done.stdout
+
+
+def test_dataset_coupling_cost_benchmark_quick_run(tmp_path):
+    out = tmp_path / "d.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dataset_coupling_cost.py"), "--sizes", "300",
+         "--batches", "16", "--dim", "8", "--fit-batch", "64", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [row] = json.loads(out.read_text())["rows"]
+    assert (row["n"], row["batch"]) == (300, 16) and row["search_ms"] > 0 and row["fit_step_ms"] > 0
+    assert row["memory_mb"] == (300 * 8 * 4 + 3 * 300 * 8) / 2**20
+    assert "| 300 | 16 |" in done.stdout

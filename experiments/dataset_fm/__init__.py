@@ -1,0 +1,1 @@
+"""The dataset-level coupling experiment (docs/results/dataset-coupling-preregistration.md)."""
