@@ -555,3 +555,14 @@ def test_the_ot_cond_spec_is_the_pages():
     assert (spec.method, spec.metric) == ("lsa", "sqeuclidean")
     assert (spec.candidate_share, spec.condition_metric) == (0.2, "sqeuclidean")
     assert isinstance(runner.LSA, CouplingSpec) and runner.LSA.metric == "sqeuclidean"
+
+
+def test_the_committed_part_a_report_is_a_rerender_of_its_records():
+    # Catches a report edited by hand, and records changed (or added) after the report was written.
+    records = rec.load(ROOT / "experiments/conditions_fm/records")
+    text, result = render(records, "a")
+    assert (
+        result["records"] == 40
+        and len({r["provenance"]["library_tree"] for r in records if r["part"] == "a"}) == 1
+    )
+    assert (ROOT / "docs/results/conditions_fm_report_a.md").read_text() == text
