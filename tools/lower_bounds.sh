@@ -38,6 +38,8 @@ EXTRAS_ONLY=(
   tests/test_benchmark_scripts.py
   tests/test_cli.py
   tests/test_conditions_fm.py
+  tests/test_dataset_coupling_example.py
+  tests/test_dataset_fm.py
   tests/test_decisions.py
   tests/test_doc_commands.py
   tests/test_docs.py

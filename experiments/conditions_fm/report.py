@@ -287,7 +287,7 @@ def _part_a_extras(
         "",
         *per_run_table(records, [("reduction_pct_mean", "reduction %"), ("w_mean", "w"), ("w_min", "w min"),
                                  ("w_max", "w max"), ("r_mean", "r"), ("r_min", "r min"), ("r_max", "r max"),
-                                 ("r_off_target", "batches with |r - 0.2| > 0.001"),
+                                 ("r_off_target", "batches with r off 0.2 by > 0.001"),
                                  ("train_s", "training s")]),
         "## Secondary 8: secondaries 1-5 at the earlier checkpoints",
         "",

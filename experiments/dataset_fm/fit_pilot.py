@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
         curve = [(0, sd.hit_chi2(), 0.0)]
         start = time.perf_counter()
         while sd.steps < args.steps:
-            report = sd.fit(args.check_every, batch_size=args.batch, lr=lr, tol=None, check_every=args.check_every)
+            every = args.check_every
+            report = sd.fit(every, batch_size=args.batch, lr=lr, tol=None, check_every=every)
             curve.append((report.steps, report.chi2[-1][1], time.perf_counter() - start))
-            print(f"lr {lr}: step {report.steps}, chi2 {report.chi2[-1][1]:.4f}, {curve[-1][2]:.0f} s", flush=True)
+            chi2 = report.chi2[-1][1]
+            print(f"lr {lr}: step {report.steps}, chi2 {chi2:.4f}, {curve[-1][2]:.0f} s", flush=True)
         out["curves"][str(lr)] = curve
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=1))
