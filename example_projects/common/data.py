@@ -149,7 +149,8 @@ class ImageDataModule(L.LightningDataModule):
             statistics are then computed on them instead of the training set. ``0``: train on all.
         dataset_coupling: Train on a ``DatasetCouplingLoader``: each batch's items are chosen by its
             noise through ``sd_map``, a ``SemidiscreteMap`` of the training images built in
-            ``setup`` and fitted by a ``FitSemidiscreteMap`` callback (``configs/dataset.yaml``).
+            ``setup`` and fitted by a ``FitSemidiscreteMap`` callback
+            (``example_projects/flow_matching/configs/dataset.yaml``).
             Needs an in-memory dataset (``mnist5k`` or ``synthetic``) and no ``random_flip``.
     """
 
