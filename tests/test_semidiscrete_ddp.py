@@ -40,7 +40,9 @@ def _rank_main(rank: int, port: int, fault: bool, queue) -> None:
 
         sd = (FailsAtStep3 if fault and rank == 1 else SemidiscreteMap)(_data(), seed=5)
         sd.fit(steps=6, batch_size=64, tol=None, check_every=100, rank=rank, reduce=reduce)
-        queue.put((rank, "ok", sd.potentials.clone()))
+        # plain floats (exact for float64): a tensor would travel as shared memory that the
+        # exiting child can take with it before the parent reads it (an EOFError in the parent)
+        queue.put((rank, "ok", sd.potentials.tolist()))
     except Exception as exc:
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=1)}"))
     finally:
@@ -61,11 +63,12 @@ def test_ranks_fit_the_same_potentials_from_their_summed_hits():
     # and ranks drawing the same fitting noise (summed hits = twice one rank's: again the lone fit).
     results = _run(fault=False)
     assert [results[r][0] for r in range(2)] == ["ok", "ok"], results
-    assert torch.equal(results[0][1], results[1][1])
+    shared = [torch.tensor(results[r][1], dtype=torch.float64) for r in range(2)]
+    assert torch.equal(shared[0], shared[1])
     for rank in range(2):
         alone = SemidiscreteMap(_data(), seed=5)
         alone.fit(steps=6, batch_size=64, tol=None, check_every=100, rank=rank)
-        assert not torch.equal(alone.potentials, results[0][1])
+        assert not torch.equal(alone.potentials, shared[0])
 
 
 def test_a_rank_that_fails_in_its_search_stops_every_rank_at_that_step():
