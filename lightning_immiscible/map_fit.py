@@ -56,7 +56,8 @@ class FitSemidiscreteMap(pl.Callback):
     ) -> None:
         if sd_map is not None and not isinstance(sd_map, SemidiscreteMap):
             raise TypeError(f"FitSemidiscreteMap needs a SemidiscreteMap, got {type(sd_map).__name__}.")
-        self._map, self.steps, self.batch_size, self.lr = sd_map, int(steps), int(batch_size), float(lr)
+        self._given, self._map = sd_map, sd_map
+        self.steps, self.batch_size, self.lr = int(steps), int(batch_size), float(lr)
         self.tol, self.check_every = tol, int(check_every)
         self.path = None if path is None else Path(path)
         self.converged = False
@@ -69,6 +70,14 @@ class FitSemidiscreteMap(pl.Callback):
         if self._map is None:
             raise RuntimeError("FitSemidiscreteMap: no map yet; it is looked up when the fit starts.")
         return self._map
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Starts each fit fresh (before a checkpoint's state is restored into it)."""
+        self._map, self._pending, self.converged, self.chi2 = self._given, None, False, None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Lets go of a map found on the datamodule or module (the next fit looks again)."""
+        self._map, self._pending = self._given, None
 
     def _find_map(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._map is not None:
@@ -89,8 +98,8 @@ class FitSemidiscreteMap(pl.Callback):
         if self._pending is not None:  # a checkpoint's state, restored before the map was found
             self.map.load_state_dict(self._pending)
             self._pending = None
-        if self.path is not None and self.path.exists():
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = self._saved_fit(trainer)
+        if state is not None:
             if int(state["steps"]) > self.map.steps:
                 self.map.load_state_dict(state)
                 rank_zero_info(
@@ -104,6 +113,18 @@ class FitSemidiscreteMap(pl.Callback):
             )  # fmt: skip
             self.chi2, self.converged = report.chi2[-1][1], report.converged
             self._report(trainer)
+
+    def _saved_fit(self, trainer: pl.Trainer) -> dict[str, Any] | None:
+        """The fit saved at `path`, read on rank 0 and broadcast, so every rank resumes alike.
+
+        (Only rank 0 writes the file; another node may not see it.)
+        """
+        if self.path is None:
+            return None
+        state = None
+        if trainer.is_global_zero and self.path.exists():
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        return trainer.strategy.broadcast(state, src=0)
 
     def _reducer(self, trainer: pl.Trainer) -> Any:
         if trainer.world_size == 1:

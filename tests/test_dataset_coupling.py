@@ -252,3 +252,15 @@ def test_ddp_ranks_share_the_potentials_and_draw_their_own_noise(tmp_path):
             torch.testing.assert_close(rec["noise"], stream_noise(7, (r, 0, i), (8, DIM)), rtol=0, atol=0)
             assert torch.equal(rec["ids"], brute_force(x, got["g"], rec["noise"]))
     assert not torch.equal(ranks[0]["records"][0]["noise"], ranks[1]["records"][0]["noise"])
+
+
+def test_a_callback_without_a_map_looks_again_in_each_fit():
+    # One FitSemidiscreteMap(sd_map=None) in two fits of two modules: each fit fits its own
+    # module's map. Catches a callback that keeps the first fit's map (and its converged flag) and
+    # leaves the second map unfitted while its loader trains on it.
+    x = data()
+    first, second = MapToy(SemidiscreteMap(x, seed=3), x), MapToy(SemidiscreteMap(x, seed=4), x)
+    fit = FitSemidiscreteMap(steps=60, batch_size=128, lr=0.2, tol=None, check_every=30)
+    for module in (first, second):
+        trainer(callbacks=[fit, ImmiscibleCoupling(seed=1)], max_steps=1).fit(module)
+        assert module.sd_map.steps == 60
