@@ -2,34 +2,90 @@
 
 from __future__ import annotations
 
+import faulthandler
+import multiprocessing as mp
+import time
+import warnings
+from collections.abc import Callable
+from queue import Empty
+from typing import Any
+
 import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_immiscible import ImmiscibleMixin
+from tests.ports import free_port
 
 DIM = 12
 
 
-def results_of_ranks(procs: list, queue, timeout: float = 120) -> dict[int, tuple[str, object]]:
-    """Starts forked rank processes and collects one `(rank, status, payload)` from each.
+def run_ranks(
+    target: Callable[..., None],
+    args_of: Callable[[int, int, Any], tuple],
+    world: int = 2,
+    timeout: float = 75,
+    attempts: int = 2,
+) -> dict[int, tuple[str, object]]:
+    """Runs `world` forked rank processes on a fresh rendezvous port; one result from each.
 
-    Args:
-        procs: Unstarted `multiprocessing.Process`es, one per rank, each putting one tuple on `queue`.
-        queue: Their shared queue.
-        timeout: Seconds to wait for each result (a hung rank fails the test, not the suite).
+    Each child runs `target(*args_of(rank, port, queue))` and must put one `(rank, status,
+    payload)` on the queue. A child that has not ended `timeout - 5` s after it started prints
+    every thread's stack to stderr (captured by pytest) and exits.
+
+    A launch in which some rank never reports is run once more on a fresh port (with a warning
+    naming the ranks that did not report), up to `attempts` launches. A forked child that never
+    reported was seen once in a CI run of the lower-bound check and in 2 of about 125 launches on
+    a machine loaded by a concurrent test run (none in 400 unloaded launches); where it stuck is
+    not known yet (the stacks printed above are for that). The launches are deterministic: a hang
+    the library causes comes from the same inputs and collectives on every launch, so it fails
+    every attempt, and the test.
 
     Returns:
-        `{rank: (status, payload)}`; the processes are joined, or killed when they do not end.
+        `{rank: (status, payload)}`.
+
+    Raises:
+        AssertionError: When some rank did not report in any attempt.
     """
+    missing: list[int] = []
+    for attempt in range(1, attempts + 1):
+        ctx = mp.get_context("fork")  # each child sets one torch thread first: see conftest.py
+        queue, port = ctx.Queue(), free_port()
+        procs = [
+            ctx.Process(target=_rank_entry, args=(target, args_of(r, port, queue), max(timeout - 5, 1)))
+            for r in range(world)
+        ]
+        results = _collect(procs, queue, timeout)
+        missing = [r for r in range(world) if r not in results]
+        if not missing:
+            return results
+        warnings.warn(
+            f"launch {attempt} of {attempts}: rank(s) {missing} did not report within {timeout} s "
+            f"(the others: {results}); their stacks are in the captured stderr",
+            stacklevel=2,
+        )
+    raise AssertionError(f"rank(s) {missing} did not report in any of {attempts} launches")
+
+
+def _rank_entry(target: Callable[..., None], args: tuple, dump_after: float) -> None:
+    faulthandler.dump_traceback_later(dump_after, exit=True)  # a stuck child shows where, then ends
+    target(*args)
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _collect(procs: list, queue, timeout: float) -> dict[int, tuple[str, object]]:
+    """Starts the processes and takes one result from each until `timeout` s have passed."""
     for p in procs:
         p.start()
-    results = {}
+    results: dict[int, tuple[str, object]] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in procs:
-            rank, status, payload = queue.get(timeout=timeout)
+        while len(results) < len(procs):
+            rank, status, payload = queue.get(timeout=max(deadline - time.monotonic(), 0.01))
             results[rank] = (status, payload)
+    except Empty:
+        pass
     finally:
         for p in procs:
             p.join(timeout=10)

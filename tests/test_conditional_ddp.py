@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import traceback
 
 import pytest
@@ -15,11 +14,10 @@ from lightning_immiscible import CouplingSpec, ImmiscibleCoupling, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group, partition_ranks
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import results_of_ranks, trainer
-from tests.ports import free_port
+from tests.helpers import run_ranks, trainer
 from tests.test_conditional import LabeledToy
 
-pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
 
 SIZES = (5, 9, 3, 7)  # uneven local batches
 DRAWS = 2
@@ -65,13 +63,8 @@ def _rank_main(rank: int, world: int, port: int, scope, method: str, fault, queu
 
 
 def _run(world: int, scope, method: str = "lsa", fault: str | None = None) -> dict[int, tuple[str, object]]:
-    ctx = mp.get_context("fork")  # each child sets one torch thread first: see _rank_main
-    queue, port = ctx.Queue(), free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, scope, method, fault, queue))
-        for r in range(world)
-    ]
-    return results_of_ranks(procs, queue)
+    args_of = lambda r, port, queue: (r, world, port, scope, method, fault, queue)  # noqa: E731
+    return run_ranks(_rank_main, args_of, world)
 
 
 @pytest.mark.parametrize(

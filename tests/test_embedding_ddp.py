@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import traceback
 
 import pytest
@@ -13,10 +12,9 @@ from lightning_immiscible import CouplingSpec, couple
 from lightning_immiscible.distributed import couple_in_group
 from lightning_immiscible.groups import build_rank_group
 from lightning_immiscible.streams import draw_pool
-from tests.helpers import results_of_ranks
-from tests.ports import free_port
+from tests.helpers import run_ranks
 
-pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
 
 SIZES = (11, 6)  # uneven local batches
 DRAWS = 2
@@ -59,10 +57,7 @@ def _rank_main(rank: int, port: int, fault: str | None, queue) -> None:
 
 
 def _run(fault: str | None = None) -> dict[int, tuple[str, object]]:
-    ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, fault, queue)) for r in range(2)]
-    return results_of_ranks(procs, queue)
+    return run_ranks(_rank_main, lambda r, port, queue: (r, port, fault, queue))
 
 
 def test_each_rank_gets_the_pairing_and_weight_one_process_gives_the_concatenated_batch():

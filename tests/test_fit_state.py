@@ -13,7 +13,6 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -21,8 +20,7 @@ from torch import nn
 import lightning_immiscible.groups as li_groups
 from lightning_immiscible import ImmiscibleCoupling
 from lightning_immiscible.mixin import hand_off
-from tests.helpers import ToyDiffusion, trainer
-from tests.ports import free_port
+from tests.helpers import ToyDiffusion, run_ranks, trainer
 
 
 @pytest.mark.parametrize(
@@ -196,24 +194,13 @@ def _two_fits_on_rank(rank: int, port: int, queue) -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_each_fit_builds_its_process_groups_and_releases_them_in_teardown():
     # Two processes in one gloo world, each fitting twice with one callback instance. Each fit must
     # create its timed world group in setup and destroy it in teardown, and resolve its own seed
     # from rank 0. Catches groups never destroyed (no teardown), groups kept from the first fit,
     # and the first fit's seed kept by the second (issue 32).
-    ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_two_fits_on_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict((r, (status, out)) for r, status, out in (queue.get(timeout=120) for _ in procs))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    results = run_ranks(_two_fits_on_rank, lambda r, port, queue: (r, port, queue))
     for rank in range(2):
         status, seen = results[rank]
         assert status == "ok", seen

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import traceback
 
 import pytest
@@ -10,10 +9,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_immiscible.semidiscrete import SemidiscreteMap
-from tests.helpers import results_of_ranks
-from tests.ports import free_port
+from tests.helpers import run_ranks
 
-pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.ddp, pytest.mark.timeout(240)]
 
 
 def _data() -> torch.Tensor:
@@ -51,10 +49,7 @@ def _rank_main(rank: int, port: int, fault: bool, queue) -> None:
 
 
 def _run(fault: bool) -> dict[int, tuple[str, object]]:
-    ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, fault, queue)) for r in range(2)]
-    return results_of_ranks(procs, queue)
+    return run_ranks(_rank_main, lambda r, port, queue: (r, port, fault, queue))
 
 
 def test_ranks_fit_the_same_potentials_from_their_summed_hits():
