@@ -16,7 +16,13 @@ FID every ``--eval-every`` steps, and writes to ``--out``:
   seeds, in how many seeds the method was better, and a two-sided sign-test p-value).
 
 A method is a coupling method, optionally with its metric: ``none`` (the baseline), ``lsa``,
-``knn``, ``lsa-sqeuclidean`` (minibatch OT, the flow-matching example's ``ot.yaml``), ``lsa-l2``.
+``knn``, ``lsa-sqeuclidean`` (minibatch OT, the flow-matching example's ``ot.yaml``), ``lsa-l2``;
+or a name given its own overlay with ``--method-config NAME=PATH`` (e.g. ``dataset=`` the
+flow-matching example's ``configs/dataset.yaml``): that run takes the overlay's settings and
+callbacks, with the run's seed set on its ``ImmiscibleCoupling``. Besides FID, ``curves.jsonl``
+keeps the mean of each logged ``immiscible/*_ms`` time over the steps since the previous
+evaluation, and ``sessions.jsonl`` the seconds each session spent in the callbacks' ``on_fit_start``
+(a ``FitSemidiscreteMap`` fits its map there) with the fitted map's ``chi2`` and steps.
 
 Resumable: each run lives in ``OUT/runs/{method}_seed{seed}`` with a ``last.ckpt`` written at every
 evaluation; a run with ``done.json`` is skipped, an interrupted one continues from its checkpoint.
@@ -50,7 +56,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_immiscible import FitSemidiscreteMap
 
 METHOD_ARGS = {"knn": {"k": 4}}
 METRICS = ("l2", "sqeuclidean", "cosine")
@@ -65,30 +74,71 @@ def method_args(name: str) -> dict[str, Any]:
 
 
 class CurveRecorder(L.Callback):
-    """Appends the FID values of every evaluation to ``curves.jsonl`` (one JSON object per line)."""
+    """Appends every evaluation's FID values (every ``val/`` key) to ``curves.jsonl``, one JSON line each.
+
+    With them, the mean of each logged ``immiscible/*_ms`` time over the training steps since the
+    previous evaluation (``{"immiscible/assign_ms": ...}``; absent when nothing logged one).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._times: dict[str, list[float]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("immiscible/") and key.endswith("_ms"):
+                self._times.setdefault(key, []).append(float(value))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        fids = {k: float(v) for k, v in trainer.callback_metrics.items() if "/fid" in k}
+        fids = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") or "/fid" in k
+        }
+        times = {k: statistics.mean(v) for k, v in self._times.items() if v}
+        self._times = {}
         if fids:
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": trainer.global_step, **fids}) + "\n")
+                f.write(json.dumps({"step": trainer.global_step, **fids, **times}) + "\n")
+
+
+class FitStartClock(L.Callback):
+    """Notes when a fit session's ``on_fit_start`` hooks begin (placed before every other callback)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
 
 
 class SessionRecorder(L.Callback):
-    """Appends ``{"start_step": s}`` to ``sessions.jsonl`` when a fit session starts (``s`` > 0: resumed)."""
+    """Appends one line per fit session to ``sessions.jsonl``.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    ``{"start_step": s, "fit_start_s": t}``: ``s`` > 0 when the session resumed; ``t`` the seconds
+    the callbacks' ``on_fit_start`` hooks took (from ``clock``; this recorder comes after them), with
+    ``"map": {"steps", "chi2", "converged"}`` when a ``FitSemidiscreteMap`` fitted a map there.
+    """
+
+    def __init__(self, path: Path, clock: FitStartClock | None = None) -> None:
+        self.path, self.clock = path, clock
+        self.fit_start_s: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.clock is not None:
+            self.fit_start_s = time.perf_counter() - self.clock.start
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:  # after a checkpoint's progress was restored
-            with self.path.open("a") as f:
-                f.write(json.dumps({"start_step": trainer.global_step}) + "\n")
+        if not trainer.is_global_zero:
+            return
+        line: dict[str, Any] = {"start_step": trainer.global_step}  # after the checkpoint's progress
+        if self.fit_start_s is not None:
+            line["fit_start_s"] = self.fit_start_s
+        for cb in trainer.callbacks:
+            if isinstance(cb, FitSemidiscreteMap):
+                line["map"] = {"steps": cb.map.steps, "chi2": cb.chi2, "converged": cb.converged}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def read_sessions(path: Path) -> list[dict[str, Any]]:
@@ -116,15 +166,39 @@ def supersede(out: Path, names: list[str], reason: str) -> list[Path]:
     return moved
 
 
-def _overlay(run_dir: Path, method: str, seed: int) -> Path:
-    init = {**method_args(method), "seed": seed}
-    args = "{" + ", ".join(f"{k}: {v}" for k, v in init.items()) + "}"
+COUPLING = "lightning_immiscible.ImmiscibleCoupling"
+
+
+def _overlay(run_dir: Path, method: str, seed: int, configs: dict[str, Path]) -> Path:
+    """Writes the run's ``method.yaml``: the method's coupling callback, with the run's seed."""
+    if method in configs:
+        overlay = method_overlay(configs[method], seed)
+    else:
+        init = {**method_args(method), "seed": seed}
+        overlay = {"trainer": {"callbacks": [{"class_path": COUPLING, "init_args": init}]}}
     path = run_dir / "method.yaml"
-    path.write_text(
-        "trainer:\n  callbacks:\n    - class_path: lightning_immiscible.ImmiscibleCoupling\n"
-        f"      init_args: {args}\n"
-    )
+    path.write_text(yaml.safe_dump(overlay, sort_keys=False))
     return path
+
+
+def method_overlay(path: Path, seed: int) -> dict[str, Any]:
+    """The overlay at ``path`` with ``seed`` set on its ``ImmiscibleCoupling`` callback(s).
+
+    Raises:
+        ValueError: The overlay has no ``ImmiscibleCoupling`` callback (its noise would not be the
+            seed's, so the run would not be paired with the other methods' runs).
+    """
+    overlay = yaml.safe_load(path.read_text()) or {}
+    callbacks = (overlay.get("trainer") or {}).get("callbacks") or []
+    couplings = [c for c in callbacks if isinstance(c, dict) and c.get("class_path") == COUPLING]
+    if not couplings:
+        raise ValueError(
+            f"--method-config {path}: the overlay has no trainer.callbacks entry with class_path "
+            f"{COUPLING}, so the run's seed cannot be set on its noise; add one."
+        )
+    for c in couplings:
+        c["init_args"] = {**(c.get("init_args") or {}), "seed": seed}
+    return overlay
 
 
 def build_cli(args: argparse.Namespace, method: str, seed: int, run_dir: Path) -> Any:
@@ -132,7 +206,7 @@ def build_cli(args: argparse.Namespace, method: str, seed: int, run_dir: Path) -
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = [str(c) for c in (args.config if isinstance(args.config, list) else [args.config])]
     cli_args = [w for c in configs for w in ("--config", c)]
-    cli_args += ["--config", str(_overlay(run_dir, method, seed))]
+    cli_args += ["--config", str(_overlay(run_dir, method, seed, args.method_config))]
     cli_args += [
         f"--seed_everything={seed}",
         f"--trainer.max_steps={args.max_steps}",
@@ -158,8 +232,11 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     ckpt = ModelCheckpoint(
         dirpath=run_dir, filename="eval-{step}", save_last=True, every_n_train_steps=args.eval_every
     )
-    sessions = run_dir / "sessions.jsonl"
-    cli.trainer.callbacks.extend([CurveRecorder(run_dir / "curves.jsonl"), SessionRecorder(sessions), ckpt])
+    sessions, clock = run_dir / "sessions.jsonl", FitStartClock()
+    cli.trainer.callbacks.insert(0, clock)
+    cli.trainer.callbacks.extend(
+        [CurveRecorder(run_dir / "curves.jsonl"), SessionRecorder(sessions, clock), ckpt]
+    )
     last = run_dir / "last.ckpt"
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
@@ -462,8 +539,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--supersede", nargs="+", default=[], metavar="NAME", help="runs (method_seedK) to set aside"
     )
     parser.add_argument("--reason", default="", help="why --supersede replaces them (kept with the records)")
+    parser.add_argument(
+        "--method-config", nargs="+", default=[], metavar="NAME=PATH",
+        help="a method run from an overlay (the run's seed set on its ImmiscibleCoupling)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.extra = extra
+    pairs = [item.partition("=") for item in args.method_config]
+    if any(not name or not sep or not path for name, sep, path in pairs):
+        parser.error("--method-config takes NAME=PATH pairs, e.g. dataset=configs/dataset.yaml")
+    args.method_config = {name: Path(path) for name, _, path in pairs}
     if not args.config:
         parser.error("--config is required")
     if "none" not in args.methods:

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("scipy")
 
+from example_projects.common.memorisation import memorisation, nearest_distance
 from experiments.dataset_fm import report
 from experiments.dataset_fm import run as runner
 
@@ -18,9 +19,9 @@ def test_memorisation_measures_against_a_hand_built_case():
     # inverted, and distances measured to the held-out set instead of the training set.
     train = torch.tensor([[0.0], [10.0], [20.0]])
     held = torch.tensor([[1.0], [12.0], [23.0], [6.0]])
-    held_nn = runner.nearest_distance(held, train)
+    held_nn = nearest_distance(held, train)
     assert held_nn.tolist() == [1.0, 2.0, 3.0, 4.0]
-    got = runner.memorisation(torch.tensor([[10.0], [19.5], [15.0]]), train, held_nn)
+    got = memorisation(torch.tensor([[10.0], [19.5], [15.0]]), train, held_nn)
     assert got["copy_share"] == pytest.approx(2 / 3)
     assert got["near_share"] == pytest.approx(2 / 3)  # the 5th percentile of 1..4 is 1.15
     assert got["distance_ratio"] == pytest.approx(0.5 / 2.5)

@@ -73,10 +73,9 @@ def test_paired_sweep_writes_curves_plot_report_and_resumes(tmp_path):
     resumed = json.loads((run / "done.json").read_text())
     assert [row["step"] for row in resumed["curve"]] == [2, 4, 6]
     # The records say which run was resumed and where (a runner that does not record it fails here).
-    assert resumed["sessions"] == [{"start_step": 0}, {"start_step": 4}]
-    assert json.loads((tmp_path / "runs" / "none_seed0" / "done.json").read_text())["sessions"] == [
-        {"start_step": 0}
-    ]
+    assert [session["start_step"] for session in resumed["sessions"]] == [0, 4]
+    done = json.loads((tmp_path / "runs" / "none_seed0" / "done.json").read_text())
+    assert [s["start_step"] for s in done["sessions"]] == [0]
     # --supersede sets the resumed run aside with its reason and the same command trains it afresh
     # (catches: a record deleted instead of kept, or a rerun continuing the superseded checkpoint).
     words = _args(tmp_path, 6)
@@ -86,7 +85,9 @@ def test_paired_sweep_writes_curves_plot_report_and_resumes(tmp_path):
     assert json.loads((old / "superseded.json").read_text()) == {"reason": "resumed"}
     assert json.loads((old / "done.json").read_text())["sessions"] == resumed["sessions"]
     fresh = json.loads((run / "done.json").read_text())
-    assert fresh["sessions"] == [{"start_step": 0}] and [row["step"] for row in fresh["curve"]] == [2, 4, 6]
+    assert [s["start_step"] for s in fresh["sessions"]] == [0] and [
+        row["step"] for row in fresh["curve"]
+    ] == [2, 4, 6]
     # Run again, the command leaves the superseded record and the rerun as they are.
     assert speedup.supersede(tmp_path, ["lsa_seed0"], "again") == []
     assert json.loads((old / "superseded.json").read_text()) == {"reason": "resumed"}
@@ -286,3 +287,64 @@ def test_the_seed_1_rerun_is_the_preregistered_run_with_its_old_records_set_asid
     }
     assert new.seeds == [1] and sorted(new.supersede) == sorted(f"{m}_seed1" for m in new.methods)
     assert new.reason
+
+
+def test_a_method_overlay_gets_the_runs_seed_on_its_coupling_and_keeps_the_rest(tmp_path):
+    # Oracle: dataset.yaml as read here. Catches an overlay whose noise ignores the run's seed (its
+    # runs unpaired with the baseline's), a seed put on the map's callback instead, and settings lost.
+    import yaml
+
+    path = ROOT / "example_projects/flow_matching/configs/dataset.yaml"
+    original = yaml.safe_load(path.read_text())
+    got = speedup.method_overlay(path, seed=4)
+    [fit, coupling] = got["trainer"]["callbacks"]
+    assert coupling["class_path"] == speedup.COUPLING and coupling["init_args"] == {
+        **original["trainer"]["callbacks"][1]["init_args"], "seed": 4
+    }  # fmt: skip
+    assert fit == original["trainer"]["callbacks"][0] and got["data"] == original["data"]
+    with pytest.raises(ValueError, match=r"no trainer\.callbacks entry with class_path"):
+        speedup.method_overlay(ROOT / "example_projects/flow_matching/configs/heldout.yaml", seed=0)
+    with pytest.raises(SystemExit):
+        speedup.parse_args(["--config", str(path), "--method-config", "dataset"])
+
+
+@pytest.mark.timeout(600)
+def test_a_dataset_method_run_records_its_fit_its_coupling_times_and_the_copies(tmp_path):
+    """The shape of the dataset-coupling pre-registration's Lightning runs, tiny.
+
+    Catches: a fit time measured after the map's fit (then the dataset run's would not exceed the
+    baseline's many times over), a run whose map is not recorded, coupling times or memorisation
+    measures missing from the curves, and a method overlay that is not applied (no map, no fit).
+    """
+    configs = f"{ROOT}/example_projects/flow_matching/configs/"
+    tiny = [w for w in TINY if not w.startswith(("--fid.sampling_steps", "--data.num_synth"))]
+    speedup.main(
+        ["--example", "flow_matching",
+         "--config", f"{configs}quickstart.yaml", f"{configs}compare.yaml", f"{configs}heldout.yaml",
+         "--methods", "none", "dataset", "--method-config", f"dataset={configs}dataset.yaml",
+         "--seeds", "0", "--max-steps", "4", "--eval-every", "2", "--metric", "val/fid16_n8_euler1",
+         "--out", str(tmp_path), "--", *tiny, "--data.num_synthetic=96", "--data.held_out=32",
+         "--fid.samplers=[euler1]"]
+    )  # fmt: skip
+    runs = tmp_path / "runs"
+    [base] = speedup.read_sessions(runs / "none_seed0" / "sessions.jsonl")
+    [mapped] = speedup.read_sessions(runs / "dataset_seed0" / "sessions.jsonl")
+    assert "map" not in base and mapped["map"]["steps"] >= 500 and mapped["map"]["chi2"] is not None
+    assert mapped["fit_start_s"] > 10 * base["fit_start_s"]
+    for name in ("none_seed0", "dataset_seed0"):
+        rows = speedup._read_curve(runs / name / "curves.jsonl")
+        assert [r["step"] for r in rows] == [2, 4]
+        for r in rows:
+            assert 0 <= r["val/copy_share_n8_euler1"] <= 1 and r["val/distance_ratio_n8_euler1"] > 0
+            assert r["immiscible/assign_ms"] >= 0
+    overlay = yaml_of(runs / "dataset_seed0" / "method.yaml")
+    assert (
+        overlay["data"]["dataset_coupling"] is True
+        and overlay["trainer"]["callbacks"][1]["init_args"]["seed"] == 0
+    )
+
+
+def yaml_of(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

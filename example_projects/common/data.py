@@ -245,6 +245,29 @@ class ImageDataModule(L.LightningDataModule):
         idx = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(0))[:n]
         return self._loader(Subset(self.train_set, idx.tolist()), shuffle=False)
 
+    def memorisation_sets(self) -> tuple[Tensor, Tensor]:
+        """The training images and the held-out ones, for ``FIDCallback(copies=True)``.
+
+        Returns:
+            ``(N, C, H, W)`` training images and ``(M, C, H, W)`` held-out images, in ``[-1, 1]``.
+
+        Raises:
+            ValueError: Nothing is held out, or the images are not in memory (only ``mnist5k`` and
+                ``synthetic`` are).
+        """
+        self.setup()
+        if self.held_set is None:
+            raise ValueError(
+                "The memorisation measures compare samples with held-out images: set data.held_out "
+                "(e.g. configs/heldout.yaml), or fid.copies=false."
+            )
+        if not isinstance(self.train_set, TensorDataset) or not isinstance(self.held_set, TensorDataset):
+            raise ValueError(
+                f"The memorisation measures need the images in memory (data.dataset mnist5k or "
+                f"synthetic), got {self.name!r}: set fid.copies=false."
+            )
+        return self.train_set.tensors[0], self.held_set.tensors[0]
+
     def real_images(self) -> Dataset:
         """The dataset FID statistics are computed on: the held-out images, else the training set."""
         self.setup()

@@ -23,6 +23,7 @@ from example_projects.common.inception_weights import (
     cache_dir,
     resolve_inception_weights,
 )
+from example_projects.common.memorisation import memorisation, nearest_distance
 
 FEATURES = (64, 192, 768, 2048)
 
@@ -48,6 +49,17 @@ def fid_metric_name(
 ) -> str:
     """E.g. ``val/fid2048_n50000_ddim20``: layer, sample count, sampler and its steps in the name."""
     return f"{prefix}/fid{feature}_n{num_samples}_{sampler}{steps}"
+
+
+#: The memorisation measures ``FIDCallback(copies=True)`` logs (see ``example_projects.common.memorisation``).
+COPY_MEASURES = ("copy_share", "near_share", "distance_ratio")
+
+
+def copy_metric_name(
+    measure: str, num_samples: int, steps: int, prefix: str = "val", sampler: str = "ddim"
+) -> str:
+    """E.g. ``val/copy_share_n1024_euler2``: a memorisation measure of the same samples as the FID."""
+    return f"{prefix}/{measure}_n{num_samples}_{sampler}{steps}"
 
 
 class TinyExtractor(nn.Module):
@@ -118,6 +130,11 @@ class FIDCallback(L.Callback):
         seed: Seed of the starting noise (the same noise every evaluation).
         cache_real_stats: Cache real statistics on disk (keyed by data, layer, count, weights).
         extractor: A custom frozen feature extractor (tests); overrides ``feature`` and ``weights``.
+        copies: Also log the memorisation measures of the same samples
+            (``val/copy_share_n{num_samples}_{sampler}{steps}``, ``near_share``, ``distance_ratio``:
+            see ``example_projects.common.memorisation``), against the datamodule's
+            ``memorisation_sets()`` (training images, held-out images). With several ranks, each
+            measure is the mean of the ranks' values on their shares of the samples.
 
     Example::
 
@@ -138,6 +155,7 @@ class FIDCallback(L.Callback):
         seed: int = 0,
         cache_real_stats: bool = True,
         extractor: nn.Module | None = None,
+        copies: bool = False,
     ) -> None:
         if num_samples < 2 or (num_real is not None and num_real != -1 and num_real < 2):
             raise ValueError(
@@ -153,12 +171,26 @@ class FIDCallback(L.Callback):
         self.cache_real_stats = cache_real_stats and extractor is None
         self._real_ready = False
         self.last: dict[str, float] = {}
+        self.copies = copies
+        self._copy_ref: tuple[Tensor, Tensor] | None = None  # (training images (N, D), held-out nn (M,))
+        self._samples: list[Tensor] = []
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for name in ("sample", "sample_shape"):
             if not callable(getattr(pl_module, name, None)):
                 raise TypeError(f"FIDCallback needs `{name}` on the LightningModule (see fid.Sampler).")
+        if self.copies and not callable(getattr(trainer.datamodule, "memorisation_sets", None)):
+            raise TypeError(
+                "FIDCallback(copies=True) needs `memorisation_sets()` on the datamodule (training and "
+                "held-out images, as ImageDataModule has with data.held_out > 0), or copies=False."
+            )
+        if self.copies and self.num_samples <= (trainer.world_size - 1) * self.batch_size:
+            raise ValueError(
+                f"FIDCallback(copies=True) measures each rank's share of the samples, but "
+                f"num_samples={self.num_samples} in batches of {self.batch_size} leaves some of the "
+                f"{trainer.world_size} ranks none: raise num_samples or lower batch_size."
+            )
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -170,11 +202,14 @@ class FIDCallback(L.Callback):
             self._prepare_real(trainer, pl_module)
         for steps in self.sampling_steps:
             self.metric.reset()  # fake statistics only (reset_real_features=False)
+            self._samples = []
             self.update_fake(trainer, pl_module, steps)
             name = fid_metric_name(self.feature, self.num_samples, steps, sampler=self.sampler_tag)
             value = self.metric.compute()
             self.last[name] = float(value)
             pl_module.log(name, value.to(pl_module.device))  # identical on every rank after sync
+            if self.copies:
+                self._log_copies(trainer, pl_module, steps)
         # The evaluation's cost stays visible next to the training step's (sampling + Inception).
         pl_module.log("timing/fid_eval_s", time.perf_counter() - start)
 
@@ -192,7 +227,23 @@ class FIDCallback(L.Callback):
             g.manual_seed(self.seed * 1_000_003 + start // self.batch_size)
             count = min(self.batch_size, self.num_samples - start)
             noise = torch.randn((count, *shape), generator=g).to(pl_module.device)
-            self.metric.update(to_uint8_rgb(pl_module.sample(noise, steps)), real=False)
+            samples = pl_module.sample(noise, steps)
+            self.metric.update(to_uint8_rgb(samples), real=False)
+            if self.copies:  # in [-1, 1] like the images, as the FID sees them
+                self._samples.append(samples.detach().float().clamp(-1, 1).flatten(1).cpu())
+
+    def _log_copies(self, trainer: L.Trainer, pl_module: Any, steps: int) -> None:
+        """Logs the memorisation measures of the samples ``update_fake`` just drew."""
+        if self._copy_ref is None:
+            train, held = trainer.datamodule.memorisation_sets()
+            train = train.float().flatten(1)
+            self._copy_ref = (train, nearest_distance(held.float().flatten(1), train))
+        values = memorisation(torch.cat(self._samples), *self._copy_ref)
+        self._samples = []
+        for measure in COPY_MEASURES:
+            name = copy_metric_name(measure, self.num_samples, steps, sampler=self.sampler_tag)
+            self.last[name] = values[measure]
+            pl_module.log(name, values[measure], sync_dist=trainer.world_size > 1)
 
     def _cache_file(self, trainer: L.Trainer, n_real: int) -> Any:
         fingerprint = getattr(trainer.datamodule, "fingerprint", None)

@@ -35,6 +35,7 @@ class FlowMatchingFID(FIDCallback):
         seed: Seed of the starting noise (the same noise every evaluation and spec).
         cache_real_stats: Cache real statistics on disk.
         extractor: A custom frozen feature extractor (tests).
+        copies: Also log the memorisation measures of the same samples (see ``FIDCallback``).
 
     Examples:
         ```python
@@ -56,6 +57,7 @@ class FlowMatchingFID(FIDCallback):
         seed: int = 0,
         cache_real_stats: bool = True,
         extractor: nn.Module | None = None,
+        copies: bool = False,
     ) -> None:
         if not samplers:
             raise ValueError("samplers must name at least one '{sampler}{steps}' spec, e.g. ['euler1'].")
@@ -66,7 +68,16 @@ class FlowMatchingFID(FIDCallback):
         self.samplers = list(samplers)
         all_steps = [s for steps in self.groups.values() for s in steps]
         super().__init__(
-            feature, num_samples, num_real, all_steps, weights, batch_size, seed, cache_real_stats, extractor
+            feature,
+            num_samples,
+            num_real,
+            all_steps,
+            weights,
+            batch_size,
+            seed,
+            cache_real_stats,
+            extractor,
+            copies,
         )
 
     @override

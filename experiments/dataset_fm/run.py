@@ -43,6 +43,7 @@ from regimes_metrics import FeatureClassifier, classifier_features, frechet, gau
 from regimes_train import load_dataset, stream
 from torch import Tensor, nn
 
+from example_projects.common.memorisation import memorisation, nearest_distance
 from example_projects.flow_matching.objective import flow_matching_loss
 from example_projects.flow_matching.samplers import integrate
 from experiments.conditions_fm import measure
@@ -101,30 +102,6 @@ class Context:
     reference: Any
     classifier_acc: float
     held_nn: Tensor  # (1000,) each held-out digit's distance to its nearest training digit
-
-
-def nearest_distance(x: Tensor, train: Tensor, chunk: int = 500) -> Tensor:
-    """`(n,)` the Euclidean distance from each row of `x` to its nearest row of `train` (float64)."""
-    out = [
-        torch.cdist(x[i : i + chunk].double(), train.double()).min(1).values for i in range(0, len(x), chunk)
-    ]
-    return torch.cat(out)
-
-
-def memorisation(samples: Tensor, train: Tensor, held_nn: Tensor) -> dict[str, float]:
-    """The page's three measures: copy share, near share and distance ratio.
-
-    Args:
-        samples: `(n, D)` generated samples.
-        train: `(N, D)` training items.
-        held_nn: The held-out items' nearest-training distances (the reference).
-    """
-    d = nearest_distance(samples, train)
-    return {
-        "copy_share": float((d < held_nn.min()).double().mean()),
-        "near_share": float((d < torch.quantile(held_nn, 0.05)).double().mean()),
-        "distance_ratio": float(torch.quantile(d, 0.5) / torch.quantile(held_nn, 0.5)),
-    }
 
 
 def context(cache: Path, s: Settings, classifier: FeatureClassifier | None = None) -> Context:

@@ -241,3 +241,74 @@ def test_fid_of_the_real_set_against_itself_is_zero_and_noise_is_far(tmp_path: P
         expected = _frechet_distance(extractor(to_uint8_rgb(fakes)), extractor(to_uint8_rgb(real)))
     assert noise_fid == pytest.approx(expected, rel=1e-4)
     assert noise_fid > 1e-2 and noise_fid > 1e4 * max(abs(self_fid), 1e-12)
+
+
+# ------------------------------------------------------------------- memorisation measures (copies=True)
+
+
+class _Copier(_NoTraining):
+    """Samples: the first `copies` of each call are training images as they are, the rest noise."""
+
+    def __init__(self, train: torch.Tensor, copies: int) -> None:
+        super().__init__()
+        self.images, self.copies = train, copies  # (not `train`: nn.Module.train)
+        self.returned: list[torch.Tensor] = []
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (1, 8, 8)
+
+    def sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        out = noise.clamp(-1, 1).clone()
+        out[: self.copies] = self.images[: self.copies].to(out)
+        self.returned.append(out)
+        return out
+
+
+def test_copies_logs_the_memorisation_measures_of_the_fid_samples(tmp_path: Path) -> None:
+    # 12 samples in 3 batches of 4, one exact training image in each batch; 16 of 48 images held
+    # out. Oracle: the three measures computed here with NumPy from the samples the model returned
+    # and the datamodule's split. Catches measures of other samples than the FID's, distances to
+    # the held-out set instead of the training set, and a held-out reference that includes training
+    # images (then the copies' distance 0 would not be below its minimum).
+    import numpy as np
+
+    dm = ImageDataModule("synthetic", image_size=8, channels=1, batch_size=4, num_synthetic=48, val_size=4,
+                         held_out=16)  # fmt: skip
+    train, held = dm.memorisation_sets()
+    assert (len(train), len(held)) == (32, 16)
+    fid = FIDCallback(
+        num_samples=12, sampling_steps=[1], extractor=TinyExtractor(8), batch_size=4, copies=True
+    )
+    model = _Copier(train, copies=1)
+    trainer = make_trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[fid], default_root_dir=tmp_path
+    )
+    trainer.fit(model, dm)
+
+    def nearest(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        return np.sqrt(((x[:, None, :] - ref[None, :, :]) ** 2).sum(-1)).min(1)
+
+    t = train.reshape(32, -1).double().numpy()
+    samples = torch.cat(model.returned).reshape(12, -1).double().numpy()
+    d, ref = nearest(samples, t), nearest(held.reshape(16, -1).double().numpy(), t)
+    expected = {
+        "copy_share": float((d < ref.min()).mean()),
+        "near_share": float((d < np.quantile(ref, 0.05)).mean()),
+        "distance_ratio": float(np.median(d) / np.median(ref)),
+    }
+    assert expected["copy_share"] >= 3 / 12  # the three exact copies at least
+    for measure, value in expected.items():
+        assert fid.last[f"val/{measure}_n12_ddim1"] == pytest.approx(value, rel=1e-6)
+        assert float(trainer.callback_metrics[f"val/{measure}_n12_ddim1"]) == pytest.approx(value, rel=1e-5)
+
+
+def test_copies_without_held_out_images_says_what_to_set(tmp_path: Path) -> None:
+    dm = ImageDataModule("synthetic", image_size=8, channels=1, batch_size=4, num_synthetic=16, val_size=4)
+    fid = FIDCallback(
+        num_samples=4, sampling_steps=[1], extractor=TinyExtractor(8), batch_size=4, copies=True
+    )
+    trainer = make_trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[fid], default_root_dir=tmp_path
+    )
+    with pytest.raises(ValueError, match=r"set data\.held_out"):
+        trainer.fit(_Copier(torch.zeros(1, 1, 8, 8), copies=0), dm)
