@@ -259,7 +259,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.held_set is None:
             raise ValueError(
                 "The memorisation measures compare samples with held-out images: set data.held_out "
-                "(e.g. configs/heldout.yaml), or fid.copies=false."
+                "(e.g. example_projects/flow_matching/configs/heldout.yaml), or fid.copies=false."
             )
         if not isinstance(self.train_set, TensorDataset) or not isinstance(self.held_set, TensorDataset):
             raise ValueError(
