@@ -512,7 +512,7 @@ class ImmiscibleCoupling(Callback):
     ) -> None:
         values = coupling_metrics(result, self._fit.group.size) | {"noise_taken": float(taken)}
         if result.method == "worker":
-            values["worker_assign_ms"] = self._fit.workers.assign_ms
+            values |= self._worker_times()
         if result.prior_skew is not None:  # labels were given: the skew of the class priors
             values["prior_skew"] = result.prior_skew
         for name in ("condition_leak", "condition_weight", "candidate_share"):  # an embedding
@@ -529,6 +529,13 @@ class ImmiscibleCoupling(Callback):
                 prog_bar=show,
                 batch_size=batch_size,
             )
+
+    def _worker_times(self) -> dict[str, float]:
+        """A worker-coupled batch's time off the critical path: its assignment, or its map search."""
+        workers = self._fit.workers
+        if workers.map_search_ms is None or workers.map_items is None:
+            return {"worker_assign_ms": workers.assign_ms}
+        return {"map_search_ms": workers.map_search_ms, "map_items": float(workers.map_items)}
 
     def _couple(
         self, x0: Tensor | None, error: BaseException | None, draw: int, epoch: int, condition: Tensor | None

@@ -4,21 +4,25 @@
 [SemidiscreteMap][lightning_immiscible.semidiscrete.SemidiscreteMap] in `on_fit_start`: after
 the process group is up and a checkpoint's state is restored, before Lightning builds and starts
 the train dataloader (whose workers then get the fitted map). Under DDP every rank draws its own
-fitting noise and the hit counts are summed over the ranks each step (`trainer.strategy.reduce`),
+fitting noise and the hit counts are summed over the ranks each step (an all-reduce),
 so the ranks make identical updates and hold identical potentials, `world_size` times faster than
-one rank alone.
+one rank alone. A rank that fails in a step or a convergence check tells the others in that sum,
+so every rank stops at the same step; `collective_timeout_s` bounds the wait for a stalled rank.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_immiscible.groups import RankGroup, build_world_group, collective, destroy_groups, place
 from lightning_immiscible.semidiscrete import SemidiscreteMap
 
 
@@ -38,6 +42,11 @@ class FitSemidiscreteMap(pl.Callback):
         check_every: Steps between convergence checks (each logged as `immiscible/map_chi2`).
         path: A file to save the map's state to after every check (rank 0) and to resume a fit
             from; `None`: the state lives only in Lightning checkpoints.
+        collective_timeout_s: Timeout, in seconds (> 0), of the fit's collectives under DDP (the
+            broadcast of `path`'s state and each step's all-reduce), which then run in a dedicated
+            process group; a rank that does not reach one fails with a message saying so. `None`:
+            the process group's timeout (as for
+            [ImmiscibleCoupling][lightning_immiscible.callback.ImmiscibleCoupling]).
 
     The fitted state is also saved in Lightning checkpoints (this callback's `state_dict`), so a
     resumed run does not fit again.
@@ -53,9 +62,16 @@ class FitSemidiscreteMap(pl.Callback):
         tol: float | None = 0.05,
         check_every: int = 500,
         path: str | Path | None = None,
+        collective_timeout_s: float | None = None,
     ) -> None:
         if sd_map is not None and not isinstance(sd_map, SemidiscreteMap):
             raise TypeError(f"FitSemidiscreteMap needs a SemidiscreteMap, got {type(sd_map).__name__}.")
+        if collective_timeout_s is not None and not collective_timeout_s > 0:
+            raise ValueError(
+                f"FitSemidiscreteMap(collective_timeout_s={collective_timeout_s!r}): pass a number of "
+                "seconds > 0, or None for the process group's timeout."
+            )
+        self.collective_timeout_s = None if collective_timeout_s is None else float(collective_timeout_s)
         self._given, self._map = sd_map, sd_map
         self.steps, self.batch_size, self.lr = int(steps), int(batch_size), float(lr)
         self.tol, self.check_every = tol, int(check_every)
@@ -98,23 +114,32 @@ class FitSemidiscreteMap(pl.Callback):
         if self._pending is not None:  # a checkpoint's state, restored before the map was found
             self.map.load_state_dict(self._pending)
             self._pending = None
-        state = self._saved_fit(trainer)
-        if state is not None:
-            if int(state["steps"]) > self.map.steps:
-                self.map.load_state_dict(state)
-                rank_zero_info(
-                    f"FitSemidiscreteMap: resumed the map's fit at step {self.map.steps} from {self.path}."
-                )
-        while not self.converged and self.map.steps < self.steps:
-            chunk = min(self.check_every, self.steps - self.map.steps)
-            report = self.map.fit(
-                chunk, batch_size=self.batch_size, lr=self.lr, tol=self.tol, check_every=chunk,
-                rank=trainer.global_rank, reduce=self._reducer(trainer),
-            )  # fmt: skip
-            self.chi2, self.converged = report.chi2[-1][1], report.converged
-            self._report(trainer)
+        if self.path is None and (self.converged or self.map.steps >= self.steps):
+            return  # nothing to fit: no collective, no group
+        group = build_world_group(self.collective_timeout_s, trainer.strategy.root_device)
+        try:
+            self._resume(trainer, group)
+            while not self.converged and self.map.steps < self.steps:
+                chunk = min(self.check_every, self.steps - self.map.steps)
+                report = self.map.fit(
+                    chunk, batch_size=self.batch_size, lr=self.lr, tol=self.tol, check_every=chunk,
+                    rank=trainer.global_rank, reduce=self._reducer(trainer, group),
+                )  # fmt: skip
+                self.chi2, self.converged = report.chi2[-1][1], report.converged
+                self._report(trainer)
+        finally:
+            destroy_groups(group)
 
-    def _saved_fit(self, trainer: pl.Trainer) -> dict[str, Any] | None:
+    def _resume(self, trainer: pl.Trainer, group: RankGroup) -> None:
+        """Continues from the fit saved at `path` when it is further along than the map."""
+        state = self._saved_fit(trainer, group)
+        if state is not None and int(state["steps"]) > self.map.steps:
+            self.map.load_state_dict(state)
+            rank_zero_info(
+                f"FitSemidiscreteMap: resumed the map's fit at step {self.map.steps} from {self.path}."
+            )
+
+    def _saved_fit(self, trainer: pl.Trainer, group: RankGroup) -> dict[str, Any] | None:
         """The fit saved at `path`, read on rank 0 and broadcast, so every rank resumes alike.
 
         (Only rank 0 writes the file; another node may not see it.)
@@ -124,16 +149,28 @@ class FitSemidiscreteMap(pl.Callback):
         state = None
         if trainer.is_global_zero and self.path.exists():
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        return trainer.strategy.broadcast(state, src=0)
+        if group.process_group is None:
+            return state if trainer.world_size == 1 else trainer.strategy.broadcast(state, src=0)
+        box = [state]
+        with collective(group, "FitSemidiscreteMap's broadcast of the saved fit"):
+            dist.broadcast_object_list(
+                box, src=group.ranks[0], group=group.process_group, device=group.device
+            )
+        return box[0]
 
-    def _reducer(self, trainer: pl.Trainer) -> Any:
+    def _reducer(self, trainer: pl.Trainer, group: RankGroup) -> Callable[[Tensor], Tensor] | None:
+        """The sum over ranks the fit's steps and checks go through (`None`: one rank)."""
         if trainer.world_size == 1:
             return None
-        device = trainer.strategy.root_device
+        if group.process_group is None:  # a strategy without torch.distributed: its own reduce
+            device = trainer.strategy.root_device
+            return lambda v: trainer.strategy.reduce(v.to(device), reduce_op="sum").to(v.device)
 
-        def reduce(counts: Tensor) -> Tensor:
-            summed = trainer.strategy.reduce(counts.to(device), reduce_op="sum")
-            return summed.to(counts.device)
+        def reduce(values: Tensor) -> Tensor:
+            data = place(values, group)
+            with collective(group, "FitSemidiscreteMap's all-reduce of the hit counts"):
+                dist.all_reduce(data, group=group.process_group)
+            return data.to(values.device)
 
         return reduce
 

@@ -228,9 +228,10 @@ class SemidiscreteMap:
             check_every: Steps between convergence checks (and one at the end of the call).
             check_samples: Noise draws per convergence check.
             rank: This process's rank: part of the fitting noise's stream position.
-            reduce: Sums a `(N + 1,)` float64 vector over processes (e.g. an all-reduce): the hit
-                counts and a failure flag, so that all ranks make the same update and stop together
-                if one fails; `None`: this process alone.
+            reduce: Sums a float64 vector over processes (e.g. an all-reduce): each step's `(N + 1,)`
+                hit counts and failure flag, and each check's `(1,)` failure flag, so that all ranks
+                make the same update and stop together if one fails (in its noise draw, its search
+                or its check); `None`: this process alone.
             log: Called with `(step, chi2)` at each convergence check.
 
         Returns:
@@ -249,7 +250,7 @@ class SemidiscreteMap:
             self._iterate_ema(ema)
             self.steps += 1
             if (i + 1) % check_every == 0 or i + 1 == steps:
-                chi2 = self.hit_chi2(check_samples)
+                chi2 = self._checked_chi2(check_samples, reduce)
                 report.chi2.append((self.steps, chi2))
                 if log is not None:
                     log(self.steps, chi2)
@@ -265,24 +266,60 @@ class SemidiscreteMap:
         With `reduce`, a rank whose search fails still joins the sum, with a failure flag, so
         every rank stops at the same step instead of waiting for it.
         """
-        noise, labels = self._fit_noise(batch_size, rank), self._fit_labels(batch_size, rank)
         if reduce is None:
-            return self.hits(noise, labels, self._iterate)
+            return self._local_counts(batch_size, rank)
         error: Exception | None = None
         try:
-            counts = self.hits(noise, labels, self._iterate)
+            counts = self._local_counts(batch_size, rank)
         except Exception as exc:
             error, counts = exc, torch.zeros(self.n, dtype=torch.float64, device=self.items.device)
-        flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=counts.device)
-        summed = reduce(torch.cat([counts, flag]))
+        summed = self._flagged(counts, error, reduce, f"fitting step {self.steps}")
+        return summed.to(torch.float64)
+
+    def _local_counts(self, batch_size: int, rank: int) -> Tensor:
+        """`(N,)` this rank's hit counts at the iterate: its fitting noise and labels, then the search."""
+        noise, labels = self._fit_noise(batch_size, rank), self._fit_labels(batch_size, rank)
+        return self.hits(noise, labels, self._iterate)
+
+    def _checked_chi2(self, samples: int, reduce: Callable[[Tensor], Tensor] | None) -> float:
+        """The convergence check's `hit_chi2`; with `reduce`, a rank whose check fails stops them all."""
+        if reduce is None:
+            return self.hit_chi2(samples)
+        error: Exception | None = None
+        chi2 = float("nan")
+        try:
+            chi2 = self.hit_chi2(samples)
+        except Exception as exc:
+            error = exc
+        empty = torch.zeros(0, dtype=torch.float64, device=self.items.device)
+        self._flagged(empty, error, reduce, f"the convergence check after step {self.steps}")
+        return chi2
+
+    @staticmethod
+    def _flagged(
+        values: Tensor, error: Exception | None, reduce: Callable[[Tensor], Tensor], where: str
+    ) -> Tensor:
+        """`values` summed over ranks with a failure flag: raises this rank's error, or another rank's.
+
+        Args:
+            values: `(K,)` float64 this rank's values (zeros when it failed).
+            error: This rank's failure, or `None`.
+            reduce: The sum over ranks.
+            where: Named in the error a healthy rank raises.
+
+        Returns:
+            `(K,)` the summed values, when no rank failed.
+        """
+        flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=values.device)
+        summed = reduce(torch.cat([values, flag]))
         if error is not None:
             raise error
         if float(summed[-1]) > 0:
             raise RuntimeError(
-                f"SemidiscreteMap.fit: another rank failed at fitting step {self.steps} (its own error "
-                "is in its log); every rank stops here."
+                f"SemidiscreteMap.fit: another rank failed at {where} (its own error is in its log); "
+                "every rank stops here."
             )
-        return summed[:-1].to(torch.float64)
+        return summed[:-1]
 
     def hit_chi2(self, samples: int = 65536, batch_size: int = 2048) -> float:
         """How far the map's hit distribution is from uniform: `N sum_j p_j^2 - 1`, estimated.

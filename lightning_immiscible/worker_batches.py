@@ -57,6 +57,10 @@ class WorkerBatches:
         collates: The train dataloader's [CouplingCollate][lightning_immiscible.workers.CouplingCollate]s.
         assign_ms: The worker's assignment time for the latest batch (logged as
             ``immiscible/worker_assign_ms``).
+        map_search_ms: For the latest batch if it is dataset-level (its items chosen by its noise
+            through a fitted map), the worker's search time in ms (logged as
+            ``immiscible/map_search_ms`` instead of ``worker_assign_ms``); else `None`.
+        map_items: For such a batch, its number of distinct items (logged as ``immiscible/map_items``).
         seeds: The collates' seeds (checkpointed by the callback; a resumed run whose collates
             draw from other seeds is warned about).
     """
@@ -64,6 +68,8 @@ class WorkerBatches:
     def __init__(self, notices: Notices | None = None) -> None:
         self.collates: list[CouplingCollate] = []
         self.assign_ms = 0.0
+        self.map_search_ms: float | None = None
+        self.map_items: int | None = None
         self.seeds: list[int] = []
         self.notices = notices if notices is not None else Notices()
 
@@ -126,6 +132,7 @@ class WorkerBatches:
         if not self.collates and (worker.race or worker.position != position):
             self._find(trainer)  # on_train_epoch_start is skipped when Lightning resumes mid-epoch
         self._credit(worker)
+        self.map_search_ms, self.map_items = worker.map_search_ms, worker.map_items
         if worker.from_map and worker.position != position:
             self._map_position(worker, position)
         elif worker.position != position:

@@ -173,6 +173,41 @@ def test_a_fit_trains_on_the_fitted_maps_images_of_noise_like():
         assert torch.equal(rec["x0"], x[rec["ids"]])
 
 
+class LastLogged(Callback):
+    """Keeps the logged coupling values after each training batch."""
+
+    def __init__(self):
+        self.logged = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.logged.append(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("immiscible/")}
+        )
+
+
+def test_a_dataset_level_batch_logs_its_map_search_time_and_distinct_items():
+    # Each step logs the worker's map search time and the batch's number of distinct items (the
+    # oracle: the brute-force ids' unique count of that very batch), and no worker assignment time
+    # (there was no assignment). Catches the search time carried but never logged (the batch's
+    # coupling time would read 0), and a count from another batch.
+    x = data()
+    sd = fitted(x)
+    module, seen = MapToy(sd, x, num_workers=2), LastLogged()
+    trainer(callbacks=[ImmiscibleCoupling(seed=1), seen], max_steps=6).fit(module)
+    assert len(seen.logged) == len(module.records) == 6
+    for logged, rec in zip(seen.logged, module.records, strict=True):
+        assert logged["immiscible/map_search_ms"] > 0
+        assert logged["immiscible/map_items"] == len(brute_force(x, sd.potentials, rec["noise"]).unique())
+        assert "immiscible/worker_assign_ms" not in logged
+    assert len({rec["ids"].unique().numel() for rec in module.records}) > 1  # the counts vary by batch
+
+
+def test_the_fits_collective_timeout_must_be_positive():
+    # Catches a 0 or negative timeout accepted (a dedicated group that times out at once).
+    with pytest.raises(ValueError, match=r"collective_timeout_s=0\): pass a number of seconds > 0"):
+        FitSemidiscreteMap(SemidiscreteMap(data(), seed=3), collective_timeout_s=0)
+
+
 def test_a_resumed_fit_does_not_refit_and_continues_the_noise_stream(tmp_path):
     # Interrupted after 4 steps, resumed to 10: the map comes from the checkpoint (no refit: its
     # step count stays), and every later batch equals the uninterrupted run's. Catches a resume that
