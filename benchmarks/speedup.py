@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -82,12 +83,15 @@ class CurveRecorder(L.Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._times: dict[str, list[float]] = {}
+        self._times: dict[str, list[Any]] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # kept as logged (a tensor on the module's device): read once per evaluation, not per step,
+        # so a GPU run does not wait for the device at every step
         for key, value in trainer.callback_metrics.items():
             if key.startswith("immiscible/") and key.endswith("_ms"):
-                self._times.setdefault(key, []).append(float(value))
+                kept = value.detach().clone() if isinstance(value, torch.Tensor) else value
+                self._times.setdefault(key, []).append(kept)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -95,7 +99,7 @@ class CurveRecorder(L.Callback):
         fids = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") or "/fid" in k
         }
-        times = {k: statistics.mean(v) for k, v in self._times.items() if v}
+        times = {k: statistics.mean(float(x) for x in v) for k, v in self._times.items() if v}
         self._times = {}
         if fids:
             with self.path.open("a") as f:

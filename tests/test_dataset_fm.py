@@ -85,3 +85,23 @@ def test_tiny_sweep_resumes_and_reports(tmp_path, monkeypatch):
     text = (tmp_path / "report.md").read_text()
     assert result["records"] == 6 and len(result["primary"]) == 4
     assert "n/a" not in text.split("## Secondary 3")[1].split("## Secondary 4")[0]
+
+
+def test_the_committed_report_is_a_rerender_of_the_cheap_runners_records():
+    # Catches a report edited by hand, records changed or added after it was written, and a sweep
+    # whose records mixed library versions or ran from uncommitted code.
+    from pathlib import Path
+
+    from experiments.conditions_fm import records as rec
+
+    root = Path(__file__).resolve().parents[1]
+    records = rec.load(root / "experiments/dataset_fm/records")
+    text, result = report.render(records)
+    assert result["records"] == len(records) == 30
+    assert sorted({(r["arm"], r["seed"]) for r in records}) == sorted(
+        (arm, seed) for arm in ("independent", "batch-ot", "dataset") for seed in range(10)
+    )
+    assert len({r["provenance"]["library_tree"] for r in records}) == 1
+    assert len({r["provenance"]["prereg_commit"] for r in records}) == 1
+    assert not any(r["provenance"]["dirty"] for r in records)
+    assert (root / "docs/results/dataset_fm_report.md").read_text() == text

@@ -383,3 +383,35 @@ def test_the_dataset_coupling_lightning_command_builds_the_registered_runs(tmp_p
             expected = speedup.method_args(method)
             assert coupling.spec.method == expected["method"]
             assert coupling.spec.metric == expected.get("metric", coupling.spec.metric)
+
+
+def test_the_curve_recorder_averages_each_logged_time_since_the_last_evaluation(tmp_path):
+    # The logged value is one tensor Lightning may update in place between steps (as here), so the
+    # recorder must keep a copy per step. Oracle: the mean of the values fed, per evaluation. Catches
+    # a recorder that keeps references (every entry would read the last value: 3.0, not 2.0), one that
+    # does not restart its average after an evaluation, and one that drops non-time keys' FID.
+    from types import SimpleNamespace
+
+    import torch
+
+    path = tmp_path / "curves.jsonl"
+    recorder = speedup.CurveRecorder(path)
+    shared = torch.zeros(())
+    logged = {"immiscible/assign_ms": shared, "immiscible/map_search_ms": 4.0,
+              "immiscible/reduction_pct": torch.tensor(9.0)}  # fmt: skip
+    trainer = SimpleNamespace(
+        callback_metrics=logged, sanity_checking=False, is_global_zero=True, global_step=3
+    )
+    for value in (1.0, 2.0, 3.0):
+        shared.fill_(value)
+        recorder.on_train_batch_end(trainer)
+    trainer.callback_metrics["val/fid64_n1024_euler1"] = torch.tensor(50.0)
+    recorder.on_validation_end(trainer, None)
+    shared.fill_(7.0)
+    recorder.on_train_batch_end(trainer)
+    trainer.global_step = 4
+    recorder.on_validation_end(trainer, None)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"step": 3, "val/fid64_n1024_euler1": 50.0, "immiscible/assign_ms": 2.0,
+                        "immiscible/map_search_ms": 4.0}  # fmt: skip
+    assert lines[1]["immiscible/assign_ms"] == 7.0 and lines[1]["step"] == 4
