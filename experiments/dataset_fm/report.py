@@ -124,7 +124,7 @@ def render(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             cells_m = [_mean_sd(list(values(records, arm, m, last, k).values())) for m in MEMORISATION]
             lines.append(f"| {arm} | {k} | " + " | ".join(cells_m) + " |")
     for other in ("independent", "batch-ot"):
-        lines += ["", f"dataset vs {other}:", *header[1:]]
+        lines += ["", f"dataset vs {other}:", "", *header[1:]]
         for m in MEMORISATION:
             for k in ks:
                 lines.append(
