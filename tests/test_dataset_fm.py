@@ -105,3 +105,50 @@ def test_the_committed_report_is_a_rerender_of_the_cheap_runners_records():
     assert len({r["provenance"]["prereg_commit"] for r in records}) == 1
     assert not any(r["provenance"]["dirty"] for r in records)
     assert (root / "docs/results/dataset_fm_report.md").read_text() == text
+
+
+def _lightning_run(tmp_path, arm, seed, fids, extra=None):
+    """A ``done.json`` as ``benchmarks/speedup.py`` writes it, with FID ``fids[k][i]`` at step 375 (i + 1)."""
+    import json
+
+    from experiments.dataset_fm import lightning_report as lr
+
+    curve = []
+    for i in range(len(fids[1])):
+        row = {"step": 375 * (i + 1), "immiscible/assign_ms": 2.0 * (i + 1)}
+        for k in lr.EULER:
+            row[lr.fid_key(k)] = fids[k][i]
+            row |= {lr.memo_key(m, k): 0.25 * seed for m in lr.MEMORISATION}
+        curve.append(row)
+    sessions = [{"start_step": 0, "fit_start_s": 3.5, **(extra or {})}]
+    folder = tmp_path / f"{arm}_seed{seed}"
+    folder.mkdir()
+    (folder / "done.json").write_text(
+        json.dumps({"method": arm, "seed": seed, "curve": curve, "sessions": sessions})
+    )
+
+
+def test_the_lightning_report_differences_and_cells_against_hand_values(tmp_path):
+    # Oracle: values written by hand into the records. Catches a difference taken the wrong way
+    # round (dataset - baseline must be negative here), one paired with the wrong seed or read at
+    # another step than the final one, a missing run not named, and the map's steps and chi2 or a
+    # logged time not reported.
+    from experiments.dataset_fm import lightning_report as lr
+
+    base = {k: [0.9, 0.5] for k in lr.EULER}
+    for seed, shift in ((0, 0.1), (1, 0.3)):
+        _lightning_run(tmp_path, "none", seed, {k: [v + shift for v in base[k]] for k in lr.EULER})
+        _lightning_run(
+            tmp_path, "dataset", seed, base, {"map": {"steps": 500, "chi2": 0.0123, "converged": True}}
+        )
+    _lightning_run(tmp_path, "lsa-sqeuclidean", 0, {k: [0.8, 0.45] for k in lr.EULER})
+    runs = lr.load_runs(tmp_path)
+    assert lr.final_step(runs) == 750
+    assert lr.differences(runs, "dataset", "none", lr.fid_key(2), 750) == pytest.approx({0: -0.1, 1: -0.3})
+    assert lr.differences(runs, "dataset", "lsa-sqeuclidean", lr.fid_key(8), 750) == pytest.approx({0: 0.05})
+    text = lr.render(runs)
+    assert "s0: -0.100, s1: -0.300 | -0.200 ± 0.141 | 2/2" in text
+    assert "s0: +0.050 | +0.050 | 0/1" in text
+    assert "Not finished:" in text and "lsa-sqeuclidean_seed1" in text and "dataset_seed2" in text
+    assert "| 500 | 0.0123 | `assign_ms` 3.00 |" in text  # mean of 2.0 and 4.0
+    assert "| 1 | dataset | 0.000, 0.250 | 0.000, 0.250 | 0.000, 0.250 |" in text
