@@ -127,8 +127,22 @@ class FitSemidiscreteMap(pl.Callback):
                 )  # fmt: skip
                 self.chi2, self.converged = report.chi2[-1][1], report.converged
                 self._report(trainer)
+            self._leave_together(group)
         finally:
             destroy_groups(group)
+
+    @staticmethod
+    def _leave_together(group: RankGroup) -> None:
+        """A barrier in the fit's own group after a fit that ended well on every rank.
+
+        Destroying a dedicated gloo group that a peer has already destroyed and left hangs under
+        torch 2.3 (seen in the lower-bound check); after this barrier every rank destroys it at
+        about the same time. Not on a failed fit: its ranks stop at the same point already.
+        """
+        if group.process_group is None:
+            return
+        with collective(group, "FitSemidiscreteMap's closing barrier"):
+            dist.barrier(group=group.process_group)
 
     def _resume(self, trainer: pl.Trainer, group: RankGroup) -> None:
         """Continues from the fit saved at `path` when it is further along than the map."""
