@@ -19,6 +19,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from example_projects.common.fid import copy_metric_name, fid_metric_name
+
 ARMS = {"none": "independent", "lsa-sqeuclidean": "batch OT", "dataset": "dataset"}
 EULER = (1, 2, 4, 8)
 MEMORISATION = ("copy_share", "near_share", "distance_ratio")
@@ -27,12 +29,12 @@ PAIRS = (("dataset", "none"), ("dataset", "lsa-sqeuclidean"))
 
 def fid_key(k: int, n: int = 1024) -> str:
     """The example's FID key at ``k`` Euler steps from ``n`` samples (``val/fid64_n1024_euler2``)."""
-    return f"val/fid64_n{n}_euler{k}"
+    return fid_metric_name(64, n, k, sampler="euler")
 
 
 def memo_key(measure: str, k: int, n: int = 1024) -> str:
     """The example's memorisation key (``val/copy_share_n1024_euler2``)."""
-    return f"val/{measure}_n{n}_euler{k}"
+    return copy_metric_name(measure, n, k, sampler="euler")
 
 
 def load_runs(runs: Path) -> dict[tuple[str, int], dict[str, Any]]:
